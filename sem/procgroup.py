@@ -1,0 +1,85 @@
+"""Process groups: find, signal and reap every process of an engine, grandchildren included.
+
+vLLM's API process forks `VLLM::EngineCore` and workers that stay in its process group, and a
+SIGKILL of the API process alone leaves them holding memory. So engines start in their own session
+(`start_new_session=True`) and are always stopped as a group: SIGTERM, a grace period, SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import psutil
+
+INSTANCE_ENV = "SEM_INSTANCE"  # set on every process of one `sem run`, engines included
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) pids whose process group is `pgid`."""
+    members = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if os.getpgid(proc.pid) == pgid:
+                members.append(proc.pid)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return members
+
+
+def signal_group(pgid: int, sig: signal.Signals) -> bool:
+    """Send `sig` to the group; False if the group no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+    return True
+
+
+async def stop_group(pgid: int, grace: float, poll: float = 0.1) -> bool:
+    """SIGTERM the group, wait up to `grace` s for it to go, then SIGKILL. True if it was killed."""
+    if not signal_group(pgid, signal.SIGTERM):
+        return False
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while loop.time() < deadline:
+        if not await asyncio.to_thread(group_members, pgid):
+            return False
+        await asyncio.sleep(poll)
+    signal_group(pgid, signal.SIGKILL)
+    while await asyncio.to_thread(group_members, pgid):
+        await asyncio.sleep(poll)
+    return True
+
+
+def pids_with_env(key: str, value: str) -> list[int]:
+    """Pids whose environment has key=value (how tests and `sem run` find leftovers)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(key) == value:
+                found.append(proc.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def kill_marked(key: str, value: str) -> int:
+    """SIGKILL every process marked key=value, with its group unless that group is ours."""
+    own_pid, own_group = os.getpid(), os.getpgid(0)
+    pids = [pid for pid in pids_with_env(key, value) if pid != own_pid]
+    for pid in pids:
+        try:
+            pgid = os.getpgid(pid)
+            if pgid == own_group:
+                os.kill(pid, signal.SIGKILL)
+            else:
+                os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return len(pids)

@@ -1,0 +1,1 @@
+"""sem supervisor: caches models, places replicas, runs and watches vLLM engines, admin API."""

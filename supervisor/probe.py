@@ -1,0 +1,38 @@
+"""Talking to a running engine over HTTP: is it healthy, is it idle."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+
+_GAUGE = re.compile(r"^vllm:num_requests_(running|waiting)\{[^}]*\}\s+([0-9.eE+-]+)$", re.M)
+
+
+class EngineProbe:
+    """One shared HTTP client for all engines (owned here, closed by `aclose`)."""
+
+    def __init__(self, timeout: float = 5.0) -> None:
+        self._client = httpx.AsyncClient(timeout=timeout, trust_env=False)
+
+    async def healthy(self, base_url: str) -> bool:
+        """True on `/health` 200. Connection refused while the engine loads is just False."""
+        try:
+            response = await self._client.get(f"{base_url}/health")
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def outstanding(self, base_url: str) -> int | None:
+        """Requests running + waiting in the engine, from its /metrics; None if unknown."""
+        try:
+            response = await self._client.get(f"{base_url}/metrics")
+        except httpx.HTTPError:
+            return None
+        if response.status_code != 200:
+            return None
+        values = [float(v) for _, v in _GAUGE.findall(response.text)]
+        return int(sum(values)) if values else None
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

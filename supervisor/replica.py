@@ -1,0 +1,272 @@
+"""One model replica: the single owner of one engine process and of its state.
+
+Only the replica's own task changes its state (one writer); others ask it to stop and await the
+result. Every change goes through `_transition`, which checks the table in `states.py` and records
+an event with a reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from supervisor.engine import EngineProcess, LaunchPlan
+from supervisor.events import EventLog
+from supervisor.probe import EngineProbe
+from supervisor.restart import RestartPolicy
+from supervisor.states import ReplicaState, can_transition
+
+log = logging.getLogger("sem.replica")
+
+Launch = Callable[[LaunchPlan], Awaitable[EngineProcess]]
+PlanFactory = Callable[[], LaunchPlan]
+
+
+@dataclass(frozen=True)
+class ReplicaTiming:
+    start_timeout: float = 600.0  # spawn to /health 200 (vLLM itself gives up at 600 s)
+    health_interval: float = 2.0  # /health poll period once ready
+    health_failures: int = 3  # this many failed polls in a row: unhealthy
+    progress_interval: float = 10.0  # log a "still starting" line this often
+    stop_grace: float = 15.0  # SIGTERM to SIGKILL
+    drain_poll: float = 0.25
+
+
+class _Outcome:
+    READY = "ready"
+    EXITED = "exited"
+    UNHEALTHY = "unhealthy"
+    TIMEOUT = "timeout"
+    STOP = "stop"
+
+
+def log_tail(process: EngineProcess, lines: int = 3) -> str:
+    """The last lines of the engine's log: the reason a start failed is usually there."""
+    try:
+        with process.log_path.open("rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 4096))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    tail = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+    return " | ".join(tail)[-400:]
+
+
+class Replica:
+    def __init__(
+        self,
+        *,
+        replica_id: str,
+        model: str,
+        make_plan: PlanFactory,
+        launch: Launch,
+        probe: EngineProbe,
+        events: EventLog,
+        on_change: Callable[[Replica], None],
+        policy: RestartPolicy,
+        timing: ReplicaTiming,
+        initial: ReplicaState = ReplicaState.PENDING,
+        reason: str = "created",
+    ) -> None:
+        self.id = replica_id
+        self.model = model
+        self._make_plan = make_plan
+        self._launch = launch
+        self._probe = probe
+        self._events = events
+        self._on_change = on_change
+        self._policy = policy
+        self._timing = timing
+        self.state = initial
+        self.reason = reason
+        self.since = time.time()
+        self.restarts = 0
+        self.process: EngineProcess | None = None
+        self.plan: LaunchPlan | None = None
+        self._failures: list[float] = []
+        self._stop_requested = asyncio.Event()
+        self._drain_deadline = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    # -- queries -----------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str | None:
+        return f"http://127.0.0.1:{self.plan.port}" if self.plan else None
+
+    @property
+    def done(self) -> bool:
+        return self.state is ReplicaState.STOPPED
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "state": self.state.value,
+            "reason": self.reason,
+            "since": self.since,
+            "port": self.plan.port if self.plan else None,
+            "pid": self.process.pid if self.process else None,
+            "devices": list(self.plan.gpu_ids) if self.plan and self.plan.gpu_ids else ["cpu"],
+            "restarts": self.restarts,
+            "log": str(self.plan.log_path) if self.plan else None,
+        }
+
+    # -- commands ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin the lifecycle task (pending -> starting -> ready ...)."""
+        assert self._task is None, "started twice"
+        self._task = asyncio.create_task(self._run(), name=f"replica-{self.id}")
+
+    async def stop(self, drain_timeout: float) -> None:
+        """Drain (up to `drain_timeout` s), stop the engine, and return once stopped."""
+        self._drain_deadline = time.monotonic() + drain_timeout
+        self._stop_requested.set()
+        if self._task is None:
+            self._transition(ReplicaState.STOPPED, "stopped before it started")
+            return
+        await asyncio.shield(self._task)
+
+    # -- the lifecycle -----------------------------------------------------------------------
+
+    def _transition(self, new: ReplicaState, reason: str) -> None:
+        if not can_transition(self.state, new):
+            raise RuntimeError(f"{self.id}: illegal transition {self.state} -> {new}")
+        old, self.state, self.reason, self.since = self.state, new, reason, time.time()
+        self._events.emit(
+            "transition", self.id, f"{old} -> {new}: {reason}", model=self.model,
+            old=old.value, new=new.value, reason=reason,
+        )  # fmt: skip
+        self._on_change(self)
+
+    async def _run(self) -> None:
+        try:
+            await self._lifecycle()
+        except Exception as exc:  # a bug here must not leave an engine behind unowned
+            log.exception("%s: lifecycle task crashed", self.id)
+            if self.process is not None:
+                await self.process.stop(self._timing.stop_grace)
+            with contextlib.suppress(RuntimeError):
+                self._transition(ReplicaState.FAILED, f"internal error: {exc!r}")
+
+    async def _lifecycle(self) -> None:
+        while True:
+            self.plan = self._make_plan()
+            # PENDING/RESTARTING -> STARTING
+            self._transition(ReplicaState.STARTING, f"spawning engine on port {self.plan.port}")
+            try:
+                self.process = await self._launch(self.plan)
+            except OSError as exc:
+                # Cannot even exec the engine: retrying will not help.
+                self._transition(ReplicaState.FAILED, f"cannot start engine: {exc}")
+                await self._stop_requested.wait()
+                self._transition(ReplicaState.STOPPED, "removed")  # FAILED -> STOPPED
+                return
+            outcome, detail = await self._until_ready(self.process)
+            if outcome == _Outcome.READY:
+                self._transition(ReplicaState.READY, detail)  # STARTING -> READY
+                outcome, detail = await self._watch(self.process)
+            if outcome == _Outcome.STOP:
+                await self._drain_and_stop(self.process)
+                return
+            await self.process.stop(self._timing.stop_grace)  # leave no half-dead group behind
+            if not await self._backoff(detail):
+                return
+
+    async def _backoff(self, failure: str) -> bool:
+        """After a failure: wait out the backoff (True) or give up / get stopped (False)."""
+        now = time.monotonic()
+        self._failures.append(now)
+        if self._policy.gives_up(self._failures, now):
+            recent = len(self._failures)
+            self._transition(
+                ReplicaState.FAILED,
+                f"{failure}; {recent} failures in {self._policy.window:.0f}s, giving up",
+            )
+            await self._stop_requested.wait()
+            self._transition(ReplicaState.STOPPED, "removed")  # FAILED -> STOPPED
+            return False
+        self.restarts += 1
+        delay = self._policy.next_delay(self.restarts)
+        # STARTING/READY -> RESTARTING
+        self._transition(ReplicaState.RESTARTING, f"{failure}; restart in {delay:g}s")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop_requested.wait(), timeout=delay)
+        if self._stop_requested.is_set():
+            self._transition(ReplicaState.STOPPED, "removed while restarting")
+            return False
+        return True
+
+    async def _wait_for(self, process: EngineProcess, timeout: float) -> str | None:
+        """Wait up to `timeout` s for the engine to exit or a stop request; None if neither."""
+        exited = asyncio.ensure_future(process.wait())
+        stopping = asyncio.ensure_future(self._stop_requested.wait())
+        try:
+            await asyncio.wait({exited, stopping}, timeout=timeout, return_when="FIRST_COMPLETED")
+        finally:
+            for fut in (exited, stopping):
+                fut.cancel()
+        if self._stop_requested.is_set():
+            return _Outcome.STOP
+        if process.returncode is not None:
+            return _Outcome.EXITED
+        return None
+
+    async def _until_ready(self, process: EngineProcess) -> tuple[str, str]:
+        started = time.monotonic()
+        next_progress = started + self._timing.progress_interval
+        assert self.url is not None
+        while True:
+            if await self._probe.healthy(self.url):
+                return _Outcome.READY, f"/health 200 after {time.monotonic() - started:.1f}s"
+            outcome = await self._wait_for(process, timeout=0.5)
+            if outcome == _Outcome.STOP:
+                return outcome, "stop requested"
+            if outcome == _Outcome.EXITED:
+                return outcome, (
+                    f"engine exited with code {process.returncode} while starting"
+                    f" (log: {log_tail(process)})"
+                )
+            elapsed = time.monotonic() - started
+            if elapsed > self._timing.start_timeout:
+                return _Outcome.TIMEOUT, f"no /health 200 within {self._timing.start_timeout:.0f}s"
+            if time.monotonic() >= next_progress:
+                next_progress += self._timing.progress_interval
+                log.info("%s: starting for %.0fs; engine log: %s", self.id, elapsed,
+                         log_tail(process, lines=1))  # fmt: skip
+
+    async def _watch(self, process: EngineProcess) -> tuple[str, str]:
+        failures = 0
+        assert self.url is not None
+        while True:
+            outcome = await self._wait_for(process, timeout=self._timing.health_interval)
+            if outcome == _Outcome.STOP:
+                return outcome, "stop requested"
+            if outcome == _Outcome.EXITED:
+                return outcome, f"engine exited with code {process.returncode}"
+            if await self._probe.healthy(self.url):
+                failures = 0
+                continue
+            failures += 1
+            if failures >= self._timing.health_failures:
+                return _Outcome.UNHEALTHY, f"/health failed {failures} times in a row"
+
+    async def _drain_and_stop(self, process: EngineProcess) -> None:
+        # STARTING/READY -> DRAINING: the route table drops us, so no new requests arrive.
+        self._transition(ReplicaState.DRAINING, "stop requested")
+        assert self.url is not None
+        await asyncio.sleep(self._timing.drain_poll)  # let the gateway see the new routes
+        while time.monotonic() < self._drain_deadline and process.returncode is None:
+            outstanding = await self._probe.outstanding(self.url)
+            if not outstanding:  # 0, or the engine cannot tell us
+                break
+            await asyncio.sleep(self._timing.drain_poll)
+        killed = await process.stop(self._timing.stop_grace)
+        how = "killed after the grace period" if killed else "engine exited"
+        self._transition(ReplicaState.STOPPED, how)  # DRAINING -> STOPPED
