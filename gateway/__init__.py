@@ -1,0 +1,1 @@
+"""sem gateway: the front door. Routes requests to engines by model; never starts processes."""

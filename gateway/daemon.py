@@ -1,0 +1,73 @@
+"""The gateway process: serve until SIGTERM/SIGINT, then stop accepting and finish in-flight
+requests (bounded by --shutdown-timeout)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+
+import aiohttp
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.routes import RouteWatcher
+
+log = logging.getLogger("sem.gateway")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--supervisor", default="http://127.0.0.1:8001")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0)
+    p.add_argument("--upstream-timeout", type=float, default=600.0,
+                   help="longest a single engine call may take")  # fmt: skip
+    return p.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, enable_cleanup_closed=True)
+    upstream = aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=args.upstream_timeout, sock_connect=5),
+        trust_env=False,
+    )
+    control = aiohttp.ClientSession(trust_env=False)
+    watcher = RouteWatcher(args.supervisor, control)
+    watch_task = asyncio.create_task(watcher.run(), name="route-watcher")
+    app = create_app(watcher, upstream)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=args.shutdown_timeout)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, args.host, args.port, backlog=4096, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", args.host, args.port, exc.strerror)
+            return 2
+        log.info("gateway listening on http://%s:%d (supervisor %s)",
+                 args.host, args.port, args.supervisor)  # fmt: skip
+        await stopping.wait()
+        log.info("stopping: no new connections; finishing in-flight requests")
+    finally:
+        await runner.cleanup()  # stops listening, waits for handlers up to shutdown_timeout
+        watch_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch_task
+        await upstream.close()
+        await control.close()
+    log.info("gateway stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway %(levelname)s %(message)s")
+    return asyncio.run(serve(parse_args(argv)))

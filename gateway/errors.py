@@ -1,0 +1,65 @@
+"""The gateway's exception tree, mapped to HTTP in one place (`error_response`).
+
+Bodies are {"error": {"type", "message", ...}}: sem's shape, which is also OpenAI's
+(`message`, `type`, `param`, `code`), so one body serves /generate and the /v1 routes.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+
+class GatewayError(Exception):
+    status = 500
+    type = "internal_error"
+
+    def __init__(
+        self, message: str, *, param: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+
+class BadRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class InvalidField(GatewayError):
+    status = 422
+    type = "invalid_request_error"
+
+
+class ModelNotFound(GatewayError):
+    status = 404
+    type = "model_not_found"
+
+
+class ModelNotReady(GatewayError):
+    status = 503
+    type = "model_not_ready"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    type = "upstream_error"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    type = "upstream_timeout"
+
+
+def error_response(exc: GatewayError) -> web.Response:
+    body = {"error": {"type": exc.type, "message": exc.message, "param": exc.param,
+                      "code": exc.status}}  # fmt: skip
+    headers = {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    return web.Response(
+        status=exc.status, text=json.dumps(body), content_type="application/json", headers=headers
+    )

@@ -1,0 +1,66 @@
+"""Keeping the supervisor's route table current: a long-poll loop that survives its absence."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import aiohttp
+
+from sem.routes import RouteTable
+
+log = logging.getLogger("sem.gateway.routes")
+
+
+class RouteWatcher:
+    """Holds the last route table seen; `run()` keeps it fresh until cancelled.
+
+    If the supervisor is away (restarting), the last table stays in use, so ready engines keep
+    serving.
+    """
+
+    def __init__(
+        self, supervisor_url: str, session: aiohttp.ClientSession, poll_timeout: float = 25.0
+    ) -> None:
+        self._url = supervisor_url.rstrip("/")
+        self._session = session
+        self._poll_timeout = poll_timeout
+        self.table = RouteTable(version=-1)
+        self.connected = False
+        self._changed = asyncio.Event()  # replaced by a fresh one at every change
+
+    def update(self, table: RouteTable) -> None:
+        if table.to_json() == self.table.to_json():
+            return
+        self.table = table
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def wait_change(self, timeout: float) -> None:
+        """Until the table changes or `timeout` s pass."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
+    async def run(self) -> None:
+        delay = 0.2
+        while True:
+            after = self.table.version if self.connected else -1
+            try:
+                async with self._session.get(
+                    f"{self._url}/routes",
+                    params={"after": after, "timeout": self._poll_timeout},
+                    timeout=aiohttp.ClientTimeout(total=self._poll_timeout + 10),
+                ) as response:
+                    response.raise_for_status()
+                    data = await response.json()
+                self.update(RouteTable.from_json(data))
+                if not self.connected:
+                    log.info("route table v%d from %s", self.table.version, self._url)
+                self.connected, delay = True, 0.2
+            except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
+                if self.connected:
+                    log.warning("supervisor unreachable (%s); keeping the last route table", exc)
+                self.connected = False
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
