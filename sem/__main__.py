@@ -1,0 +1,5 @@
+import sys
+
+from sem.cli import main
+
+sys.exit(main())

@@ -1,0 +1,196 @@
+"""`sem run`: supervisor and gateway as two child processes, in the foreground.
+
+Two processes, so the gateway keeps serving ready engines while the supervisor restarts.
+Ctrl-C or SIGTERM: the gateway stops taking requests, the supervisor drains and stops every
+engine, and whatever is left after the deadline (engines included, found by the SEM_INSTANCE
+marker in their environment) is killed. A second Ctrl-C skips the waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from sem.procgroup import INSTANCE_ENV, kill_marked
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    config: Path
+    host: str = "127.0.0.1"
+    gateway_port: int = 8000
+    supervisor_port: int = 8001
+    state_dir: Path = Path(".sem")
+    engine_python: str | None = None
+    engine_module: str | None = None
+    stop_timeout: float = 25.0  # both children gone within this, else SIGKILL
+    token: str | None = None
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.host}:{self.gateway_port}"
+
+    @property
+    def supervisor_url(self) -> str:
+        return f"http://{self.host}:{self.supervisor_port}"
+
+
+def say(message: str) -> None:
+    print(f"sem: {message}", flush=True)
+
+
+def supervisor_argv(opts: RunOptions) -> list[str]:
+    argv = [
+        sys.executable, "-m", "supervisor",
+        "--config", str(opts.config),
+        "--host", opts.host,
+        "--port", str(opts.supervisor_port),
+        "--state-dir", str(opts.state_dir),
+    ]  # fmt: skip
+    if opts.engine_python:
+        argv += ["--engine-python", opts.engine_python]
+    if opts.engine_module:
+        argv += ["--engine-module", opts.engine_module]
+    return argv
+
+
+def gateway_argv(opts: RunOptions) -> list[str]:
+    return [
+        sys.executable, "-m", "gateway",
+        "--host", opts.host,
+        "--port", str(opts.gateway_port),
+        "--supervisor", opts.supervisor_url,
+    ]  # fmt: skip
+
+
+async def _announce(opts: RunOptions) -> None:
+    """Print where sem listens once the gateway answers, then each model as it becomes ready."""
+    async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get(f"{opts.gateway_url}/health")).status_code == 200:
+                    break
+            await asyncio.sleep(0.3)
+        say(f"gateway    {opts.gateway_url}   (POST /generate, /v1/*)")
+        say(f"supervisor {opts.supervisor_url}   (GET /models, /routes, /events)")
+        announced: set[str] = set()
+        version = -1
+        while True:
+            try:
+                response = await client.get(
+                    f"{opts.supervisor_url}/routes", params={"after": version, "timeout": 20}
+                )
+                table = response.json()
+            except (httpx.HTTPError, ValueError):
+                await asyncio.sleep(1)
+                continue
+            version = table["version"]
+            for name, model in table["models"].items():
+                if model["state"] == "ready" and name not in announced:
+                    announced.add(name)
+                    say(f"model {name} is ready; try:")
+                    print(
+                        f"  curl -s {opts.gateway_url}/generate -H 'content-type: application/json'"
+                        f' -d \'{{"model":"{name}","prompt":"Hello"}}\'',
+                        flush=True,
+                    )
+
+
+async def _terminate(procs: list[asyncio.subprocess.Process], deadline: float) -> None:
+    for proc in procs:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        # Gateway first (stops taking requests), then the supervisor (drains engines).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), max(0.1, deadline - time.monotonic()))
+    for proc in procs:
+        if proc.returncode is None:
+            say(f"pid {proc.pid} did not stop in time: killing it")
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+def busy_ports(opts: RunOptions) -> list[int]:
+    busy = []
+    for port in (opts.gateway_port, opts.supervisor_port):
+        with socket.socket() as sock:
+            try:
+                sock.bind((opts.host, port))
+            except OSError:
+                busy.append(port)
+    return busy
+
+
+async def run(opts: RunOptions) -> int:
+    if busy := busy_ports(opts):
+        taken = ", ".join(str(p) for p in busy)
+        say(f"port(s) {taken} on {opts.host} are in use (another sem?); choose others with"
+            " --gateway-port / --supervisor-port")  # fmt: skip
+        return 2
+    instance = os.environ.get(INSTANCE_ENV) or uuid.uuid4().hex
+    env = dict(os.environ, **{INSTANCE_ENV: instance, "PYTHONUNBUFFERED": "1"})
+    if opts.token:
+        env["SEM_ADMIN_TOKEN"] = opts.token
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            say("stopping (Ctrl-C again to force)")
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+
+    say(f"starting supervisor and gateway (config {opts.config}, state in {opts.state_dir})")
+    # Own process groups: a terminal's Ctrl-C reaches only this launcher, which then stops the
+    # children in order with one signal each (a second signal would mean "force").
+    supervisor = await asyncio.create_subprocess_exec(
+        *supervisor_argv(opts), env=env, process_group=0
+    )
+    gateway = await asyncio.create_subprocess_exec(*gateway_argv(opts), env=env, process_group=0)
+    announce = asyncio.create_task(_announce(opts))
+    children = {
+        asyncio.ensure_future(supervisor.wait()): "supervisor",
+        asyncio.ensure_future(gateway.wait()): "gateway",
+    }
+    stopping = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({stopping, *children}, return_when="FIRST_COMPLETED")
+    code = 0
+    for fut in done:
+        if fut in children:
+            say(f"{children[fut]} exited with code {fut.result()}; stopping the rest")
+            code = 1
+    announce.cancel()
+    deadline = time.monotonic() + (1.0 if signals > 1 else opts.stop_timeout)
+    stop_task = asyncio.create_task(_terminate([gateway, supervisor], deadline))
+    while not stop_task.done():
+        await asyncio.wait({stop_task}, timeout=0.2)
+        if signals > 1 and not stop_task.done():
+            for proc in (gateway, supervisor):
+                if proc.returncode is None:
+                    proc.kill()
+    for fut in (stopping, *children):
+        fut.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await announce
+    leftovers = kill_marked(INSTANCE_ENV, instance)
+    if leftovers:
+        say(f"killed {leftovers} leftover engine process(es)")
+    say("stopped")
+    return code

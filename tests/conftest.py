@@ -1,0 +1,88 @@
+"""Shared fixtures: a stand-in engine command, fast lifecycle timings, a manager to drive."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from sem.procgroup import INSTANCE_ENV, pids_with_env
+from supervisor.engine import EngineCommand
+from supervisor.events import EventLog
+from supervisor.manager import EngineSettings, Manager
+from supervisor.probe import EngineProbe
+from supervisor.replica import ReplicaTiming
+from supervisor.restart import RestartPolicy
+
+REPO = Path(__file__).resolve().parent.parent
+
+FAST_TIMING = ReplicaTiming(
+    start_timeout=15, health_interval=0.2, health_failures=2, progress_interval=5,
+    stop_grace=2, drain_poll=0.05,
+)  # fmt: skip
+FAST_POLICY = RestartPolicy(backoff_base=0.1, backoff_cap=0.4, max_failures=3, window=60)
+
+
+def fake_engine_command(**env: str) -> EngineCommand:
+    """Engines run `python -m tests.fake_engine` (same flags as vLLM), knobs via env."""
+    return EngineCommand(
+        python=sys.executable,
+        module="tests.fake_engine",
+        extra_env={"PYTHONPATH": str(REPO), **env},
+    )
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    """A folder that passes as a model source for the fake engine."""
+    folder = tmp_path / "fake-model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    return folder
+
+
+ManagerFactory = Callable[..., Manager]
+
+
+@pytest.fixture
+async def make_manager(tmp_path: Path) -> AsyncIterator[ManagerFactory]:
+    """Build managers over the fake engine; every one is shut down (and checked) at the end."""
+    made: list[tuple[Manager, EngineProbe, str]] = []
+
+    def factory(command: EngineCommand | None = None, **kwargs: object) -> Manager:
+        instance = uuid.uuid4().hex
+        settings = EngineSettings(
+            command=command or fake_engine_command(),
+            state_dir=tmp_path / "state",
+            instance=instance,
+            parent_env={"PATH": "/usr/bin:/bin"},
+        )
+        probe = EngineProbe(timeout=2)
+        manager = Manager(
+            settings=settings,
+            probe=probe,
+            events=EventLog(),
+            policy=kwargs.pop("policy", FAST_POLICY),  # type: ignore[arg-type]
+            timing=kwargs.pop("timing", FAST_TIMING),  # type: ignore[arg-type]
+        )
+        made.append((manager, probe, instance))
+        return manager
+
+    yield factory
+    for manager, probe, instance in made:
+        await manager.shutdown(drain_timeout=1)
+        await probe.aclose()
+        assert pids_with_env(INSTANCE_ENV, instance) == [], "engine processes left behind"
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 20, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        await asyncio.sleep(0.05)

@@ -1,0 +1,139 @@
+"""A stand-in for vLLM's OpenAI server: same command line, same endpoints, instant start.
+
+Run as `python -m tests.fake_engine --model DIR --served-model-name NAME --port P ...` (unknown
+vLLM flags are accepted and ignored). Like vLLM, it forks a child that stays in its process
+group (the "EngineCore"), so group-stopping is exercised for real.
+
+Fault knobs, from the environment:
+  FAKE_START_DELAY=S      seconds before /health answers (connection refused until then)
+  FAKE_EXIT_AT_START=N    exit with code N before ever being healthy
+  FAKE_CRASH_AFTER=S      exit with code 1 after S seconds of being healthy
+  FAKE_IGNORE_SIGTERM=1   ignore SIGTERM (only SIGKILL stops it)
+  FAKE_TOKEN_DELAY=S      seconds between streamed tokens (and per token when not streaming)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import time
+
+from aiohttp import web
+
+
+def engine_core() -> None:
+    """The forked child: just lives until its group is signalled."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    while True:
+        time.sleep(1)
+
+
+def completion_text(prompt: str, max_tokens: int) -> list[str]:
+    """Deterministic 'tokens': the prompt's words reversed, cycled."""
+    words = prompt.split() or ["empty"]
+    return [f" {words[-1 - (i % len(words))]}" for i in range(max_tokens)]
+
+
+class FakeEngine:
+    def __init__(self, served_name: str) -> None:
+        self.served_name = served_name
+        self.running = 0
+        self.token_delay = float(os.environ.get("FAKE_TOKEN_DELAY", "0"))
+
+    async def health(self, _: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    async def models(self, _: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": self.served_name}]})
+
+    async def metrics(self, _: web.Request) -> web.Response:
+        labels = f'engine="0",model_name="{self.served_name}"'
+        return web.Response(
+            text=f"vllm:num_requests_running{{{labels}}} {self.running}.0\n"
+            f"vllm:num_requests_waiting{{{labels}}} 0.0\n"
+        )
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if body.get("model") != self.served_name:
+            return web.json_response(
+                {"error": {"message": f"The model `{body.get('model')}` does not exist.",
+                           "type": "NotFoundError", "code": 404}}, status=404)  # fmt: skip
+        max_tokens = int(body.get("max_tokens") or 16)
+        tokens = completion_text(str(body.get("prompt", "")), max_tokens)
+        self.running += 1
+        try:
+            await asyncio.sleep(self.token_delay * len(tokens))
+        finally:
+            self.running -= 1
+        usage = {"prompt_tokens": len(str(body.get("prompt", "")).split()),
+                 "completion_tokens": len(tokens)}  # fmt: skip
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return web.json_response(
+            {
+                "id": "cmpl-fake",
+                "object": "text_completion",
+                "model": self.served_name,
+                "choices": [{"index": 0, "text": "".join(tokens), "finish_reason": "length"}],
+                "usage": usage,
+            }
+        )
+
+
+def make_app(engine: FakeEngine) -> web.Application:
+    app = web.Application()
+    app.router.add_get("/health", engine.health)
+    app.router.add_get("/v1/models", engine.models)
+    app.router.add_get("/metrics", engine.metrics)
+    app.router.add_post("/v1/completions", engine.completions)
+    return app
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--served-model-name", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args, _unknown = parser.parse_known_args()
+
+    if os.environ.get("FAKE_IGNORE_SIGTERM") == "1":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    core = multiprocessing.get_context("fork").Process(target=engine_core, daemon=False)
+    core.start()
+    print(f"fake engine {args.served_model_name} pid {os.getpid()} core {core.pid}", flush=True)
+
+    await asyncio.sleep(float(os.environ.get("FAKE_START_DELAY", "0")))
+    if "FAKE_EXIT_AT_START" in os.environ:
+        print("fake engine: failing at start as asked", flush=True)
+        core.kill()
+        sys.exit(int(os.environ["FAKE_EXIT_AT_START"]))
+
+    app = make_app(FakeEngine(args.served_model_name))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, args.host, args.port).start()
+    print(f"fake engine ready on {args.port}", flush=True)
+
+    crash_after = os.environ.get("FAKE_CRASH_AFTER")
+    if crash_after is not None:
+        await asyncio.sleep(float(crash_after))
+        print("fake engine: crashing as asked", flush=True)
+        os._exit(1)
+    stop = asyncio.Event()
+    if os.environ.get("FAKE_IGNORE_SIGTERM") != "1":
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+    core.terminate()
+    core.join()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
+    print(json.dumps({"fake_engine": "stopped"}), flush=True)

@@ -1,0 +1,132 @@
+"""POST /generate and friends, against an in-process stand-in engine."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import create_app
+from gateway.routes import RouteWatcher
+from sem.routes import ModelRoute, ReplicaRoute, RouteTable
+from tests.fake_engine import FakeEngine, make_app
+
+
+async def failing_engine() -> web.Application:
+    async def boom(_: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "EngineCore died"}}, status=500)
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", boom)
+    return app
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[tuple[TestClient, RouteWatcher]]:
+    engine = TestServer(make_app(FakeEngine("m")))
+    broken = TestServer(await failing_engine())
+    await engine.start_server()
+    await broken.start_server()
+    async with aiohttp.ClientSession() as session:
+        watcher = RouteWatcher("http://127.0.0.1:1", session)
+        watcher.update(
+            RouteTable(
+                version=1,
+                models={
+                    "m": ModelRoute("m", "ready", "", (
+                        ReplicaRoute("m-0", "ready", str(engine.make_url("")).rstrip("/"), 8),
+                    )),
+                    "slow": ModelRoute("slow", "starting", "spawning engine", (
+                        ReplicaRoute("slow-0", "starting", "http://127.0.0.1:1", 8),
+                    )),
+                    "broken": ModelRoute("broken", "ready", "", (
+                        ReplicaRoute("b-0", "ready", str(broken.make_url("")).rstrip("/"), 8),
+                    )),
+                },
+            )
+        )  # fmt: skip
+        client = TestClient(TestServer(create_app(watcher, session)))
+        await client.start_server()
+        yield client, watcher
+        await client.close()
+    await engine.close()
+    await broken.close()
+
+
+async def test_generate_returns_text_finish_reason_and_usage(gateway):
+    client, _ = gateway
+    response = await client.post(
+        "/generate", json={"model": "m", "prompt": "hello there", "max_tokens": 3}
+    )
+    assert response.status == 200
+    assert await response.json() == {
+        "model": "m",
+        "text": " there hello there",
+        "finish_reason": "length",
+        "usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5},
+    }
+
+
+async def test_unknown_model_is_404_naming_known_ones(gateway):
+    client, _ = gateway
+    response = await client.post("/generate", json={"model": "nope", "prompt": "hi"})
+    assert response.status == 404
+    error = (await response.json())["error"]
+    assert error["type"] == "model_not_found" and "known: broken, m, slow" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ('{"model": "m", "prompt": ', 400, None),
+        ("[1, 2]", 400, None),
+        ('{"model": "m", "prompt": ""}', 422, "prompt"),
+        ('{"model": "m"}', 422, "prompt"),
+        ('{"prompt": "hi"}', 422, "model"),
+        ('{"model": "m", "prompt": "hi", "max_tokens": -1}', 422, "max_tokens"),
+        ('{"model": "m", "prompt": "hi", "temperature": "hot"}', 422, "temperature"),
+    ],
+)
+async def test_bad_input_is_a_json_4xx_naming_the_field(gateway, body, status, param):
+    client, _ = gateway
+    response = await client.post(
+        "/generate", data=body, headers={"content-type": "application/json"}
+    )
+    assert response.status == status
+    error = (await response.json())["error"]
+    assert error["param"] == param
+    if param:
+        assert error["message"].startswith(param)
+
+
+async def test_model_still_starting_is_503_with_retry_after(gateway):
+    client, _ = gateway
+    response = await client.post("/generate", json={"model": "slow", "prompt": "hi"})
+    assert response.status == 503
+    assert int(response.headers["Retry-After"]) >= 1
+    assert "starting" in (await response.json())["error"]["message"]
+
+
+async def test_engine_error_is_502_not_500(gateway):
+    client, _ = gateway
+    response = await client.post("/generate", json={"model": "broken", "prompt": "hi"})
+    assert response.status == 502
+    assert "EngineCore died" in (await response.json())["error"]["message"]
+
+
+async def test_unknown_route_is_json_404(gateway):
+    client, _ = gateway
+    response = await client.get("/nope")
+    assert response.status == 404
+    assert (await response.json())["error"]["code"] == 404
+
+
+async def test_models_and_health(gateway):
+    client, _ = gateway
+    models = await (await client.get("/v1/models")).json()
+    assert [m["id"] for m in models["data"]] == ["broken", "m", "slow"]
+    health = await (await client.get("/health")).json()
+    assert health["ready_models"] == ["broken", "m"]
