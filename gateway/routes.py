@@ -40,7 +40,8 @@ class RouteWatcher:
     async def wait_change(self, timeout: float) -> None:
         """Until the table changes or `timeout` s pass."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._changed.wait()
 
     async def run(self) -> None:
         delay = 0.2

@@ -113,7 +113,8 @@ async def _terminate(procs: list[asyncio.subprocess.Process], deadline: float) -
                 proc.send_signal(signal.SIGTERM)
         # Gateway first (stops taking requests), then the supervisor (drains engines).
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(proc.wait(), max(0.1, deadline - time.monotonic()))
+            async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                await proc.wait()
     for proc in procs:
         if proc.returncode is None:
             say(f"pid {proc.pid} did not stop in time: killing it")

@@ -17,14 +17,15 @@ from typing import Any
 
 from supervisor.engine import EngineProcess, LaunchPlan
 from supervisor.events import EventLog
+from supervisor.placement import Placement
 from supervisor.probe import EngineProbe
 from supervisor.restart import RestartPolicy
-from supervisor.states import ReplicaState, can_transition
+from supervisor.states import ACTIVE_STATES, ReplicaState, can_transition
 
 log = logging.getLogger("sem.replica")
 
 Launch = Callable[[LaunchPlan], Awaitable[EngineProcess]]
-PlanFactory = Callable[[], LaunchPlan]
+PlanFactory = Callable[[Placement | None], LaunchPlan]
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,9 @@ class Replica:
         self.restarts = 0
         self.process: EngineProcess | None = None
         self.plan: LaunchPlan | None = None
+        self.placement: Placement | None = None  # set once placed; kept across restarts
+        self.pending_since = time.monotonic()
+        self.seq = 0  # arrival order, for first-come-first-served placement
         self._failures: list[float] = []
         self._stop_requested = asyncio.Event()
         self._drain_deadline = 0.0
@@ -112,16 +116,28 @@ class Replica:
             "since": self.since,
             "port": self.plan.port if self.plan else None,
             "pid": self.process.pid if self.process else None,
-            "devices": list(self.plan.gpu_ids) if self.plan and self.plan.gpu_ids else ["cpu"],
+            "devices": list(self.placement.device_ids) if self.placement else [],
+            "reserved": self.placement.per_device if self.placement else 0,
             "restarts": self.restarts,
             "log": str(self.plan.log_path) if self.plan else None,
         }
 
     # -- commands ----------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Begin the lifecycle task (pending -> starting -> ready ...)."""
+    @property
+    def holds_reservation(self) -> bool:
+        return self.placement is not None and self.state in ACTIVE_STATES
+
+    def note_pending(self, reason: str) -> bool:
+        """The scheduler's latest word on why this pending replica waits; True if it changed."""
+        assert self.state is ReplicaState.PENDING
+        changed, self.reason = self.reason != reason, reason
+        return changed
+
+    def start(self, placement: Placement | None = None) -> None:
+        """Begin the lifecycle task (pending -> starting -> ready ...) on these devices."""
         assert self._task is None, "started twice"
+        self.placement = placement
         self._task = asyncio.create_task(self._run(), name=f"replica-{self.id}")
 
     async def stop(self, drain_timeout: float) -> None:
@@ -157,7 +173,7 @@ class Replica:
 
     async def _lifecycle(self) -> None:
         while True:
-            self.plan = self._make_plan()
+            self.plan = self._make_plan(self.placement)
             # PENDING/RESTARTING -> STARTING
             self._transition(ReplicaState.STARTING, f"spawning engine on port {self.plan.port}")
             try:
@@ -197,7 +213,8 @@ class Replica:
         # STARTING/READY -> RESTARTING
         self._transition(ReplicaState.RESTARTING, f"{failure}; restart in {delay:g}s")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop_requested.wait(), timeout=delay)
+            async with asyncio.timeout(delay):
+                await self._stop_requested.wait()
         if self._stop_requested.is_set():
             self._transition(ReplicaState.STOPPED, "removed while restarting")
             return False
