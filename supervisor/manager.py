@@ -1,10 +1,17 @@
-"""The models sem runs: add, remove, look up, and the route table built from them."""
+"""The models sem runs: add, remove, place on devices, and the route table built from them.
+
+The manager schedules models onto devices. Replicas start `pending`; the scheduler task places
+them (placement.py decides) when memory allows. It re-plans every `recheck_interval` and at once
+when a replica releases memory (stopped or failed) or finishes starting.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +21,12 @@ from sem.routes import ModelRoute, ReplicaRoute, RouteTable
 from supervisor.config import ModelSpec, Source
 from supervisor.engine import EngineCommand, EngineProcess, LaunchPlan, free_port, spawn_engine
 from supervisor.errors import InvalidSpec, ModelExists, ModelNotFound
+from supervisor.estimate import EstimateError, MemoryEstimate, cpu_kv_cache_gib, estimate
 from supervisor.events import EventLog
+from supervisor.placement import DeviceView, Placement, Request, never_fits, plan
 from supervisor.probe import EngineProbe
 from supervisor.replica import Replica, ReplicaTiming
+from supervisor.resources import Device, Inventory
 from supervisor.restart import RestartPolicy
 from supervisor.states import ModelState, ReplicaState, aggregate
 
@@ -26,7 +36,8 @@ log = logging.getLogger("sem.manager")
 @dataclass
 class ModelEntry:
     spec: ModelSpec
-    model_ref: str  # what the engine's --model gets: a folder or a cached hub repo id
+    model_ref: str  # what the engine's --model gets: a local folder
+    estimate: MemoryEstimate
     replicas: list[Replica] = field(default_factory=list)
     removing: bool = False
 
@@ -50,6 +61,7 @@ class ModelEntry:
             "state": self.state.value,
             "reason": self.reason,
             "spec": self.spec.model_dump(),
+            "estimate": self.estimate.to_json(),
             "replicas": [r.snapshot() for r in self.replicas],
         }
 
@@ -62,10 +74,17 @@ class EngineSettings:
     state_dir: Path
     instance: str
     parent_env: Mapping[str, str]
-    cpu_kv_cache_gib: float = 1.0
 
 
-def resolve_model_ref(spec: ModelSpec) -> str:
+@dataclass(frozen=True)
+class SchedulerSettings:
+    recheck_interval: float = 10.0
+    release_triggers: bool = True  # re-plan at once on a release (off: periodic re-check only)
+    starvation_guard: float = 60.0
+
+
+def local_model_dir(spec: ModelSpec) -> Path:
+    """The local folder an engine will load; InvalidSpec if there is none."""
     source = Source.parse(spec.source)
     if source.kind == "path":
         assert source.path is not None
@@ -74,8 +93,16 @@ def resolve_model_ref(spec: ModelSpec) -> str:
                 f"source {spec.source}: no config.json in {source.path}"
                 " (expected a Hugging Face model folder; run `make models` for the demo models)"
             )
-        return str(source.path)
-    return source.repo  # served from the local HF cache (engines run with HF_HUB_OFFLINE=1)
+        return source.path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(source.repo, revision=source.revision, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise InvalidSpec(
+            f"source {spec.source} is not in the local Hugging Face cache; download it first"
+        ) from None
 
 
 class Manager:
@@ -83,25 +110,34 @@ class Manager:
         self,
         *,
         settings: EngineSettings,
+        inventory: Inventory,
         probe: EngineProbe,
         events: EventLog,
         policy: RestartPolicy | None = None,
         timing: ReplicaTiming | None = None,
+        scheduling: SchedulerSettings | None = None,
     ) -> None:
         self._settings = settings
+        self._inventory = inventory
         self._probe = probe
         self._events = events
         self._policy = policy or RestartPolicy()
         self._timing = timing or ReplicaTiming()
+        self._scheduling = scheduling or SchedulerSettings()
         self._models: dict[str, ModelEntry] = {}
         self._removals: set[asyncio.Task[None]] = set()
         self._routes = RouteTable()
         self._routes_changed = asyncio.Event()  # replaced by a fresh one at every publish
-        self._closed = False  # shutting down: long-polls answer at once
+        self._closed = False  # shut down: long-polls answer at once
+        self._stopping = False  # shutting down: the scheduler places nothing more
+        self._devices: list[Device] = inventory.devices()
+        self._seq = itertools.count()
+        self._replan = asyncio.Event()
+        self._scheduler: asyncio.Task[None] | None = None
 
     # -- queries -----------------------------------------------------------------------------
 
-    def list(self) -> list[ModelEntry]:
+    def entries(self) -> list[ModelEntry]:
         return list(self._models.values())
 
     def get(self, name: str) -> ModelEntry:
@@ -127,22 +163,58 @@ class Manager:
             and (remaining := deadline - loop.time()) > 0
         ):
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._routes_changed.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._routes_changed.wait()
         return self._routes
 
+    async def resources(self) -> list[dict[str, Any]]:
+        self._devices = await asyncio.to_thread(self._inventory.devices)
+        views = {v.id: v for v in self._device_views(self._devices)}
+        out = []
+        for device in self._devices:
+            holders = [
+                {"replica": r.id, "reserved": r.placement.per_device, "state": r.state.value}
+                for r in self._all_replicas()
+                if r.holds_reservation and r.placement and device.id in r.placement.device_ids
+            ]
+            out.append(
+                {
+                    "id": device.id, "kind": device.kind, "name": device.name,
+                    "uuid": device.uuid, "total": device.total, "free": device.free,
+                    "reserved": views[device.id].reserved,
+                    "available": views[device.id].available, "replicas": holders,
+                }
+            )  # fmt: skip
+        return out
+
     # -- commands ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run the scheduler (placement of pending replicas) until shutdown."""
+        self._scheduler = asyncio.create_task(self._schedule_loop(), name="scheduler")
 
     def add(self, spec: ModelSpec) -> ModelEntry:
         if spec.name in self._models:
             raise ModelExists(f"model {spec.name!r} already exists; remove it first")
-        entry = ModelEntry(spec=spec, model_ref=resolve_model_ref(spec))
+        model_dir = local_model_dir(spec)
+        on_gpu = any(d.kind == "gpu" for d in self._devices)
+        try:
+            need = estimate(spec, model_dir, on_gpu=on_gpu)
+        except EstimateError as exc:
+            raise InvalidSpec(str(exc)) from None
+        eligible = [(d.label, d.total) for d in self._devices if on_gpu == (d.kind == "gpu")]
+        if problem := never_fits(need.per_device, spec.tensor_parallel, eligible):
+            raise InvalidSpec(f"{spec.name} can never be placed: {problem}")
+        entry = ModelEntry(spec=spec, model_ref=str(model_dir), estimate=need)
         self._models[spec.name] = entry
-        self._events.emit("model_added", spec.name, f"added from {spec.source}")
+        self._events.emit(
+            "model_added", spec.name,
+            f"added from {spec.source}; needs {need.per_device / 2**30:.2f} GiB per device",
+        )  # fmt: skip
         for index in range(spec.replicas):
-            replica = self._new_replica(entry, index)
-            entry.replicas.append(replica)
-            replica.start()
+            entry.replicas.append(self._new_replica(entry, index))
         self._publish()
+        self._replan.set()
         return entry
 
     def remove(self, name: str, drain_timeout: float) -> ModelEntry:
@@ -160,12 +232,85 @@ class Manager:
 
     async def shutdown(self, drain_timeout: float) -> None:
         """Stop every model (drained up to the deadline) and wait until all engines are gone."""
+        self._stopping = True  # no more placements
+        if self._scheduler is not None:
+            self._replan.set()
+            await self._scheduler
         for name in list(self._models):
             self.remove(name, drain_timeout)
         if self._removals:
             await asyncio.gather(*self._removals, return_exceptions=True)
-        self._closed = True
+        self._closed = True  # long-polls answer at once from now on
         self._publish()
+
+    # -- scheduling --------------------------------------------------------------------------
+
+    async def _schedule_loop(self) -> None:
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # arrives as the event fires, and the loop would never end.
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._scheduling.recheck_interval):
+                    await self._replan.wait()
+            self._replan.clear()
+            if self._stopping:
+                return
+            try:
+                await self.schedule()
+            except Exception:
+                log.exception("scheduling failed; retrying at the next re-check")
+
+    async def schedule(self) -> None:
+        """One planning round: place what fits now, say why the rest waits."""
+        pending = [
+            r for e in self._models.values() if not e.removing
+            for r in e.replicas if r.state is ReplicaState.PENDING
+        ]  # fmt: skip
+        if not pending:
+            return
+        self._devices = await asyncio.to_thread(self._inventory.devices)
+        entries = {r.id: e for e in self._models.values() for r in e.replicas}
+        now = time.monotonic()
+        requests = [
+            Request(
+                replica_id=r.id,
+                need=entries[r.id].estimate.per_device,
+                devices=entries[r.id].spec.tensor_parallel,
+                priority=entries[r.id].spec.priority,
+                seq=r.seq,
+                waited=now - r.pending_since,
+            )
+            for r in pending
+        ]
+        decision = plan(requests, self._device_views(self._devices),
+                        self._scheduling.starvation_guard)  # fmt: skip
+        by_id = {r.id: r for r in pending}
+        for placement in decision.placements:
+            replica = by_id[placement.replica_id]
+            self._events.emit("placed", replica.id, placement.reason,
+                              devices=list(placement.device_ids))  # fmt: skip
+            replica.start(placement)
+        for wait in decision.waits:
+            if by_id[wait.replica_id].note_pending(wait.reason):
+                self._events.emit("pending", wait.replica_id, wait.reason)
+                self._publish()
+
+    def _device_views(self, devices: list[Device]) -> list[DeviceView]:
+        reserved = {d.id: 0 for d in devices}
+        starting = {d.id: False for d in devices}
+        for replica in self._all_replicas():
+            if replica.holds_reservation and replica.placement is not None:
+                for device_id in replica.placement.device_ids:
+                    reserved[device_id] = reserved.get(device_id, 0) + replica.placement.per_device
+                    if replica.state is ReplicaState.STARTING:
+                        starting[device_id] = True
+        return [
+            DeviceView(d.id, d.label, d.total, d.free, reserved[d.id], starting[d.id], d.kind)
+            for d in devices
+        ]
+
+    def _all_replicas(self) -> list[Replica]:
+        return [r for e in self._models.values() for r in e.replicas]
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -175,12 +320,34 @@ class Manager:
         self._events.emit("model_removed", entry.spec.name, "all replicas stopped")
         self._publish()
 
+    def _on_replica_change(self, replica: Replica) -> None:
+        if replica.state in (ReplicaState.STOPPED, ReplicaState.FAILED) and replica.placement:
+            self._events.emit(
+                "released", replica.id,
+                f"released {replica.placement.per_device / 2**30:.2f} GiB on"
+                f" {'+'.join(replica.placement.device_ids)}",
+            )  # fmt: skip
+            if self._scheduling.release_triggers:
+                self._replan.set()
+        elif replica.state in (ReplicaState.READY, ReplicaState.RESTARTING):
+            self._replan.set()  # a GPU's one-engine-starting gate may have opened
+        self._publish()
+
     def _new_replica(self, entry: ModelEntry, index: int) -> Replica:
         spec = entry.spec
         replica_id = f"{spec.name}-{index}"
         settings = self._settings
+        devices = {d.id: d for d in self._devices}
 
-        def make_plan() -> LaunchPlan:
+        def make_plan(placement: Placement | None) -> LaunchPlan:
+            gpu_ids: tuple[int, ...] = ()
+            utilization = None
+            if placement is not None and all(
+                devices[i].kind == "gpu" for i in placement.device_ids
+            ):
+                gpu_ids = tuple(int(i) for i in placement.device_ids)
+                total = min(devices[i].total for i in placement.device_ids)
+                utilization = min(0.98, placement.per_device / total)
             return LaunchPlan(
                 replica_id=replica_id,
                 served_name=spec.name,
@@ -190,7 +357,9 @@ class Manager:
                 max_num_seqs=spec.max_num_seqs,
                 max_model_len=spec.max_model_len,
                 tensor_parallel=spec.tensor_parallel,
-                cpu_kv_cache_gib=settings.cpu_kv_cache_gib,
+                gpu_ids=gpu_ids,
+                gpu_memory_utilization=utilization,
+                cpu_kv_cache_gib=None if gpu_ids else cpu_kv_cache_gib(entry.estimate.kv_cache),
                 engine_args=spec.engine_args,
                 env=spec.env,
             )
@@ -200,17 +369,20 @@ class Manager:
                 settings.command, plan, settings.instance, settings.parent_env
             )
 
-        return Replica(
+        replica = Replica(
             replica_id=replica_id,
             model=spec.name,
             make_plan=make_plan,
             launch=launch,
             probe=self._probe,
             events=self._events,
-            on_change=lambda _replica: self._publish(),
+            on_change=self._on_replica_change,
             policy=self._policy,
             timing=self._timing,
+            reason="waiting for placement",
         )
+        replica.seq = next(self._seq)
+        return replica
 
     def _publish(self) -> None:
         """Rebuild the route table with a new version and wake the long-polls."""
