@@ -51,11 +51,11 @@ def create_app(manager: Manager, events: EventLog, token: str | None = None) -> 
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": len(manager.list())}
+        return {"status": "ok", "models": len(manager.entries())}
 
     @app.get("/models")
     async def list_models() -> dict[str, Any]:
-        return {"models": [entry.snapshot() for entry in manager.list()]}
+        return {"models": [entry.snapshot() for entry in manager.entries()]}
 
     @app.get("/models/{name}")
     async def get_model(name: str) -> dict[str, Any]:
@@ -70,6 +70,11 @@ def create_app(manager: Manager, events: EventLog, token: str | None = None) -> 
         name: str, timeout: Annotated[float, Query(ge=0, le=3600)] = 30.0
     ) -> dict[str, Any]:
         return manager.remove(name, drain_timeout=timeout).snapshot()
+
+    @app.get("/resources")
+    async def resources() -> dict[str, Any]:
+        """Devices with total, free (measured) and reserved (by sem) bytes, and who holds what."""
+        return {"devices": await manager.resources()}
 
     @app.get("/routes")
     async def routes(

@@ -60,6 +60,9 @@ class ModelSpec(BaseModel):
     memory: str = Field(default="auto", description="per replica: auto (estimated) or e.g. 20GiB")
     max_model_len: int | None = Field(default=None, ge=16)
     max_num_seqs: int = Field(default=32, ge=1, le=4096)
+    kv_cache_tokens: int | None = Field(
+        default=None, ge=16, description="KV cache to reserve; default 2 x max_model_len"
+    )
     priority: int = Field(default=0, description="higher is placed first when memory is short")
     engine_args: dict[str, EngineArg] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)

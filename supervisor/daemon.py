@@ -24,9 +24,10 @@ from supervisor.config import ConfigError, load_config
 from supervisor.engine import EngineCommand, parent_environment
 from supervisor.errors import SupervisorError
 from supervisor.events import EventLog
-from supervisor.manager import EngineSettings, Manager
+from supervisor.manager import EngineSettings, Manager, SchedulerSettings
 from supervisor.probe import EngineProbe
 from supervisor.replica import ReplicaTiming
+from supervisor.resources import describe, detect
 
 log = logging.getLogger("sem.supervisor")
 
@@ -45,7 +46,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--state-dir", type=Path, default=Path(".sem"))
     p.add_argument("--engine-python", default=os.environ.get("SEM_ENGINE_PYTHON"))
     p.add_argument("--engine-module", default=os.environ.get("SEM_ENGINE_MODULE"))
-    p.add_argument("--cpu-kv-cache-gib", type=float, default=1.0)
     p.add_argument("--drain-timeout", type=float, default=10.0, help="on shutdown, per model")
     p.add_argument("--stop-grace", type=float, default=10.0, help="SIGTERM to SIGKILL, per engine")
     p.add_argument("--start-timeout", type=float, default=600.0)
@@ -77,12 +77,20 @@ async def serve(args: argparse.Namespace) -> int:
         state_dir=args.state_dir.resolve(),
         instance=args.instance,
         parent_env=parent_environment(),
-        cpu_kv_cache_gib=args.cpu_kv_cache_gib,
     )
+    try:
+        inventory = await asyncio.to_thread(detect, config.devices, config.cpu_memory_budget)
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return 2
+    log.info("devices: %s", describe(inventory.devices()))
     events = EventLog()
     probe = EngineProbe()
     timing = ReplicaTiming(start_timeout=args.start_timeout, stop_grace=args.stop_grace)
-    manager = Manager(settings=settings, probe=probe, events=events, timing=timing)
+    manager = Manager(
+        settings=settings, inventory=inventory, probe=probe, events=events, timing=timing,
+        scheduling=SchedulerSettings(recheck_interval=config.recheck_seconds),
+    )  # fmt: skip
     app = create_app(manager, events, token=args.token)
     server = _QuietServer(
         uvicorn.Config(
@@ -100,7 +108,7 @@ async def serve(args: argparse.Namespace) -> int:
         log.info("got %s (%s)", sig.name, "stopping" if signals_seen == 1 else "forcing")
         stopping.set()
         if signals_seen > 1:
-            for entry in manager.list():
+            for entry in manager.entries():
                 for replica in entry.replicas:
                     if replica.process is not None:
                         os.killpg(replica.process.pgid, signal.SIGKILL)
@@ -121,6 +129,7 @@ async def serve(args: argparse.Namespace) -> int:
     if serve_task.done():
         await probe.aclose()
         return 2
+    manager.start()
     try:
         for spec in config.models:
             try:

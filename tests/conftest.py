@@ -14,9 +14,10 @@ import pytest
 from sem.procgroup import INSTANCE_ENV, pids_with_env
 from supervisor.engine import EngineCommand
 from supervisor.events import EventLog
-from supervisor.manager import EngineSettings, Manager
+from supervisor.manager import EngineSettings, Manager, SchedulerSettings
 from supervisor.probe import EngineProbe
 from supervisor.replica import ReplicaTiming
+from supervisor.resources import Inventory, StaticInventory
 from supervisor.restart import RestartPolicy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,10 +41,9 @@ def fake_engine_command(**env: str) -> EngineCommand:
 @pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
     """A folder that passes as a model source for the fake engine."""
-    folder = tmp_path / "fake-model"
-    folder.mkdir()
-    (folder / "config.json").write_text('{"model_type": "llama"}')
-    return folder
+    from tests.checkpoints import tiny_llama
+
+    return tiny_llama(tmp_path / "fake-model")
 
 
 ManagerFactory = Callable[..., Manager]
@@ -54,7 +54,12 @@ async def make_manager(tmp_path: Path) -> AsyncIterator[ManagerFactory]:
     """Build managers over the fake engine; every one is shut down (and checked) at the end."""
     made: list[tuple[Manager, EngineProbe, str]] = []
 
-    def factory(command: EngineCommand | None = None, **kwargs: object) -> Manager:
+    def factory(
+        command: EngineCommand | None = None,
+        inventory: Inventory | None = None,
+        scheduling: SchedulerSettings | None = None,
+        **kwargs: object,
+    ) -> Manager:
         instance = uuid.uuid4().hex
         settings = EngineSettings(
             command=command or fake_engine_command(),
@@ -65,12 +70,15 @@ async def make_manager(tmp_path: Path) -> AsyncIterator[ManagerFactory]:
         probe = EngineProbe(timeout=2)
         manager = Manager(
             settings=settings,
+            inventory=inventory or StaticInventory.parse("cpu:64GiB"),
+            scheduling=scheduling or SchedulerSettings(recheck_interval=0.5),
             probe=probe,
             events=EventLog(),
             policy=kwargs.pop("policy", FAST_POLICY),  # type: ignore[arg-type]
             timing=kwargs.pop("timing", FAST_TIMING),  # type: ignore[arg-type]
         )
         made.append((manager, probe, instance))
+        manager.start()
         return manager
 
     yield factory

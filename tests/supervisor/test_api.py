@@ -65,7 +65,7 @@ async def test_malformed_spec_is_422_naming_the_field(api, body, field):
     error = response.json()["error"]
     assert error["type"] == "invalid_request"
     assert error["message"].startswith(field)
-    assert manager.list() == []
+    assert manager.entries() == []
 
 
 async def test_missing_source_folder_is_422(api):
@@ -89,7 +89,7 @@ async def test_mutating_calls_need_the_token(api, model_dir: Path):
         headers={"Authorization": "Bearer wrong"},
     )  # fmt: skip
     assert response.status_code == 401
-    assert manager.list() == []
+    assert manager.entries() == []
     assert (await client.get("/models", headers={"Authorization": ""})).status_code == 200
 
 
@@ -100,5 +100,5 @@ async def test_delete_is_202_and_the_model_goes(api, model_dir: Path):
     response = await client.delete("/models/m", params={"timeout": 1})
     assert response.status_code == 202
     assert response.json()["state"] == "draining"
-    await wait_until(lambda: manager.list() == [], what="model gone")
+    await wait_until(lambda: manager.entries() == [], what="model gone")
     assert (await client.get("/models/m")).status_code == 404

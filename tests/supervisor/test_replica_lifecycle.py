@@ -69,7 +69,8 @@ async def test_ready_to_restarting_when_engine_crashes(
     await wait_until(lambda: len(states(manager, "m-0")) >= 4, what="a restart")
     history = states(manager, "m-0")
     assert history[:4] == ["starting", "ready", "restarting", "starting"]
-    assert "engine exited with code 1" in manager._events.recent("m-0")[2].message
+    restarting = [e for e in manager._events.recent("m-0") if e.data.get("new") == "restarting"]
+    assert "engine exited with code 1" in restarting[0].message
 
 
 async def test_starting_to_restarting_when_exit_before_ready_then_failed(
@@ -128,4 +129,4 @@ async def test_add_rejects_a_source_without_config_json(make_manager: ManagerFac
     manager = make_manager()
     with pytest.raises(InvalidSpec, match=r"no config\.json"):
         manager.add(ModelSpec(name="m", source=bad))
-    assert manager.list() == []
+    assert manager.entries() == []

@@ -1,0 +1,153 @@
+"""The manager schedules replicas onto an injected 2 x 24 GiB inventory (stand-in engines)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from supervisor.config import ModelSpec
+from supervisor.errors import InvalidSpec
+from supervisor.manager import Manager, SchedulerSettings
+from supervisor.resources import StaticInventory
+from supervisor.states import ReplicaState
+from tests.checkpoints import llama2_7b
+from tests.conftest import ManagerFactory, wait_until
+
+TWO_GPUS = "2x24GiB"
+
+
+@pytest.fixture
+def seven_b(tmp_path: Path) -> Path:
+    return llama2_7b(tmp_path / "llama2-7b")
+
+
+def add_7b(manager: Manager, folder: Path, name: str, **extra: object):
+    spec = ModelSpec(name=name, source=f"path:{folder}", max_model_len=4096, **extra)  # type: ignore[arg-type]
+    return manager.add(spec)
+
+
+def event_time(manager: Manager, kind: str, subject: str) -> float:
+    return next(e.time for e in manager._events.recent(subject) if e.kind == kind)
+
+
+async def test_two_7b_land_one_per_gpu_and_the_third_waits(
+    make_manager: ManagerFactory, seven_b: Path
+):
+    manager = make_manager(inventory=StaticInventory.parse(TWO_GPUS))
+    first = add_7b(manager, seven_b, "llama-a")
+    second = add_7b(manager, seven_b, "llama-b")
+    await wait_until(lambda: first.state.value == "ready" and second.state.value == "ready")
+    third = add_7b(manager, seven_b, "llama-c")
+    await wait_until(lambda: third.replicas[0].reason.startswith("needs"), what="a wait reason")
+    assert third.state.value == "pending"
+    assert third.replicas[0].reason == (
+        "needs 18.1 GiB on 1 device; largest free is 5.9 GiB on GPU0"
+    )
+    gpus = {}
+    for entry in (first, second):
+        replica = entry.replicas[0]
+        env = psutil.Process(replica.process.pid).environ()
+        cmdline = psutil.Process(replica.process.pid).cmdline()
+        gpus[entry.spec.name] = env["CUDA_VISIBLE_DEVICES"]
+        utilization = float(cmdline[cmdline.index("--gpu-memory-utilization") + 1])
+        assert utilization == pytest.approx(18.1 / 24, abs=0.01)
+    assert sorted(gpus.values()) == ["0", "1"]
+    resources = await manager.resources()
+    assert [len(d["replicas"]) for d in resources] == [1, 1]
+    assert all(d["reserved"] > 18 * 2**30 for d in resources)
+
+
+async def test_third_model_starts_within_a_second_of_a_release(
+    make_manager: ManagerFactory, seven_b: Path
+):
+    manager = make_manager(
+        inventory=StaticInventory.parse(TWO_GPUS),
+        scheduling=SchedulerSettings(recheck_interval=3600),  # only the release can wake it
+    )
+    first = add_7b(manager, seven_b, "llama-a")
+    add_7b(manager, seven_b, "llama-b")
+    third = add_7b(manager, seven_b, "llama-c")
+    await wait_until(lambda: first.state.value == "ready")
+    await wait_until(lambda: third.replicas[0].reason.startswith("needs"))
+    manager.remove("llama-a", drain_timeout=0)
+    await wait_until(lambda: third.state.value == "ready", what="third ready")
+    waited = event_time(manager, "placed", "llama-c-0") - event_time(
+        manager, "released", "llama-a-0"
+    )
+    assert 0 <= waited < 1.0
+    assert third.replicas[0].placement.device_ids == first.replicas[0].placement.device_ids
+
+
+async def test_without_release_events_the_periodic_recheck_places_it(
+    make_manager: ManagerFactory, seven_b: Path
+):
+    manager = make_manager(
+        inventory=StaticInventory.parse(TWO_GPUS),
+        scheduling=SchedulerSettings(recheck_interval=1.0, release_triggers=False),
+    )
+    first = add_7b(manager, seven_b, "llama-a")
+    add_7b(manager, seven_b, "llama-b")
+    third = add_7b(manager, seven_b, "llama-c")
+    await wait_until(lambda: first.state.value == "ready")
+    manager.remove("llama-a", drain_timeout=0)
+    await wait_until(lambda: third.state.value == "ready", what="third ready")
+
+
+async def test_without_release_events_or_recheck_it_keeps_waiting(
+    make_manager: ManagerFactory, seven_b: Path
+):
+    """The control for the two tests above: with both switched off nothing places it."""
+    manager = make_manager(
+        inventory=StaticInventory.parse(TWO_GPUS),
+        scheduling=SchedulerSettings(recheck_interval=3600, release_triggers=False),
+    )
+    first = add_7b(manager, seven_b, "llama-a")
+    add_7b(manager, seven_b, "llama-b")
+    third = add_7b(manager, seven_b, "llama-c")
+    await wait_until(lambda: first.state.value == "ready")
+    manager.remove("llama-a", drain_timeout=0)
+    await wait_until(lambda: "llama-a" not in manager.routes.models)
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        assert third.replicas[0].state is ReplicaState.PENDING
+        await wait_until(lambda: True)
+
+
+async def test_tensor_parallel_2_waits_for_both_gpus(make_manager: ManagerFactory, seven_b: Path):
+    manager = make_manager(inventory=StaticInventory.parse(TWO_GPUS))
+    single = add_7b(manager, seven_b, "llama-a")
+    await wait_until(lambda: single.state.value == "ready")
+    pair = add_7b(manager, seven_b, "llama-tp", tensor_parallel=2, memory="30GiB")
+    await wait_until(lambda: pair.replicas[0].reason.startswith("needs"))
+    assert "only 1 GPU(s) have that free (GPU1)" in pair.replicas[0].reason
+    manager.remove("llama-a", drain_timeout=0)
+    await wait_until(lambda: pair.state.value == "ready", what="tp=2 ready")
+    replica = pair.replicas[0]
+    assert replica.placement.device_ids == ("0", "1")
+    env = psutil.Process(replica.process.pid).environ()
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert "--tensor-parallel-size" in psutil.Process(replica.process.pid).cmdline()
+
+
+async def test_a_model_that_can_never_fit_is_refused(make_manager: ManagerFactory, seven_b: Path):
+    manager = make_manager(inventory=StaticInventory.parse(TWO_GPUS))
+    with pytest.raises(InvalidSpec, match=r"can never be placed: needs 40\.0 GiB"):
+        add_7b(manager, seven_b, "huge", memory="40GiB")
+    with pytest.raises(InvalidSpec, match="needs 4 GPUs; there are 2"):
+        add_7b(manager, seven_b, "wide", tensor_parallel=4)
+    assert manager.entries() == []
+
+
+async def test_adding_never_disturbs_running_models(make_manager: ManagerFactory, seven_b: Path):
+    manager = make_manager(inventory=StaticInventory.parse(TWO_GPUS))
+    first = add_7b(manager, seven_b, "llama-a")
+    await wait_until(lambda: first.state.value == "ready")
+    pid = first.replicas[0].process.pid
+    second = add_7b(manager, seven_b, "llama-b")
+    await wait_until(lambda: second.state.value == "ready")
+    assert first.replicas[0].process.pid == pid and first.replicas[0].restarts == 0
+    kinds = [e.kind for e in manager._events.recent("llama-b")]
+    assert kinds[:2] == ["model_added", "placed"]
