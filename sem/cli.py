@@ -71,6 +71,74 @@ def cmd_ps(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_add(args: argparse.Namespace) -> int:
+    spec: dict[str, Any] = {
+        "name": args.name,
+        "source": args.source,
+        "replicas": args.replicas,
+        "tensor_parallel": args.tensor_parallel,
+        "priority": args.priority,
+    }
+    for key in ("memory", "max_model_len", "max_num_seqs"):
+        if getattr(args, key) is not None:
+            spec[key] = getattr(args, key)
+    engine_args: dict[str, Any] = {}
+    for item in args.engine_arg:
+        key, _, value = item.partition("=")
+        engine_args[key] = value if value else True
+    if engine_args:
+        spec["engine_args"] = engine_args
+    model = admin_request(args, "POST", "/models", json=spec)
+    print(f"{model['name']}: {model['state']} ({model['reason']})")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    model = admin_request(args, "DELETE", f"/models/{args.name}", params={"timeout": args.timeout})
+    print(f"{model['name']}: {model['state']} (in-flight requests get up to {args.timeout:g}s)")
+    return 0
+
+
+def cmd_resources(args: argparse.Namespace) -> int:
+    devices = admin_request(args, "GET", "/resources")["devices"]
+    if args.json:
+        print(json.dumps(devices, indent=2))
+        return 0
+    gib = 1024**3
+    print(f"{'DEVICE':8} {'NAME':28} {'TOTAL':>9} {'FREE':>9} {'RESERVED':>9}  REPLICAS")
+    for d in devices:
+        holders = ", ".join(f"{h['replica']} ({h['reserved'] / gib:.1f})" for h in d["replicas"])
+        label = f"GPU{d['id']}" if d["kind"] == "gpu" else "CPU"
+        print(f"{label:8} {d['name'][:28]:28} {d['total'] / gib:8.1f}G {d['free'] / gib:8.1f}G"
+              f" {d['reserved'] / gib:8.1f}G  {holders or '-'}")  # fmt: skip
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from supervisor.config import ConfigError, load_config
+    from supervisor.dryrun import dry_run
+    from supervisor.resources import StaticInventory, describe, detect
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        inventory = (
+            StaticInventory.parse(args.inventory)
+            if args.inventory
+            else detect(config.devices, config.cpu_memory_budget)
+        )
+    except (ValueError, RuntimeError) as exc:
+        raise CliError(f"--inventory: {exc}") from None
+    devices = inventory.devices()
+    print(f"devices: {describe(devices)}")
+    print(f"{'REPLICA':28} {'NEEDS':>9}  {'OUTCOME':8} WHERE / WHY")
+    for row in dry_run(config, devices):
+        print(f"{row.replica:28} {row.need:>9}  {row.outcome:8} {row.detail}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sem", description="Serving Engine Manager")
     parser.add_argument("--admin", default=DEFAULT_ADMIN, help="supervisor admin URL")
@@ -90,6 +158,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ps", help="models and replicas with their states")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ps)
+
+    p = sub.add_parser("add", help="add (and run) a model")
+    p.add_argument("name")
+    p.add_argument("source", help="hf://org/name[@revision] or path:/some/dir")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--tensor-parallel", type=int, default=1)
+    p.add_argument("--priority", type=int, default=0)
+    p.add_argument("--memory", help="per replica, e.g. 20GiB (default: estimated)")
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_add)
+
+    p = sub.add_parser("rm", help="drain and remove a model")
+    p.add_argument("name")
+    p.add_argument("--timeout", type=float, default=30.0, help="drain deadline in seconds")
+    p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("resources", help="devices: total, free, reserved by sem")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_resources)
+
+    p = sub.add_parser("plan", help="where each replica of CONFIG would go; starts nothing")
+    p.add_argument("config", type=Path)
+    p.add_argument("--inventory", help="e.g. 2x24GiB, 24GiB,16GiB or cpu:8GiB (default: detect)")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 
