@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -81,6 +82,17 @@ async def test_third_model_starts_within_a_second_of_a_release(
     assert third.replicas[0].placement.device_ids == first.replicas[0].placement.device_ids
 
 
+async def fill_then_release_one(manager: Manager, folder: Path):
+    """llama-a and llama-b fill both GPUs, llama-c waits; then llama-a is removed. -> llama-c"""
+    first = add_7b(manager, folder, "llama-a")
+    add_7b(manager, folder, "llama-b")
+    third = add_7b(manager, folder, "llama-c")
+    await wait_until(lambda: first.state.value == "ready")
+    manager.remove("llama-a", drain_timeout=0)
+    await wait_until(lambda: "llama-a" not in manager.routes.models)
+    return third
+
+
 async def test_without_release_events_the_periodic_recheck_places_it(
     make_manager: ManagerFactory, seven_b: Path
 ):
@@ -88,11 +100,7 @@ async def test_without_release_events_the_periodic_recheck_places_it(
         inventory=StaticInventory.parse(TWO_GPUS),
         scheduling=SchedulerSettings(recheck_interval=1.0, release_triggers=False),
     )
-    first = add_7b(manager, seven_b, "llama-a")
-    add_7b(manager, seven_b, "llama-b")
-    third = add_7b(manager, seven_b, "llama-c")
-    await wait_until(lambda: first.state.value == "ready")
-    manager.remove("llama-a", drain_timeout=0)
+    third = await fill_then_release_one(manager, seven_b)
     await wait_until(lambda: third.state.value == "ready", what="third ready")
 
 
@@ -104,16 +112,11 @@ async def test_without_release_events_or_recheck_it_keeps_waiting(
         inventory=StaticInventory.parse(TWO_GPUS),
         scheduling=SchedulerSettings(recheck_interval=3600, release_triggers=False),
     )
-    first = add_7b(manager, seven_b, "llama-a")
-    add_7b(manager, seven_b, "llama-b")
-    third = add_7b(manager, seven_b, "llama-c")
-    await wait_until(lambda: first.state.value == "ready")
-    manager.remove("llama-a", drain_timeout=0)
-    await wait_until(lambda: "llama-a" not in manager.routes.models)
+    third = await fill_then_release_one(manager, seven_b)
     deadline = time.monotonic() + 1.5
     while time.monotonic() < deadline:
         assert third.replicas[0].state is ReplicaState.PENDING
-        await wait_until(lambda: True)
+        await asyncio.sleep(0.05)
 
 
 async def test_tensor_parallel_2_waits_for_both_gpus(make_manager: ManagerFactory, seven_b: Path):
