@@ -1,14 +1,14 @@
 """The gateway's HTTP app (aiohttp: server and upstream client, chosen for the hot path).
 
-POST /generate {model, prompt, ...} -> {model, text, finish_reason, usage}, through the engine's
-/v1/completions. GET /health, GET /v1/models.
+POST /generate {model, prompt, ...} -> {model, text, finish_reason, usage} (or with stream: true,
+SSE of {"text": delta}), through the engine's /v1/completions. POST /v1/completions and
+/v1/chat/completions (OpenAI, streaming included), GET /v1/models, GET /health.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,18 +22,16 @@ from gateway.errors import (
     InvalidField,
     ModelNotFound,
     ModelNotReady,
-    UpstreamError,
-    UpstreamTimeout,
     error_response,
 )
+from gateway.proxy import SSE_HEADERS, engine_call, engine_json, relay, sse, sse_events
 from gateway.routes import RouteWatcher
+from gateway.state import BALANCER, UPSTREAM, WATCHER, Balancer
 from sem.routes import ReplicaRoute
 
 log = logging.getLogger("sem.gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-WATCHER = web.AppKey("watcher", RouteWatcher)
-UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 
 
 class GenerateRequest(BaseModel):
@@ -46,25 +44,6 @@ class GenerateRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0)
     stream: bool = False
-
-
-class Balancer:
-    """Least outstanding requests across a model's ready replicas (ties: the first listed)."""
-
-    def __init__(self) -> None:
-        self.outstanding: dict[str, int] = {}
-
-    def pick(self, replicas: tuple[ReplicaRoute, ...]) -> ReplicaRoute:
-        return min(replicas, key=lambda r: self.outstanding.get(r.id, 0))
-
-    def acquire(self, replica: ReplicaRoute) -> None:
-        self.outstanding[replica.id] = self.outstanding.get(replica.id, 0) + 1
-
-    def release(self, replica: ReplicaRoute) -> None:
-        self.outstanding[replica.id] -= 1
-
-
-BALANCER = web.AppKey("balancer", Balancer)
 
 
 def choose_replica(app: web.Application, model: str) -> ReplicaRoute:
@@ -101,48 +80,20 @@ def validation_error(exc: ValidationError) -> InvalidField:
     return InvalidField(problems, param=field)
 
 
-async def post_engine(
-    app: web.Application, replica: ReplicaRoute, path: str, payload: dict[str, Any]
-) -> dict[str, Any]:
-    """POST JSON to one engine; its JSON answer, or a typed error."""
-    balancer = app[BALANCER]
-    balancer.acquire(replica)
-    try:
-        async with app[UPSTREAM].post(f"{replica.url}{path}", json=payload) as response:
-            text = await response.text()
-            if response.status >= 500:
-                raise UpstreamError(f"engine {replica.id} answered {response.status}: {text[:300]}")
-            data = json.loads(text)
-            if response.status >= 400:
-                # The engine validated the request (e.g. max_tokens past the context): pass it on.
-                message = data.get("error", {}).get("message", text[:300])
-                raise BadRequest(f"engine rejected the request: {message}")
-            return dict(data)
-    except aiohttp.ClientConnectionError as exc:
-        raise UpstreamError(f"engine {replica.id} unreachable: {exc}") from None
-    except TimeoutError:
-        raise UpstreamTimeout(f"engine {replica.id} did not answer in time") from None
-    except json.JSONDecodeError:
-        raise UpstreamError(f"engine {replica.id} answered with malformed JSON") from None
-    finally:
-        balancer.release(replica)
-
-
-async def generate(request: web.Request) -> web.Response:
+async def generate(request: web.Request) -> web.StreamResponse:
     body = await read_json_object(request)
     try:
         req = GenerateRequest.model_validate(body)
     except ValidationError as exc:
         raise validation_error(exc) from None
-    if req.stream:
-        raise InvalidField("stream: streaming /generate is not supported yet", param="stream")
     replica = choose_replica(request.app, req.model)
-    payload = req.model_dump(exclude_none=True, exclude={"stream"})
-    started = time.perf_counter()
-    data = await post_engine(request.app, replica, "/v1/completions", payload)
+    payload = req.model_dump(exclude_none=True)
+    if req.stream:
+        return await generate_stream(request, replica, payload)
+    async with engine_call(request.app, replica, "/v1/completions", payload) as upstream:
+        data = await engine_json(upstream, replica)
     choice = data["choices"][0]
     usage = data.get("usage") or {}
-    log.debug("generate %s on %s in %.3fs", req.model, replica.id, time.perf_counter() - started)
     return web.json_response(
         {
             "model": req.model,
@@ -155,6 +106,36 @@ async def generate(request: web.Request) -> web.Response:
             },
         }
     )
+
+
+async def generate_stream(
+    request: web.Request, replica: ReplicaRoute, payload: dict[str, Any]
+) -> web.StreamResponse:
+    """/generate with stream: true: `data: {"text": delta}` events, then `data: [DONE]`."""
+    async with engine_call(request.app, replica, "/v1/completions", payload) as upstream:
+        if upstream.status >= 400:
+            await engine_json(upstream, replica)  # raises the engine's 4xx as a 400
+        response = web.StreamResponse(headers=SSE_HEADERS)
+        await response.prepare(request)
+        async for event in sse_events(upstream):
+            for choice in event.get("choices", []):
+                delta: dict[str, Any] = {"text": choice.get("text", "")}
+                if choice.get("finish_reason"):
+                    delta["finish_reason"] = choice["finish_reason"]
+                await response.write(sse(delta))
+        await response.write(sse("[DONE]"))
+        await response.write_eof()
+        return response
+
+
+async def openai_route(request: web.Request) -> web.StreamResponse:
+    """/v1/completions and /v1/chat/completions: routed by `model`, the body passed through."""
+    body = await read_json_object(request)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidField("model: a model name is required", param="model")
+    replica = choose_replica(request.app, model)
+    return await relay(request, replica, request.path, body)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -200,6 +181,8 @@ def create_app(
     app[UPSTREAM] = upstream
     app[BALANCER] = balancer or Balancer()
     app.router.add_post("/generate", generate)
+    app.router.add_post("/v1/completions", openai_route)
+    app.router.add_post("/v1/chat/completions", openai_route)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     return app

@@ -40,7 +40,11 @@ async def serve(args: argparse.Namespace) -> int:
     watcher = RouteWatcher(args.supervisor, control)
     watch_task = asyncio.create_task(watcher.run(), name="route-watcher")
     app = create_app(watcher, upstream)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=args.shutdown_timeout)
+    # handler_cancellation: a client that disconnects cancels its handler, which closes the
+    # upstream request, and vLLM aborts the generation (freeing its slot).
+    runner = web.AppRunner(
+        app, access_log=None, shutdown_timeout=args.shutdown_timeout, handler_cancellation=True
+    )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

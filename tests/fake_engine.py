@@ -40,10 +40,12 @@ def completion_text(prompt: str, max_tokens: int) -> list[str]:
 
 
 class FakeEngine:
-    def __init__(self, served_name: str) -> None:
+    def __init__(self, served_name: str, token_delay: float | None = None) -> None:
         self.served_name = served_name
         self.running = 0
-        self.token_delay = float(os.environ.get("FAKE_TOKEN_DELAY", "0"))
+        if token_delay is None:
+            token_delay = float(os.environ.get("FAKE_TOKEN_DELAY", "0"))
+        self.token_delay = token_delay
 
     async def health(self, _: web.Request) -> web.Response:
         return web.Response(text="")
@@ -59,30 +61,61 @@ class FakeEngine:
         )
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         body = await request.json()
         if body.get("model") != self.served_name:
             return web.json_response(
                 {"error": {"message": f"The model `{body.get('model')}` does not exist.",
                            "type": "NotFoundError", "code": 404}}, status=404)  # fmt: skip
+        if chat:
+            prompt = " ".join(str(m.get("content", "")) for m in body.get("messages", []))
+        else:
+            prompt = str(body.get("prompt", ""))
         max_tokens = int(body.get("max_tokens") or 16)
-        tokens = completion_text(str(body.get("prompt", "")), max_tokens)
+        tokens = completion_text(prompt, max_tokens)
+        usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(tokens),
+                 "total_tokens": len(prompt.split()) + len(tokens)}  # fmt: skip
+        kind = "chat.completion" if chat else "text_completion"
         self.running += 1
         try:
+            if body.get("stream"):
+                return await self._stream(request, tokens, chat, kind, usage, body)
             await asyncio.sleep(self.token_delay * len(tokens))
         finally:
             self.running -= 1
-        usage = {"prompt_tokens": len(str(body.get("prompt", "")).split()),
-                 "completion_tokens": len(tokens)}  # fmt: skip
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        return web.json_response(
-            {
-                "id": "cmpl-fake",
-                "object": "text_completion",
-                "model": self.served_name,
-                "choices": [{"index": 0, "text": "".join(tokens), "finish_reason": "length"}],
-                "usage": usage,
-            }
-        )
+        text = "".join(tokens)
+        choice: dict[str, object] = {"index": 0, "finish_reason": "length"}
+        choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+        return web.json_response({"id": "cmpl-fake", "object": kind, "model": self.served_name,
+                                  "choices": [choice], "usage": usage})  # fmt: skip
+
+    async def _stream(
+        self, request: web.Request, tokens: list[str], chat: bool, kind: str,
+        usage: dict[str, int], body: dict[str, object],
+    ) -> web.StreamResponse:  # fmt: skip
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for n, token in enumerate(tokens):
+            await asyncio.sleep(self.token_delay)
+            last = n == len(tokens) - 1
+            choice: dict[str, object] = {"index": 0, "finish_reason": "length" if last else None}
+            choice |= {"delta": {"content": token}} if chat else {"text": token}
+            chunk = {"id": "cmpl-fake", "object": f"{kind}.chunk", "model": self.served_name,
+                     "choices": [choice]}  # fmt: skip
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            final = {"id": "cmpl-fake", "object": f"{kind}.chunk", "model": self.served_name,
+                     "choices": [], "usage": usage}  # fmt: skip
+            await response.write(f"data: {json.dumps(final)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
 
 
 def make_app(engine: FakeEngine) -> web.Application:
@@ -91,6 +124,7 @@ def make_app(engine: FakeEngine) -> web.Application:
     app.router.add_get("/v1/models", engine.models)
     app.router.add_get("/metrics", engine.metrics)
     app.router.add_post("/v1/completions", engine.completions)
+    app.router.add_post("/v1/chat/completions", engine.chat_completions)
     return app
 
 

@@ -1,0 +1,105 @@
+"""OpenAI routes and streaming through the gateway, with the official OpenAI SDK as the client."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import openai
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import create_app
+from gateway.routes import RouteWatcher
+from sem.routes import ModelRoute, ReplicaRoute, RouteTable
+from tests.fake_engine import FakeEngine, make_app
+
+TOKEN_DELAY = 0.1
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[TestClient]:
+    engine = TestServer(make_app(FakeEngine("m", token_delay=TOKEN_DELAY)))
+    await engine.start_server()
+    async with aiohttp.ClientSession() as session:
+        watcher = RouteWatcher("http://127.0.0.1:1", session)
+        url = str(engine.make_url("")).rstrip("/")
+        watcher.update(RouteTable(1, {"m": ModelRoute("m", "ready", "", (
+            ReplicaRoute("m-0", "ready", url, 8),))}))  # fmt: skip
+        client = TestClient(TestServer(create_app(watcher, session)))
+        await client.start_server()
+        yield client
+        await client.close()
+    await engine.close()
+
+
+def sdk(client: TestClient) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="unused")
+
+
+async def test_completion_and_chat_through_the_sdk(gateway):
+    api = sdk(gateway)
+    completion = await api.completions.create(model="m", prompt="a b", max_tokens=3)
+    assert completion.choices[0].text == " b a b"
+    assert completion.usage is not None and completion.usage.completion_tokens == 3
+    chat = await api.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "x y"}], max_tokens=2
+    )
+    assert chat.choices[0].message.content == " y x"
+
+
+async def test_stream_chunks_arrive_as_the_engine_sends_them(gateway):
+    api = sdk(gateway)
+    arrivals, texts = [], []
+    stream = await api.completions.create(model="m", prompt="a b", max_tokens=5, stream=True)
+    async for chunk in stream:
+        arrivals.append(time.monotonic())
+        texts.append(chunk.choices[0].text)
+    assert "".join(texts) == " b a b a b"
+    assert len(arrivals) == 5
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert min(gaps) > TOKEN_DELAY / 2, f"chunks were buffered: gaps {gaps}"
+
+
+async def test_chat_stream_with_usage(gateway):
+    api = sdk(gateway)
+    stream = await api.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "p q"}], max_tokens=3, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    content, usage = "", None
+    async for chunk in stream:
+        if chunk.choices:
+            content += chunk.choices[0].delta.content or ""
+        if chunk.usage:
+            usage = chunk.usage
+    assert content == " q p q"
+    assert usage is not None and usage.completion_tokens == 3
+
+
+async def test_unknown_model_is_an_openai_404(gateway):
+    with pytest.raises(openai.NotFoundError) as err:
+        await sdk(gateway).completions.create(model="nope", prompt="x", max_tokens=1)
+    assert "not served here" in str(err.value)
+
+
+async def test_generate_stream_sends_text_deltas_then_done(gateway):
+    response = await gateway.post(
+        "/generate", json={"model": "m", "prompt": "a b", "max_tokens": 3, "stream": True}
+    )
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    raw = (await response.read()).decode()
+    events = [line[6:] for line in raw.split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    deltas = [json.loads(e) for e in events[:-1]]
+    assert "".join(d["text"] for d in deltas) == " b a b"
+    assert deltas[-1]["finish_reason"] == "length"
+
+
+async def test_models_list_through_the_sdk(gateway):
+    models = await sdk(gateway).models.list()
+    assert [m.id for m in models.data] == ["m"]
