@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import json
 import time
@@ -14,22 +16,30 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import create_app
 from gateway.routes import RouteWatcher
+from gateway.state import BALANCER
 from sem.routes import ModelRoute, ReplicaRoute, RouteTable
+from tests.conftest import wait_until
 from tests.fake_engine import FakeEngine, make_app
 
 TOKEN_DELAY = 0.1
 
 
 @pytest.fixture
-async def gateway() -> AsyncIterator[TestClient]:
-    engine = TestServer(make_app(FakeEngine("m", token_delay=TOKEN_DELAY)))
+def fake() -> FakeEngine:
+    return FakeEngine("m", token_delay=TOKEN_DELAY)
+
+
+@pytest.fixture
+async def gateway(fake: FakeEngine) -> AsyncIterator[TestClient]:
+    engine = TestServer(make_app(fake), handler_cancellation=True)
     await engine.start_server()
     async with aiohttp.ClientSession() as session:
         watcher = RouteWatcher("http://127.0.0.1:1", session)
         url = str(engine.make_url("")).rstrip("/")
         watcher.update(RouteTable(1, {"m": ModelRoute("m", "ready", "", (
             ReplicaRoute("m-0", "ready", url, 8),))}))  # fmt: skip
-        client = TestClient(TestServer(create_app(watcher, session)))
+        app = create_app(watcher, session)
+        client = TestClient(TestServer(app, handler_cancellation=True))
         await client.start_server()
         yield client
         await client.close()
@@ -103,3 +113,20 @@ async def test_generate_stream_sends_text_deltas_then_done(gateway):
 async def test_models_list_through_the_sdk(gateway):
     models = await sdk(gateway).models.list()
     assert [m.id for m in models.data] == ["m"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_client_that_disconnects_cancels_its_engine_request(gateway, fake, stream):
+    body = {"model": "m", "prompt": "a", "max_tokens": 100, "stream": stream}
+    if stream:
+        response = await gateway.post("/v1/completions", json=body)
+        await response.content.readany()  # the first token arrived ...
+        response.close()  # ... and the client goes away (10 s of tokens left)
+    else:
+        request = asyncio.ensure_future(gateway.post("/v1/completions", json=body))
+        await wait_until(lambda: fake.running == 1, timeout=5, what="engine busy")
+        request.cancel()  # the client goes away mid-generation (10 s of tokens left)
+        with contextlib.suppress(asyncio.CancelledError):
+            await request
+    await wait_until(lambda: fake.running == 0, timeout=2, what="engine request cancelled")
+    await wait_until(lambda: gateway.app[BALANCER].outstanding.get("m-0") == 0, timeout=2)
