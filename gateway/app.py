@@ -16,17 +16,16 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gateway.admission import Admission
 from gateway.errors import (
     BadRequest,
     GatewayError,
     InvalidField,
-    ModelNotFound,
-    ModelNotReady,
     error_response,
 )
 from gateway.proxy import SSE_HEADERS, engine_call, engine_json, relay, sse, sse_events
 from gateway.routes import RouteWatcher
-from gateway.state import BALANCER, UPSTREAM, WATCHER, Balancer
+from gateway.state import ADMISSION, UPSTREAM, WATCHER
 from sem.routes import ReplicaRoute
 
 log = logging.getLogger("sem.gateway")
@@ -46,19 +45,15 @@ class GenerateRequest(BaseModel):
     stream: bool = False
 
 
-def choose_replica(app: web.Application, model: str) -> ReplicaRoute:
-    watcher = app[WATCHER]
-    route = watcher.table.models.get(model)
-    if route is None:
-        known = ", ".join(sorted(watcher.table.models)) or "none"
-        raise ModelNotFound(f"model {model!r} is not served here (known: {known})", param="model")
-    ready = route.ready_replicas
-    if not ready:
-        raise ModelNotReady(
-            f"model {model!r} is {route.state}, not ready yet ({route.reason}); retry shortly",
-            retry_after=5,
-        )
-    return app[BALANCER].pick(ready)
+def priority_of(request: web.Request) -> int:
+    """The `X-Priority` header: an integer, higher is served first (default 0)."""
+    raw = request.headers.get("X-Priority", "0")
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidField(
+            f"X-Priority: expected an integer, got {raw!r}", param="X-Priority"
+        ) from None
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
@@ -86,12 +81,12 @@ async def generate(request: web.Request) -> web.StreamResponse:
         req = GenerateRequest.model_validate(body)
     except ValidationError as exc:
         raise validation_error(exc) from None
-    replica = choose_replica(request.app, req.model)
     payload = req.model_dump(exclude_none=True)
-    if req.stream:
-        return await generate_stream(request, replica, payload)
-    async with engine_call(request.app, replica, "/v1/completions", payload) as upstream:
-        data = await engine_json(upstream, replica)
+    async with request.app[ADMISSION].slot(req.model, priority_of(request)) as replica:
+        if req.stream:
+            return await generate_stream(request, replica, payload)
+        async with engine_call(request.app, replica, "/v1/completions", payload) as upstream:
+            data = await engine_json(upstream, replica)
     choice = data["choices"][0]
     usage = data.get("usage") or {}
     return web.json_response(
@@ -134,8 +129,8 @@ async def openai_route(request: web.Request) -> web.StreamResponse:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidField("model: a model name is required", param="model")
-    replica = choose_replica(request.app, model)
-    return await relay(request, replica, request.path, body)
+    async with request.app[ADMISSION].slot(model, priority_of(request)) as replica:
+        return await relay(request, replica, request.path, body)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -174,12 +169,14 @@ def _http_error(exc: web.HTTPException) -> GatewayError:
 
 
 def create_app(
-    watcher: RouteWatcher, upstream: aiohttp.ClientSession, balancer: Balancer | None = None
+    watcher: RouteWatcher,
+    upstream: aiohttp.ClientSession,
+    admission: Admission | None = None,
 ) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=32 * 1024**2)
     app[WATCHER] = watcher
     app[UPSTREAM] = upstream
-    app[BALANCER] = balancer or Balancer()
+    app[ADMISSION] = admission or Admission(watcher)
     app.router.add_post("/generate", generate)
     app.router.add_post("/v1/completions", openai_route)
     app.router.add_post("/v1/chat/completions", openai_route)

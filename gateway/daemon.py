@@ -12,6 +12,7 @@ import signal
 import aiohttp
 from aiohttp import web
 
+from gateway.admission import Admission
 from gateway.app import create_app
 from gateway.routes import RouteWatcher
 
@@ -24,6 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--supervisor", default="http://127.0.0.1:8001")
     p.add_argument("--shutdown-timeout", type=float, default=10.0)
+    p.add_argument("--max-queue", type=int, default=1024, help="waiting requests per model")
+    p.add_argument("--queue-timeout", type=float, default=60.0,
+                   help="longest wait for a slot or for the model to be ready")  # fmt: skip
     p.add_argument("--upstream-timeout", type=float, default=600.0,
                    help="longest a single engine call may take")  # fmt: skip
     return p.parse_args(argv)
@@ -39,7 +43,8 @@ async def serve(args: argparse.Namespace) -> int:
     control = aiohttp.ClientSession(trust_env=False)
     watcher = RouteWatcher(args.supervisor, control)
     watch_task = asyncio.create_task(watcher.run(), name="route-watcher")
-    app = create_app(watcher, upstream)
+    admission = Admission(watcher, max_queue=args.max_queue, queue_timeout=args.queue_timeout)
+    app = create_app(watcher, upstream, admission)
     # handler_cancellation: a client that disconnects cancels its handler, which closes the
     # upstream request, and vLLM aborts the generation (freeing its slot).
     runner = web.AppRunner(

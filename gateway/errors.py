@@ -44,6 +44,16 @@ class ModelNotReady(GatewayError):
     type = "model_not_ready"
 
 
+class QueueFull(GatewayError):
+    status = 429
+    type = "queue_full"
+
+
+class QueueTimeout(GatewayError):
+    status = 503
+    type = "queue_timeout"
+
+
 class UpstreamError(GatewayError):
     status = 502
     type = "upstream_error"

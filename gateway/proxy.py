@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.errors import BadRequest, GatewayError, UpstreamError, UpstreamTimeout
-from gateway.state import BALANCER, UPSTREAM
+from gateway.state import UPSTREAM
 from sem.routes import ReplicaRoute
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -25,9 +25,7 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 async def engine_call(
     app: web.Application, replica: ReplicaRoute, path: str, payload: dict[str, Any]
 ) -> AsyncIterator[aiohttp.ClientResponse]:
-    """POST to an engine, counting the replica busy meanwhile; 5xx and network errors raise."""
-    balancer = app[BALANCER]
-    balancer.acquire(replica)
+    """POST to an engine; 5xx and network errors raise typed errors."""
     try:
         async with app[UPSTREAM].post(f"{replica.url}{path}", json=payload) as response:
             if response.status >= 500:
@@ -38,8 +36,6 @@ async def engine_call(
         raise UpstreamError(f"engine {replica.id} unreachable: {exc}") from None
     except TimeoutError:
         raise UpstreamTimeout(f"engine {replica.id} did not answer in time") from None
-    finally:
-        balancer.release(replica)
 
 
 async def engine_json(response: aiohttp.ClientResponse, replica: ReplicaRoute) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 import aiohttp
 
@@ -29,6 +30,11 @@ class RouteWatcher:
         self.table = RouteTable(version=-1)
         self.connected = False
         self._changed = asyncio.Event()  # replaced by a fresh one at every change
+        self._listeners: list[Callable[[], None]] = []
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after every change of the table."""
+        self._listeners.append(listener)
 
     def update(self, table: RouteTable) -> None:
         if table.to_json() == self.table.to_json():
@@ -36,6 +42,8 @@ class RouteWatcher:
         self.table = table
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+        for listener in self._listeners:
+            listener()
 
     async def wait_change(self, timeout: float) -> None:
         """Until the table changes or `timeout` s pass."""

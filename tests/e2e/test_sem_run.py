@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,5 +67,35 @@ def test_supervisor_with_a_broken_models_yaml_exits_2_naming_the_line(tmp_path: 
         assert run.proc.wait(timeout=30) == 1
         assert f"{config}:3: models[0].source" in run.output()
         assert run.leftovers() == []
+    finally:
+        run.kill_all()
+
+
+def test_a_request_sent_while_its_model_starts_succeeds_once_ready(tmp_path: Path, model_dir: Path):
+    config = tmp_path / "models.yaml"
+    config.write_text(
+        f"models:\n  - name: slow\n    source: path:{model_dir}\n"
+        "    env: {FAKE_START_DELAY: '3'}\n"
+    )
+    run = SemRun(config=config, state_dir=tmp_path / "state", engine_python=sys.executable,
+                 engine_module="tests.fake_engine").start()  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # the gateway itself may not listen yet
+            try:
+                health = httpx.get(f"{run.gateway}/health").json()
+                if "slow" in health["ready_models"] or time.monotonic() > deadline:
+                    break
+                models = httpx.get(f"{run.supervisor}/models").json()["models"]
+                if models and models[0]["state"] in ("pending", "starting"):
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        assert "slow" not in httpx.get(f"{run.gateway}/health").json()["ready_models"]
+        response = httpx.post(f"{run.gateway}/generate", json={"model": "slow", "prompt": "hi"},
+                              timeout=60)  # fmt: skip
+        assert response.status_code == 200, response.text
+        assert run.stop()[0] == 0
     finally:
         run.kill_all()

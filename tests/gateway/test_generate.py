@@ -9,6 +9,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from gateway.admission import Admission
 from gateway.app import create_app
 from gateway.routes import RouteWatcher
 from sem.routes import ModelRoute, ReplicaRoute, RouteTable
@@ -48,7 +49,8 @@ async def gateway() -> AsyncIterator[tuple[TestClient, RouteWatcher]]:
                 },
             )
         )  # fmt: skip
-        client = TestClient(TestServer(create_app(watcher, session)))
+        admission = Admission(watcher, queue_timeout=0.3)
+        client = TestClient(TestServer(create_app(watcher, session, admission)))
         await client.start_server()
         yield client, watcher
         await client.close()
@@ -107,7 +109,8 @@ async def test_model_still_starting_is_503_with_retry_after(gateway):
     response = await client.post("/generate", json={"model": "slow", "prompt": "hi"})
     assert response.status == 503
     assert int(response.headers["Retry-After"]) >= 1
-    assert "starting" in (await response.json())["error"]["message"]
+    message = (await response.json())["error"]["message"]
+    assert "not ready after 0s: starting (spawning engine)" in message
 
 
 async def test_engine_error_is_502_not_500(gateway):

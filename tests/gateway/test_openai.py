@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import create_app
 from gateway.routes import RouteWatcher
-from gateway.state import BALANCER
+from gateway.state import ADMISSION
 from sem.routes import ModelRoute, ReplicaRoute, RouteTable
 from tests.conftest import wait_until
 from tests.fake_engine import FakeEngine, make_app
@@ -129,4 +129,4 @@ async def test_a_client_that_disconnects_cancels_its_engine_request(gateway, fak
         with contextlib.suppress(asyncio.CancelledError):
             await request
     await wait_until(lambda: fake.running == 0, timeout=2, what="engine request cancelled")
-    await wait_until(lambda: gateway.app[BALANCER].outstanding.get("m-0") == 0, timeout=2)
+    await wait_until(lambda: gateway.app[ADMISSION].outstanding.get("m-0") == 0, timeout=2)

@@ -1,0 +1,159 @@
+"""Admission control: which request goes to which replica, and when.
+
+Per model: at most `max_num_seqs` requests in flight on each ready replica (vLLM's own batch
+size, so nothing piles up invisibly inside the engine); the rest wait in a bounded queue ordered
+by priority (higher first) then arrival. A request for a model that is known but not ready yet
+(pending, starting, restarting) waits in the same queue. Among replicas with a free slot, the one
+with the fewest outstanding requests wins.
+
+Answers: unknown model 404; queue full 429 with Retry-After; no slot within `queue_timeout` 503
+with Retry-After. A waiter whose client goes away (its task is cancelled) leaves the queue, and a
+slot handed to it at that very moment is given back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from gateway.errors import ModelNotFound, ModelNotReady, QueueFull, QueueTimeout
+from gateway.routes import RouteWatcher
+from sem.routes import ReplicaRoute
+
+
+@dataclass(order=True)
+class _Waiter:
+    key: tuple[int, int]  # (-priority, arrival): heapq pops the smallest
+    model: str = field(compare=False)
+    future: asyncio.Future[ReplicaRoute] = field(compare=False)
+
+
+class Admission:
+    def __init__(
+        self, watcher: RouteWatcher, max_queue: int = 1024, queue_timeout: float = 60.0
+    ) -> None:
+        self._watcher = watcher
+        self.max_queue = max_queue
+        self.queue_timeout = queue_timeout
+        self.outstanding: dict[str, int] = {}  # replica id -> requests in flight
+        self._queues: dict[str, list[_Waiter]] = {}
+        self._arrivals = itertools.count()
+        watcher.subscribe(self.dispatch)
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def queued(self, model: str) -> int:
+        return sum(1 for w in self._queues.get(model, ()) if not w.future.done())
+
+    def in_flight(self, model: str) -> int:
+        route = self._watcher.table.models.get(model)
+        replicas = route.replicas if route else ()
+        return sum(self.outstanding.get(r.id, 0) for r in replicas)
+
+    # -- slots -------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def slot(self, model: str, priority: int = 0) -> AsyncIterator[ReplicaRoute]:
+        """A replica of `model` with a free slot, held for the duration of the block."""
+        replica = await self.acquire(model, priority)
+        try:
+            yield replica
+        finally:
+            self.release(replica)
+
+    async def acquire(self, model: str, priority: int = 0) -> ReplicaRoute:
+        route = self._watcher.table.models.get(model)
+        if route is None:
+            known = ", ".join(sorted(self._watcher.table.models)) or "none"
+            raise ModelNotFound(
+                f"model {model!r} is not served here (known: {known})", param="model"
+            )
+        if not self.queued(model) and (replica := self._free_replica(model)) is not None:
+            self._take(replica)
+            return replica
+        if self.queued(model) >= self.max_queue:
+            raise QueueFull(
+                f"model {model!r}: {self.queued(model)} requests already queued (the limit);"
+                " retry shortly",
+                retry_after=1,
+            )
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter((-priority, next(self._arrivals)), model, loop.create_future())
+        heapq.heappush(self._queues.setdefault(model, []), waiter)
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.queue_timeout):
+                return await waiter.future
+        except TimeoutError:
+            if _granted(waiter.future):  # the slot came as the clock ran out: take it
+                return waiter.future.result()
+            raise self._timeout_error(model, time.monotonic() - started) from None
+        except asyncio.CancelledError:
+            if _granted(waiter.future):  # the client left just as a slot was handed over
+                self.release(waiter.future.result())
+            raise
+        finally:
+            if not waiter.future.done():
+                waiter.future.cancel()  # leave the queue
+
+    def release(self, replica: ReplicaRoute) -> None:
+        self.outstanding[replica.id] = max(0, self.outstanding.get(replica.id, 0) - 1)
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        """Hand free slots to waiters, best first; fail the waiters of models that are gone."""
+        table = self._watcher.table
+        for model, queue in list(self._queues.items()):
+            if model not in table.models:
+                for waiter in queue:
+                    if not waiter.future.done():
+                        waiter.future.set_exception(
+                            ModelNotFound(f"model {model!r} was removed", param="model")
+                        )
+                del self._queues[model]
+                continue
+            while queue:
+                if queue[0].future.done():
+                    heapq.heappop(queue)
+                    continue
+                replica = self._free_replica(model)
+                if replica is None:
+                    break
+                waiter = heapq.heappop(queue)
+                self._take(replica)
+                waiter.future.set_result(replica)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _free_replica(self, model: str) -> ReplicaRoute | None:
+        route = self._watcher.table.models.get(model)
+        if route is None:
+            return None
+        free = [r for r in route.ready_replicas if self.outstanding.get(r.id, 0) < r.max_num_seqs]
+        return min(free, key=lambda r: self.outstanding.get(r.id, 0), default=None)
+
+    def _take(self, replica: ReplicaRoute) -> None:
+        self.outstanding[replica.id] = self.outstanding.get(replica.id, 0) + 1
+
+    def _timeout_error(self, model: str, waited: float) -> ModelNotReady | QueueTimeout:
+        route = self._watcher.table.models.get(model)
+        if route is None or not route.ready_replicas:
+            state = f"{route.state} ({route.reason})" if route else "gone"
+            return ModelNotReady(
+                f"model {model!r} is not ready after {waited:.0f}s: {state}; retry later",
+                retry_after=5,
+            )
+        return QueueTimeout(
+            f"model {model!r}: no free slot within {waited:.0f}s ({self.queued(model)} queued,"
+            f" {self.in_flight(model)} in flight); retry later",
+            retry_after=2,
+        )
+
+
+def _granted(future: asyncio.Future[ReplicaRoute]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None

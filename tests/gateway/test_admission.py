@@ -1,0 +1,125 @@
+"""Admission control without HTTP: slots per replica, the priority queue, waiting for a model."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from gateway.admission import Admission
+from gateway.errors import ModelNotFound, ModelNotReady, QueueFull, QueueTimeout
+from gateway.routes import RouteWatcher
+from sem.routes import ModelRoute, ReplicaRoute, RouteTable
+from tests.conftest import wait_until
+
+
+def table(version: int, state: str = "ready", replicas: int = 1, seqs: int = 1) -> RouteTable:
+    routes = tuple(
+        ReplicaRoute(f"m-{i}", state, f"http://127.0.0.1:{9000 + i}", seqs) for i in range(replicas)
+    )
+    return RouteTable(version, {"m": ModelRoute("m", state, "spawning engine", routes)})
+
+
+@pytest.fixture
+async def watcher():
+    async with aiohttp.ClientSession() as session:
+        yield RouteWatcher("http://127.0.0.1:1", session)
+
+
+async def test_unknown_model_is_refused_at_once(watcher):
+    watcher.update(table(1))
+    with pytest.raises(ModelNotFound, match="known: m"):
+        await Admission(watcher).acquire("x")
+
+
+async def test_at_most_max_num_seqs_in_flight_then_queue_full(watcher):
+    watcher.update(table(1, seqs=2))
+    admission = Admission(watcher, max_queue=1)
+    first, second = await admission.acquire("m"), await admission.acquire("m")
+    assert admission.outstanding["m-0"] == 2
+    waiting = asyncio.ensure_future(admission.acquire("m"))
+    await wait_until(lambda: admission.queued("m") == 1)
+    with pytest.raises(QueueFull) as err:
+        await admission.acquire("m")
+    assert err.value.status == 429 and err.value.retry_after == 1
+    admission.release(first)
+    assert (await waiting).id == "m-0"
+    admission.release(second)
+
+
+async def test_higher_priority_is_served_first_then_arrival_order(watcher):
+    watcher.update(table(1))
+    admission = Admission(watcher)
+    held = await admission.acquire("m")
+    order: list[str] = []
+
+    async def client(name: str, priority: int) -> None:
+        async with admission.slot("m", priority):
+            order.append(name)
+
+    tasks: list[asyncio.Future[None]] = []
+    for name, priority in [("low-1", 0), ("low-2", 0), ("high", 5), ("mid", 1)]:
+        tasks.append(asyncio.ensure_future(client(name, priority)))
+        await asyncio.sleep(0.01)  # queued in this order
+    assert admission.queued("m") == 4
+    admission.release(held)
+    await asyncio.gather(*tasks)
+    assert order == ["high", "mid", "low-1", "low-2"]
+
+
+async def test_two_replicas_share_the_load(watcher):
+    watcher.update(table(1, replicas=2, seqs=4))
+    admission = Admission(watcher)
+    got = [await admission.acquire("m") for _ in range(6)]
+    assert sorted(r.id for r in got).count("m-0") == 3
+    assert admission.outstanding == {"m-0": 3, "m-1": 3}
+
+
+async def test_a_request_waits_for_its_model_to_become_ready(watcher):
+    watcher.update(table(1, state="starting"))
+    admission = Admission(watcher, queue_timeout=10)
+    waiting = asyncio.ensure_future(admission.acquire("m"))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    watcher.update(table(2, state="ready"))
+    assert (await waiting).id == "m-0"
+
+
+async def test_not_ready_in_time_is_503_with_the_models_state(watcher):
+    watcher.update(table(1, state="starting"))
+    with pytest.raises(ModelNotReady, match="starting \\(spawning engine\\)") as err:
+        await Admission(watcher, queue_timeout=0.2).acquire("m")
+    assert err.value.status == 503 and err.value.retry_after
+
+
+async def test_no_free_slot_in_time_is_503(watcher):
+    watcher.update(table(1))
+    admission = Admission(watcher, queue_timeout=0.2)
+    await admission.acquire("m")
+    with pytest.raises(QueueTimeout, match="1 in flight"):
+        await admission.acquire("m")
+
+
+async def test_a_waiter_that_goes_away_leaves_the_queue(watcher):
+    watcher.update(table(1))
+    admission = Admission(watcher)
+    held = await admission.acquire("m")
+    gone = asyncio.ensure_future(admission.acquire("m", priority=9))
+    stays = asyncio.ensure_future(admission.acquire("m"))
+    await wait_until(lambda: admission.queued("m") == 2)
+    gone.cancel()
+    await wait_until(lambda: admission.queued("m") == 1)
+    admission.release(held)
+    assert (await stays).id == "m-0"
+    assert admission.outstanding["m-0"] == 1
+
+
+async def test_waiters_of_a_removed_model_get_404(watcher):
+    watcher.update(table(1, state="starting"))
+    admission = Admission(watcher)
+    waiting = asyncio.ensure_future(admission.acquire("m"))
+    await wait_until(lambda: admission.queued("m") == 1)
+    watcher.update(RouteTable(2, {}))
+    with pytest.raises(ModelNotFound, match="was removed"):
+        await waiting
