@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -23,9 +24,10 @@ from gateway.errors import (
     InvalidField,
     error_response,
 )
+from gateway.metrics import CONTENT_TYPE, GatewayMetrics, Observation, observe
 from gateway.proxy import SSE_HEADERS, engine_call, engine_json, relay, sse, sse_events
 from gateway.routes import RouteWatcher
-from gateway.state import ADMISSION, UPSTREAM, WATCHER
+from gateway.state import ADMISSION, METRICS, UPSTREAM, WATCHER
 from sem.routes import ReplicaRoute
 
 log = logging.getLogger("sem.gateway")
@@ -82,13 +84,14 @@ async def generate(request: web.Request) -> web.StreamResponse:
     except ValidationError as exc:
         raise validation_error(exc) from None
     payload = req.model_dump(exclude_none=True)
-    async with request.app[ADMISSION].slot(req.model, priority_of(request)) as replica:
+    async with admitted(request, req.model, "/generate") as (replica, obs):
         if req.stream:
-            return await generate_stream(request, replica, payload)
+            return await generate_stream(request, replica, payload, obs)
         async with engine_call(request.app, replica, "/v1/completions", payload) as upstream:
             data = await engine_json(upstream, replica)
+        usage = data.get("usage") or {}
+        obs.tokens += int(usage.get("completion_tokens") or 0)
     choice = data["choices"][0]
-    usage = data.get("usage") or {}
     return web.json_response(
         {
             "model": req.model,
@@ -104,7 +107,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 
 async def generate_stream(
-    request: web.Request, replica: ReplicaRoute, payload: dict[str, Any]
+    request: web.Request, replica: ReplicaRoute, payload: dict[str, Any], obs: Observation
 ) -> web.StreamResponse:
     """/generate with stream: true: `data: {"text": delta}` events, then `data: [DONE]`."""
     async with engine_call(request.app, replica, "/v1/completions", payload) as upstream:
@@ -118,6 +121,7 @@ async def generate_stream(
                 if choice.get("finish_reason"):
                     delta["finish_reason"] = choice["finish_reason"]
                 await response.write(sse(delta))
+                obs.chunk()
         await response.write(sse("[DONE]"))
         await response.write_eof()
         return response
@@ -129,8 +133,23 @@ async def openai_route(request: web.Request) -> web.StreamResponse:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidField("model: a model name is required", param="model")
-    async with request.app[ADMISSION].slot(model, priority_of(request)) as replica:
-        return await relay(request, replica, request.path, body)
+    async with admitted(request, model, request.path) as (replica, obs):
+        return await relay(request, replica, request.path, body, obs)
+
+
+@asynccontextmanager
+async def admitted(
+    request: web.Request, model: str, route: str
+) -> AsyncIterator[tuple[ReplicaRoute, Observation]]:
+    """Observe the request, then hold a slot on a replica of `model` (queueing if need be)."""
+    app = request.app
+    priority = priority_of(request)
+    async with (
+        observe(app[METRICS], app[WATCHER], model, route) as obs,
+        app[ADMISSION].slot(model, priority) as replica,
+    ):
+        obs.admitted()
+        yield replica, obs
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -140,6 +159,10 @@ async def list_models(request: web.Request) -> web.Response:
         for name, route in sorted(table.models.items())
     ]
     return web.json_response({"object": "list", "data": data})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
 
 
 async def health(request: web.Request) -> web.Response:
@@ -177,9 +200,11 @@ def create_app(
     app[WATCHER] = watcher
     app[UPSTREAM] = upstream
     app[ADMISSION] = admission or Admission(watcher)
+    app[METRICS] = GatewayMetrics(watcher, app[ADMISSION])
     app.router.add_post("/generate", generate)
     app.router.add_post("/v1/completions", openai_route)
     app.router.add_post("/v1/chat/completions", openai_route)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
     return app

@@ -15,6 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.errors import BadRequest, GatewayError, UpstreamError, UpstreamTimeout
+from gateway.metrics import Observation
 from gateway.state import UPSTREAM
 from sem.routes import ReplicaRoute
 
@@ -55,16 +56,20 @@ async def engine_json(response: aiohttp.ClientResponse, replica: ReplicaRoute) -
 
 
 async def relay(
-    request: web.Request, replica: ReplicaRoute, path: str, payload: dict[str, Any]
-) -> web.StreamResponse:
+    request: web.Request, replica: ReplicaRoute, path: str, payload: dict[str, Any],
+    obs: Observation,
+) -> web.StreamResponse:  # fmt: skip
     """Forward an OpenAI request as is; a stream is relayed chunk by chunk."""
     async with engine_call(request.app, replica, path, payload) as upstream:
         if not payload.get("stream") or upstream.status >= 400:
-            return web.json_response(await engine_json(upstream, replica))
+            data = await engine_json(upstream, replica)
+            obs.tokens += int((data.get("usage") or {}).get("completion_tokens") or 0)
+            return web.json_response(data)
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
         async for chunk in upstream.content.iter_any():
             await response.write(chunk)
+            obs.chunk()
         await response.write_eof()
         return response
 

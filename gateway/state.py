@@ -6,8 +6,10 @@ import aiohttp
 from aiohttp import web
 
 from gateway.admission import Admission
+from gateway.metrics import GatewayMetrics
 from gateway.routes import RouteWatcher
 
 WATCHER = web.AppKey("watcher", RouteWatcher)
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 ADMISSION = web.AppKey("admission", Admission)
+METRICS = web.AppKey("metrics", GatewayMetrics)

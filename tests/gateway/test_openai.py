@@ -130,3 +130,27 @@ async def test_a_client_that_disconnects_cancels_its_engine_request(gateway, fak
             await request
     await wait_until(lambda: fake.running == 0, timeout=2, what="engine request cancelled")
     await wait_until(lambda: gateway.app[ADMISSION].outstanding.get("m-0") == 0, timeout=2)
+
+
+async def test_metrics_count_requests_tokens_queue_and_time_to_first_token(gateway):
+    api = sdk(gateway)
+    await api.completions.create(model="m", prompt="a b", max_tokens=2)
+    async for _ in await api.completions.create(model="m", prompt="a", max_tokens=3, stream=True):
+        pass
+    with pytest.raises(openai.NotFoundError):
+        await api.completions.create(model="nope", prompt="x", max_tokens=1)
+    response = await gateway.get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    text = await response.text()
+    ok = 'sem_gateway_requests_total{model="m",outcome="ok",route="/v1/completions"} 2.0'
+    assert ok in text
+    missing = 'model="(unknown)",outcome="model_not_found",route="/v1/completions"} 1.0'
+    assert missing in text
+    assert 'sem_gateway_generated_tokens_total{model="m"} 5.0' in text
+    assert 'sem_gateway_time_to_first_token_seconds_count{model="m"} 1.0' in text
+    assert 'sem_gateway_queue_seconds_count{model="m"} 2.0' in text
+    assert 'sem_gateway_request_seconds_count{model="m"} 2.0' in text
+    assert 'sem_gateway_queue_depth{model="m"} 0.0' in text
+    assert 'sem_gateway_in_flight{model="m"} 0.0' in text
+    assert 'sem_gateway_ready_replicas{model="m"} 1.0' in text
