@@ -67,6 +67,8 @@ class Admission:
             self.release(replica)
 
     async def acquire(self, model: str, priority: int = 0) -> ReplicaRoute:
+        if self._watcher.table.version < 0:
+            await self._first_table()
         route = self._watcher.table.models.get(model)
         if route is None:
             known = ", ".join(sorted(self._watcher.table.models)) or "none"
@@ -129,6 +131,17 @@ class Admission:
                 waiter.future.set_result(replica)
 
     # -- internals ---------------------------------------------------------------------------
+
+    async def _first_table(self) -> None:
+        """Before the first route table (the gateway just started), wait for one: nothing
+        can be called unknown yet."""
+        deadline = time.monotonic() + self.queue_timeout
+        while self._watcher.table.version < 0 and (left := deadline - time.monotonic()) > 0:
+            await self._watcher.wait_change(left)
+        if self._watcher.table.version < 0:
+            raise ModelNotReady(
+                "the gateway has not reached the supervisor yet; retry shortly", retry_after=5
+            )
 
     def _free_replica(self, model: str) -> ReplicaRoute | None:
         route = self._watcher.table.models.get(model)

@@ -58,14 +58,16 @@ def priority_of(request: web.Request) -> int:
         ) from None
 
 
-async def read_json_object(request: web.Request) -> dict[str, Any]:
+async def read_json_object(request: web.Request) -> tuple[dict[str, Any], bytes]:
+    """The body parsed (to route and validate it) and as the bytes that came (to forward)."""
+    raw = await request.read()
     try:
-        body = await request.json(loads=json.loads)
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise BadRequest(f"body must be a JSON object, got {type(body).__name__}")
-    return body
+    return body, raw
 
 
 def validation_error(exc: ValidationError) -> InvalidField:
@@ -78,12 +80,12 @@ def validation_error(exc: ValidationError) -> InvalidField:
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
-    body = await read_json_object(request)
+    body, _ = await read_json_object(request)
     try:
         req = GenerateRequest.model_validate(body)
     except ValidationError as exc:
         raise validation_error(exc) from None
-    payload = req.model_dump(exclude_none=True)
+    payload = json.dumps(req.model_dump(exclude_none=True)).encode()
     async with admitted(request, req.model, "/generate") as (replica, obs):
         if req.stream:
             return await generate_stream(request, replica, payload, obs)
@@ -107,7 +109,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 
 async def generate_stream(
-    request: web.Request, replica: ReplicaRoute, payload: dict[str, Any], obs: Observation
+    request: web.Request, replica: ReplicaRoute, payload: bytes, obs: Observation
 ) -> web.StreamResponse:
     """/generate with stream: true: `data: {"text": delta}` events, then `data: [DONE]`."""
     async with engine_call(request.app, replica, "/v1/completions", payload) as upstream:
@@ -129,12 +131,12 @@ async def generate_stream(
 
 async def openai_route(request: web.Request) -> web.StreamResponse:
     """/v1/completions and /v1/chat/completions: routed by `model`, the body passed through."""
-    body = await read_json_object(request)
+    body, raw = await read_json_object(request)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidField("model: a model name is required", param="model")
     async with admitted(request, model, request.path) as (replica, obs):
-        return await relay(request, replica, request.path, body, obs)
+        return await relay(request, replica, raw, bool(body.get("stream")), obs)
 
 
 @asynccontextmanager

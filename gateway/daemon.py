@@ -15,6 +15,7 @@ from aiohttp import web
 from gateway.admission import Admission
 from gateway.app import create_app
 from gateway.routes import RouteWatcher
+from sem.routes import ModelRoute, ReplicaRoute, RouteTable
 
 log = logging.getLogger("sem.gateway")
 
@@ -24,6 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--supervisor", default="http://127.0.0.1:8001")
+    p.add_argument("--route", action="append", default=[], metavar="MODEL=URL[@SLOTS]",
+                   help="serve MODEL from an engine at URL, without a supervisor"
+                   " (repeatable; SLOTS: requests in flight, default 4096)")  # fmt: skip
     p.add_argument("--shutdown-timeout", type=float, default=10.0)
     p.add_argument("--max-queue", type=int, default=1024, help="waiting requests per model")
     p.add_argument("--queue-timeout", type=float, default=60.0,
@@ -33,7 +37,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def static_routes(specs: list[str]) -> RouteTable:
+    """`MODEL=URL[@SLOTS]` entries as a route table of ready replicas (engines run elsewhere)."""
+    models: dict[str, ModelRoute] = {}
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        url, _, slots = rest.partition("@")
+        if not sep or not name or not url.startswith("http"):
+            raise ValueError(f"{spec!r} is not MODEL=http://host:port[@SLOTS]")
+        replicas = models[name].replicas if name in models else ()
+        replica = ReplicaRoute(f"{name}-{len(replicas)}", "ready", url.rstrip("/"),
+                               int(slots or 4096))  # fmt: skip
+        models[name] = ModelRoute(name, "ready", "static route", (*replicas, replica))
+    return RouteTable(version=1, models=models)
+
+
 async def serve(args: argparse.Namespace) -> int:
+    try:
+        fixed = static_routes(args.route) if args.route else None
+    except ValueError as exc:
+        log.error("--route: %s", exc)
+        return 2
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, enable_cleanup_closed=True)
     upstream = aiohttp.ClientSession(
         connector=connector,
@@ -42,7 +66,11 @@ async def serve(args: argparse.Namespace) -> int:
     )
     control = aiohttp.ClientSession(trust_env=False)
     watcher = RouteWatcher(args.supervisor, control)
-    watch_task = asyncio.create_task(watcher.run(), name="route-watcher")
+    if fixed is not None:
+        watcher.update(fixed)
+    watch_task = asyncio.create_task(
+        asyncio.Event().wait() if args.route else watcher.run(), name="route-watcher"
+    )
     admission = Admission(watcher, max_queue=args.max_queue, queue_timeout=args.queue_timeout)
     app = create_app(watcher, upstream, admission)
     # handler_cancellation: a client that disconnects cancels its handler, which closes the
@@ -79,4 +107,9 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway %(levelname)s %(message)s")
-    return asyncio.run(serve(parse_args(argv)))
+    args = parse_args(argv)
+    try:
+        import uvloop  # the faster event loop where it is installed (Linux: with uvicorn)
+    except ImportError:
+        return asyncio.run(serve(args))
+    return uvloop.run(serve(args))

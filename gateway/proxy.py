@@ -20,15 +20,17 @@ from gateway.state import UPSTREAM
 from sem.routes import ReplicaRoute
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 @asynccontextmanager
 async def engine_call(
-    app: web.Application, replica: ReplicaRoute, path: str, payload: dict[str, Any]
+    app: web.Application, replica: ReplicaRoute, path: str, body: bytes
 ) -> AsyncIterator[aiohttp.ClientResponse]:
     """POST to an engine; 5xx and network errors raise typed errors."""
     try:
-        async with app[UPSTREAM].post(f"{replica.url}{path}", json=payload) as response:
+        url = f"{replica.url}{path}"
+        async with app[UPSTREAM].post(url, data=body, headers=JSON_HEADERS) as response:
             if response.status >= 500:
                 text = await response.text()
                 raise UpstreamError(f"engine {replica.id} answered {response.status}: {text[:300]}")
@@ -56,12 +58,11 @@ async def engine_json(response: aiohttp.ClientResponse, replica: ReplicaRoute) -
 
 
 async def relay(
-    request: web.Request, replica: ReplicaRoute, path: str, payload: dict[str, Any],
-    obs: Observation,
-) -> web.StreamResponse:  # fmt: skip
-    """Forward an OpenAI request as is; a stream is relayed chunk by chunk."""
-    async with engine_call(request.app, replica, path, payload) as upstream:
-        if not payload.get("stream") or upstream.status >= 400:
+    request: web.Request, replica: ReplicaRoute, body: bytes, stream: bool, obs: Observation
+) -> web.StreamResponse:
+    """Forward an OpenAI request's bytes as they are; a stream is relayed chunk by chunk."""
+    async with engine_call(request.app, replica, request.path, body) as upstream:
+        if not stream or upstream.status >= 400:
             data = await engine_json(upstream, replica)
             obs.tokens += int((data.get("usage") or {}).get("completion_tokens") or 0)
             return web.json_response(data)

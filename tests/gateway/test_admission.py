@@ -123,3 +123,15 @@ async def test_waiters_of_a_removed_model_get_404(watcher):
     watcher.update(RouteTable(2, {}))
     with pytest.raises(ModelNotFound, match="was removed"):
         await waiting
+
+
+async def test_before_the_first_route_table_requests_wait_instead_of_404(watcher):
+    admission = Admission(watcher, queue_timeout=10)
+    waiting = asyncio.ensure_future(admission.acquire("m"))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    watcher.update(table(1))
+    assert (await waiting).id == "m-0"
+    with pytest.raises(ModelNotReady, match="not reached the supervisor"):
+        fresh = RouteWatcher("http://127.0.0.1:1", watcher._session)
+        await Admission(fresh, queue_timeout=0.1).acquire("m")

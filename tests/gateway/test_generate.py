@@ -133,3 +133,17 @@ async def test_models_and_health(gateway):
     assert [m["id"] for m in models["data"]] == ["broken", "m", "slow"]
     health = await (await client.get("/health")).json()
     assert health["ready_models"] == ["broken", "m"]
+
+
+def test_static_routes_parse_and_refuse_garbage():
+    from gateway.daemon import static_routes
+
+    table = static_routes(["a=http://127.0.0.1:1", "a=http://127.0.0.1:2@8", "b=http://h:3/"])
+    assert [r.url for r in table.models["a"].replicas] == [
+        "http://127.0.0.1:1",
+        "http://127.0.0.1:2",
+    ]
+    assert [r.max_num_seqs for r in table.models["a"].replicas] == [4096, 8]
+    assert table.models["b"].ready_replicas[0].url == "http://h:3"
+    with pytest.raises(ValueError, match="is not MODEL=http"):
+        static_routes(["nourl"])
