@@ -28,6 +28,8 @@ import aiohttp
 import psutil
 from aiohttp import web
 
+from supervisor.engine import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 CHUNKS, CHUNK_GAP = 64, 0.005
 
@@ -124,12 +126,6 @@ async def load(url: str, concurrency: int, stream: bool, duration: float, total:
 
 
 # -- orchestration -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 30) -> None:

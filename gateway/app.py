@@ -8,7 +8,6 @@ SSE of {"text": delta}), through the engine's /v1/completions. POST /v1/completi
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,6 +21,7 @@ from gateway.errors import (
     BadRequest,
     GatewayError,
     InvalidField,
+    InvalidRequest,
     error_response,
 )
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics, Observation, observe
@@ -29,8 +29,6 @@ from gateway.proxy import SSE_HEADERS, engine_call, engine_json, relay, sse, sse
 from gateway.routes import RouteWatcher
 from gateway.state import ADMISSION, METRICS, UPSTREAM, WATCHER
 from sem.routes import ReplicaRoute
-
-log = logging.getLogger("sem.gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -184,13 +182,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(_http_error(exc))
-
-
-def _http_error(exc: web.HTTPException) -> GatewayError:
-    err = GatewayError(exc.reason)
-    err.status, err.type = exc.status, "invalid_request_error"
-    return err
+        return error_response(InvalidRequest(exc.reason, status=exc.status))
 
 
 def create_app(

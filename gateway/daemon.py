@@ -68,9 +68,8 @@ async def serve(args: argparse.Namespace) -> int:
     watcher = RouteWatcher(args.supervisor, control)
     if fixed is not None:
         watcher.update(fixed)
-    watch_task = asyncio.create_task(
-        asyncio.Event().wait() if args.route else watcher.run(), name="route-watcher"
-    )
+    # With static routes there is no supervisor to follow.
+    watch_task = None if fixed else asyncio.create_task(watcher.run(), name="route-watcher")
     admission = Admission(watcher, max_queue=args.max_queue, queue_timeout=args.queue_timeout)
     app = create_app(watcher, upstream, admission)
     # handler_cancellation: a client that disconnects cancels its handler, which closes the
@@ -96,9 +95,10 @@ async def serve(args: argparse.Namespace) -> int:
         log.info("stopping: no new connections; finishing in-flight requests")
     finally:
         await runner.cleanup()  # stops listening, waits for handlers up to shutdown_timeout
-        watch_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watch_task
+        if watch_task is not None:
+            watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch_task
         await upstream.close()
         await control.close()
     log.info("gateway stopped")

@@ -16,12 +16,25 @@ class GatewayError(Exception):
     type = "internal_error"
 
     def __init__(
-        self, message: str, *, param: str | None = None, retry_after: float | None = None
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after: float | None = None,
+        status: int | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
+        if status is not None:
+            self.status = status
         self.param = param
         self.retry_after = retry_after
+
+
+class InvalidRequest(GatewayError):
+    """A request the gateway cannot route (no such path, wrong method ...)."""
+
+    type = "invalid_request_error"
 
 
 class BadRequest(GatewayError):

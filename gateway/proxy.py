@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gateway.errors import BadRequest, GatewayError, UpstreamError, UpstreamTimeout
+from gateway.errors import BadRequest, UpstreamError, UpstreamTimeout
 from gateway.metrics import Observation
 from gateway.state import UPSTREAM
 from sem.routes import ReplicaRoute
@@ -43,9 +43,17 @@ async def engine_call(
 
 async def engine_json(response: aiohttp.ClientResponse, replica: ReplicaRoute) -> dict[str, Any]:
     """The engine's JSON answer; a 4xx (the engine validated the request) becomes a 400."""
-    text = await response.text()
+    return (await engine_body(response, replica))[0]
+
+
+async def engine_body(
+    response: aiohttp.ClientResponse, replica: ReplicaRoute
+) -> tuple[dict[str, Any], bytes]:
+    """The engine's JSON answer, parsed and as it came."""
+    raw = await response.read()
+    text = raw.decode(errors="replace")
     try:
-        data = json.loads(text)
+        data = json.loads(raw)
     except json.JSONDecodeError:
         raise UpstreamError(f"engine {replica.id} answered with malformed JSON") from None
     if response.status >= 400:
@@ -54,7 +62,7 @@ async def engine_json(response: aiohttp.ClientResponse, replica: ReplicaRoute) -
         raise BadRequest(f"engine rejected the request: {message}")
     if not isinstance(data, dict):
         raise UpstreamError(f"engine {replica.id} answered with a non-object")
-    return data
+    return data, raw
 
 
 async def relay(
@@ -63,9 +71,9 @@ async def relay(
     """Forward an OpenAI request's bytes as they are; a stream is relayed chunk by chunk."""
     async with engine_call(request.app, replica, request.path, body) as upstream:
         if not stream or upstream.status >= 400:
-            data = await engine_json(upstream, replica)
+            data, raw = await engine_body(upstream, replica)
             obs.tokens += int((data.get("usage") or {}).get("completion_tokens") or 0)
-            return web.json_response(data)
+            return web.Response(body=raw, content_type="application/json")  # as the engine sent it
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
         async for chunk in upstream.content.iter_any():
@@ -98,6 +106,3 @@ async def sse_events(upstream: aiohttp.ClientResponse) -> AsyncIterator[dict[str
 def sse(data: dict[str, Any] | str) -> bytes:
     body = data if isinstance(data, str) else json.dumps(data)
     return f"data: {body}\n\n".encode()
-
-
-__all__ = ["GatewayError", "engine_call", "engine_json", "relay", "sse", "sse_events"]

@@ -37,7 +37,7 @@ class RouteWatcher:
         self._listeners.append(listener)
 
     def update(self, table: RouteTable) -> None:
-        if table.to_json() == self.table.to_json():
+        if table == self.table:
             return
         self.table = table
         changed, self._changed = self._changed, asyncio.Event()

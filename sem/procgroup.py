@@ -34,9 +34,7 @@ def signal_group(pgid: int, sig: signal.Signals) -> bool:
     """Send `sig` to the group; False if the group no longer exists."""
     try:
         os.killpg(pgid, sig)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+    except (ProcessLookupError, PermissionError):
         return False
     return True
 

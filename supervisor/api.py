@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 from collections.abc import AsyncIterator
@@ -100,7 +99,6 @@ def create_app(manager: Manager, events: EventLog, token: str | None = None) -> 
             async for event in events.follow():
                 if subject is None or event.subject.startswith(subject):
                     yield f"data: {json.dumps(event.to_json())}\n\n".encode()
-                await asyncio.sleep(0)
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 

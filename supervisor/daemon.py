@@ -19,9 +19,10 @@ from pathlib import Path
 
 import uvicorn
 
+from sem.procgroup import signal_group
 from supervisor.api import create_app
 from supervisor.config import ConfigError, load_config
-from supervisor.engine import EngineCommand, parent_environment
+from supervisor.engine import EngineCommand
 from supervisor.errors import SupervisorError
 from supervisor.events import EventLog
 from supervisor.manager import EngineSettings, Manager, SchedulerSettings
@@ -76,14 +77,14 @@ async def serve(args: argparse.Namespace) -> int:
         command=command,
         state_dir=args.state_dir.resolve(),
         instance=args.instance,
-        parent_env=parent_environment(),
+        parent_env=dict(os.environ),
     )
     try:
         inventory = await asyncio.to_thread(detect, config.devices, config.cpu_memory_budget)
     except RuntimeError as exc:
         log.error("%s", exc)
         return 2
-    log.info("devices: %s", describe(inventory.devices()))
+
     events = EventLog()
     probe = EngineProbe()
     timing = ReplicaTiming(start_timeout=args.start_timeout, stop_grace=args.stop_grace)
@@ -91,6 +92,7 @@ async def serve(args: argparse.Namespace) -> int:
         settings=settings, inventory=inventory, probe=probe, events=events, timing=timing,
         scheduling=SchedulerSettings(recheck_interval=config.recheck_seconds),
     )  # fmt: skip
+    log.info("devices: %s", describe(manager.devices))
     app = create_app(manager, events, token=args.token)
     server = _QuietServer(
         uvicorn.Config(
@@ -111,7 +113,7 @@ async def serve(args: argparse.Namespace) -> int:
             for entry in manager.entries():
                 for replica in entry.replicas:
                     if replica.process is not None:
-                        os.killpg(replica.process.pgid, signal.SIGKILL)
+                        signal_group(replica.process.pgid, signal.SIGKILL)
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

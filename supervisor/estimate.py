@@ -26,10 +26,6 @@ KV_SEQUENCES_DEFAULT = 2
 GPU_OVERHEAD = int(1.5 * GiB)
 CPU_OVERHEAD = 2 * GiB
 
-_SAFETENSORS_BYTES = {
-    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
-    "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1,
-}  # fmt: skip
 _DTYPE_BYTES = {
     "float64": 8, "double": 8, "float32": 4, "float": 4, "float16": 2, "half": 2,
     "bfloat16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "int8": 1,
@@ -72,20 +68,18 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def count_parameters(model_dir: Path) -> tuple[int, int]:
-    """(elements, stored bytes) over every *.safetensors file of the folder."""
+def count_parameters(model_dir: Path) -> int:
+    """Elements over every *.safetensors file of the folder."""
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise EstimateError(f"no *.safetensors in {model_dir}; set memory: in the spec")
-    elements = stored = 0
+    elements = 0
     for path in files:
         for name, tensor in read_safetensors_header(path).items():
             if name == "__metadata__":
                 continue
-            numel = math.prod(tensor["shape"])
-            elements += numel
-            stored += numel * _SAFETENSORS_BYTES.get(tensor["dtype"], 2)
-    return elements, stored
+            elements += math.prod(tensor["shape"])
+    return elements
 
 
 def dtype_bytes(name: str) -> int:
@@ -115,8 +109,7 @@ def estimate(spec: ModelSpec, model_dir: Path | None, on_gpu: bool) -> MemoryEst
     config = json.loads((model_dir / "config.json").read_text())
     config = config.get("text_config", config)
     dtype = serving_dtype(spec, config)
-    elements, _stored = count_parameters(model_dir)
-    weights = elements * dtype_bytes(dtype)
+    weights = count_parameters(model_dir) * dtype_bytes(dtype)
 
     try:
         layers = int(config["num_hidden_layers"])

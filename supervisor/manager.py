@@ -105,6 +105,19 @@ def local_model_dir(spec: ModelSpec) -> Path:
         ) from None
 
 
+def size_up(spec: ModelSpec, model_dir: Path | None, devices: list[Device]) -> MemoryEstimate:
+    """The memory one replica needs; InvalidSpec if it cannot be estimated or never fits."""
+    on_gpu = any(d.kind == "gpu" for d in devices)
+    try:
+        need = estimate(spec, model_dir, on_gpu=on_gpu)
+    except EstimateError as exc:
+        raise InvalidSpec(str(exc)) from None
+    eligible = [(d.label, d.total) for d in devices if on_gpu == (d.kind == "gpu")]
+    if problem := never_fits(need.per_device, spec.tensor_parallel, eligible):
+        raise InvalidSpec(f"{spec.name} can never be placed: {problem}")
+    return need
+
+
 class Manager:
     def __init__(
         self,
@@ -146,6 +159,11 @@ class Manager:
         except KeyError:
             known = ", ".join(sorted(self._models)) or "none"
             raise ModelNotFound(f"model {name!r} is not known (known: {known})") from None
+
+    @property
+    def devices(self) -> list[Device]:
+        """The inventory as last measured."""
+        return self._devices
 
     @property
     def routes(self) -> RouteTable:
@@ -197,14 +215,7 @@ class Manager:
         if spec.name in self._models:
             raise ModelExists(f"model {spec.name!r} already exists; remove it first")
         model_dir = local_model_dir(spec)
-        on_gpu = any(d.kind == "gpu" for d in self._devices)
-        try:
-            need = estimate(spec, model_dir, on_gpu=on_gpu)
-        except EstimateError as exc:
-            raise InvalidSpec(str(exc)) from None
-        eligible = [(d.label, d.total) for d in self._devices if on_gpu == (d.kind == "gpu")]
-        if problem := never_fits(need.per_device, spec.tensor_parallel, eligible):
-            raise InvalidSpec(f"{spec.name} can never be placed: {problem}")
+        need = size_up(spec, model_dir, self._devices)
         entry = ModelEntry(spec=spec, model_ref=str(model_dir), estimate=need)
         self._models[spec.name] = entry
         self._events.emit(
@@ -337,9 +348,9 @@ class Manager:
         spec = entry.spec
         replica_id = f"{spec.name}-{index}"
         settings = self._settings
-        devices = {d.id: d for d in self._devices}
 
         def make_plan(placement: Placement | None) -> LaunchPlan:
+            devices = {d.id: d for d in self._devices}
             gpu_ids: tuple[int, ...] = ()
             utilization = None
             if placement is not None and all(

@@ -85,8 +85,9 @@ def never_fits(need: int, devices_needed: int, totals: list[tuple[str, int]]) ->
 
 
 def _wait_reason(request: Request, devices: list[DeviceView]) -> str:
-    what = f"needs {gib(request.need)} on {request.devices} {'GPUs' if request.devices > 1 else ''}"
-    what = what.rstrip() if request.devices > 1 else f"needs {gib(request.need)}"
+    what = f"needs {gib(request.need)}"
+    if request.devices > 1:
+        what += f" on {request.devices} GPUs"
     if not devices:
         return f"{what}; no devices"
     best = max(devices, key=lambda d: d.available)

@@ -61,6 +61,19 @@ async def test_two_7b_land_one_per_gpu_and_the_third_waits(
     assert all(d["reserved"] > 18 * 2**30 for d in resources)
 
 
+async def fill_then_release_one(manager: Manager, folder: Path):
+    """llama-a and llama-b fill both GPUs, llama-c waits; then llama-a is removed.
+    Returns (llama-a, llama-c)."""
+    first = add_7b(manager, folder, "llama-a")
+    add_7b(manager, folder, "llama-b")
+    third = add_7b(manager, folder, "llama-c")
+    await wait_until(lambda: first.state.value == "ready")
+    await wait_until(lambda: third.replicas[0].reason.startswith("needs"))
+    manager.remove("llama-a", drain_timeout=0)
+    await wait_until(lambda: "llama-a" not in manager.routes.models)
+    return first, third
+
+
 async def test_third_model_starts_within_a_second_of_a_release(
     make_manager: ManagerFactory, seven_b: Path
 ):
@@ -68,29 +81,13 @@ async def test_third_model_starts_within_a_second_of_a_release(
         inventory=StaticInventory.parse(TWO_GPUS),
         scheduling=SchedulerSettings(recheck_interval=3600),  # only the release can wake it
     )
-    first = add_7b(manager, seven_b, "llama-a")
-    add_7b(manager, seven_b, "llama-b")
-    third = add_7b(manager, seven_b, "llama-c")
-    await wait_until(lambda: first.state.value == "ready")
-    await wait_until(lambda: third.replicas[0].reason.startswith("needs"))
-    manager.remove("llama-a", drain_timeout=0)
+    first, third = await fill_then_release_one(manager, seven_b)
     await wait_until(lambda: third.state.value == "ready", what="third ready")
     waited = event_time(manager, "placed", "llama-c-0") - event_time(
         manager, "released", "llama-a-0"
     )
     assert 0 <= waited < 1.0
     assert third.replicas[0].placement.device_ids == first.replicas[0].placement.device_ids
-
-
-async def fill_then_release_one(manager: Manager, folder: Path):
-    """llama-a and llama-b fill both GPUs, llama-c waits; then llama-a is removed. -> llama-c"""
-    first = add_7b(manager, folder, "llama-a")
-    add_7b(manager, folder, "llama-b")
-    third = add_7b(manager, folder, "llama-c")
-    await wait_until(lambda: first.state.value == "ready")
-    manager.remove("llama-a", drain_timeout=0)
-    await wait_until(lambda: "llama-a" not in manager.routes.models)
-    return third
 
 
 async def test_without_release_events_the_periodic_recheck_places_it(
@@ -100,7 +97,7 @@ async def test_without_release_events_the_periodic_recheck_places_it(
         inventory=StaticInventory.parse(TWO_GPUS),
         scheduling=SchedulerSettings(recheck_interval=1.0, release_triggers=False),
     )
-    third = await fill_then_release_one(manager, seven_b)
+    _, third = await fill_then_release_one(manager, seven_b)
     await wait_until(lambda: third.state.value == "ready", what="third ready")
 
 
@@ -112,7 +109,7 @@ async def test_without_release_events_or_recheck_it_keeps_waiting(
         inventory=StaticInventory.parse(TWO_GPUS),
         scheduling=SchedulerSettings(recheck_interval=3600, release_triggers=False),
     )
-    third = await fill_then_release_one(manager, seven_b)
+    _, third = await fill_then_release_one(manager, seven_b)
     deadline = time.monotonic() + 1.5
     while time.monotonic() < deadline:
         assert third.replicas[0].state is ReplicaState.PENDING
