@@ -1,6 +1,10 @@
 """`sem run`: supervisor and gateway as two child processes, in the foreground.
 
-Two processes, so the gateway keeps serving ready engines while the supervisor restarts.
+Two processes, so the gateway keeps serving ready engines while the supervisor restarts. A child
+that dies (a signal, a crash) is started again, like systemd's Restart=on-failure would: a new
+supervisor re-adopts the engines that outlived the old one. Up to 5 restarts a minute; a child
+that exits on its own (code 0, or 2 for bad config / busy port) stops everything.
+SIGHUP is passed to the supervisor (reload models.yaml).
 Ctrl-C or SIGTERM: the gateway stops taking requests, the supervisor drains and stops every
 engine, and whatever is left after the deadline (engines included, found by the SEM_INSTANCE
 marker in their environment) is killed. A second Ctrl-C skips the waiting.
@@ -35,6 +39,7 @@ class RunOptions:
     engine_module: str | None = None
     stop_timeout: float = 25.0  # both children gone within this, else SIGKILL
     token: str | None = None
+    max_restarts: int = 5  # per child and minute
 
     @property
     def gateway_url(self) -> str:
@@ -154,29 +159,54 @@ async def run(opts: RunOptions) -> int:
             say("stopping (Ctrl-C again to force)")
         stop.set()
 
+    argvs = {"supervisor": supervisor_argv(opts), "gateway": gateway_argv(opts)}
+    procs: dict[str, asyncio.subprocess.Process] = {}
+
+    async def spawn(name: str) -> None:
+        # Own process groups: a terminal's Ctrl-C reaches only this launcher, which then stops
+        # the children in order with one signal each (a second signal would mean "force").
+        procs[name] = await asyncio.create_subprocess_exec(*argvs[name], env=env, process_group=0)
+
+    def on_hangup() -> None:
+        say("reloading models.yaml")
+        with contextlib.suppress(ProcessLookupError):
+            procs["supervisor"].send_signal(signal.SIGHUP)
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
 
     say(f"starting supervisor and gateway (config {opts.config}, state in {opts.state_dir})")
-    # Own process groups: a terminal's Ctrl-C reaches only this launcher, which then stops the
-    # children in order with one signal each (a second signal would mean "force").
-    supervisor = await asyncio.create_subprocess_exec(
-        *supervisor_argv(opts), env=env, process_group=0
-    )
-    gateway = await asyncio.create_subprocess_exec(*gateway_argv(opts), env=env, process_group=0)
+    await spawn("supervisor")
+    await spawn("gateway")
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     announce = asyncio.create_task(_announce(opts))
-    children = {
-        asyncio.ensure_future(supervisor.wait()): "supervisor",
-        asyncio.ensure_future(gateway.wait()): "gateway",
-    }
     stopping = asyncio.ensure_future(stop.wait())
-    done, _ = await asyncio.wait({stopping, *children}, return_when="FIRST_COMPLETED")
+    restarts: dict[str, list[float]] = {name: [] for name in argvs}
     code = 0
-    for fut in done:
-        if fut in children:
-            say(f"{children[fut]} exited with code {fut.result()}; stopping the rest")
+    while not stop.is_set():
+        exits = {asyncio.ensure_future(proc.wait()): name for name, proc in procs.items()}
+        done, _ = await asyncio.wait({stopping, *exits}, return_when="FIRST_COMPLETED")
+        for fut in exits:
+            fut.cancel()
+        exited = [exits[fut] for fut in done if fut in exits]
+        if stop.is_set() or not exited:
+            break
+        name = exited[0]
+        returncode = procs[name].returncode
+        now = time.monotonic()
+        recent = restarts[name] = [t for t in restarts[name] if now - t < 60] + [now]
+        if returncode in (0, 2) or len(recent) > opts.max_restarts:
+            say(f"{name} exited with code {returncode}; stopping the rest")
             code = 1
+            break
+        killed = returncode is not None and returncode < 0
+        how = f"signal {-returncode}" if killed and returncode else f"code {returncode}"
+        kept = " (engines keep running and are re-adopted)" if name == "supervisor" else ""
+        say(f"{name} died ({how}); starting it again{kept}")
+        await spawn(name)
+    loop.remove_signal_handler(signal.SIGHUP)
+    supervisor, gateway = procs["supervisor"], procs["gateway"]
     announce.cancel()
     deadline = time.monotonic() + (1.0 if signals > 1 else opts.stop_timeout)
     stop_task = asyncio.create_task(_terminate([gateway, supervisor], deadline))
@@ -186,8 +216,7 @@ async def run(opts: RunOptions) -> int:
             for proc in (gateway, supervisor):
                 if proc.returncode is None:
                     proc.kill()
-    for fut in (stopping, *children):
-        fut.cancel()
+    stopping.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await announce
     leftovers = kill_marked(INSTANCE_ENV, instance)

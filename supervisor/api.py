@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request
@@ -13,17 +13,23 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from supervisor.config import ModelSpec, format_loc
-from supervisor.errors import SupervisorError, Unauthorized
+from supervisor.errors import InvalidConfig, SupervisorError, Unauthorized
 from supervisor.events import EventLog
 from supervisor.manager import Manager
+from supervisor.reconcile import ConfigDiff
+
+Reload = Callable[[], Awaitable[ConfigDiff]]
 
 
 def error_body(type_: str, message: str) -> dict[str, Any]:
     return {"error": {"type": type_, "message": message}}
 
 
-def create_app(manager: Manager, events: EventLog, token: str | None = None) -> FastAPI:
+def create_app(
+    manager: Manager, events: EventLog, token: str | None = None, reload: Reload | None = None
+) -> FastAPI:
     app = FastAPI(title="sem supervisor", version="0.1.0")
+    token = token or None  # an empty SEM_ADMIN_TOKEN= means no token, not the empty one
 
     async def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
         """Mutating calls need `Authorization: Bearer <token>` when a token is configured."""
@@ -69,6 +75,13 @@ def create_app(manager: Manager, events: EventLog, token: str | None = None) -> 
         name: str, timeout: Annotated[float, Query(ge=0, le=3600)] = 30.0
     ) -> dict[str, Any]:
         return manager.remove(name, drain_timeout=timeout).snapshot()
+
+    @app.post("/reload", dependencies=mutating)
+    async def reload_config() -> dict[str, Any]:
+        """Apply models.yaml's changes (the file the supervisor started with)."""
+        if reload is None:
+            raise InvalidConfig("this supervisor was started without a models.yaml to reload")
+        return (await reload()).to_json()
 
     @app.get("/resources")
     async def resources() -> dict[str, Any]:

@@ -1,7 +1,10 @@
 """The supervisor process: load models.yaml, start the models, serve the admin API, stop cleanly.
 
-Signals only set a flag; the main coroutine acts on it (uvicorn's habit): first SIGTERM/SIGINT
-drains and stops every engine (bounded), then the API closes; a second one stops engines at once.
+At start it restores the desired state from `<state-dir>/sem.db` and re-adopts engines that
+outlived an earlier run (kill -9, crash) before the route table is served. Signals only set a
+flag or start a task; the main coroutine acts (uvicorn's habit): SIGHUP reloads models.yaml;
+the first SIGTERM/SIGINT drains and stops every engine (bounded), then the API closes; a second
+one stops engines at once.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import uuid
 from collections.abc import Iterator
@@ -21,14 +25,16 @@ import uvicorn
 
 from sem.procgroup import signal_group
 from supervisor.api import create_app
-from supervisor.config import ConfigError, load_config
+from supervisor.config import ConfigError, SemConfig, load_config
 from supervisor.engine import EngineCommand
-from supervisor.errors import SupervisorError
+from supervisor.errors import InvalidConfig, SupervisorError
 from supervisor.events import EventLog
 from supervisor.manager import EngineSettings, Manager, SchedulerSettings
 from supervisor.probe import EngineProbe
+from supervisor.reconcile import ConfigDiff
 from supervisor.replica import ReplicaTiming
 from supervisor.resources import describe, detect
+from supervisor.store import Store, StoreError
 
 log = logging.getLogger("sem.supervisor")
 
@@ -51,8 +57,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop-grace", type=float, default=10.0, help="SIGTERM to SIGKILL, per engine")
     p.add_argument("--start-timeout", type=float, default=600.0)
     p.add_argument("--token", default=os.environ.get("SEM_ADMIN_TOKEN"))
-    p.add_argument("--instance", default=os.environ.get("SEM_INSTANCE") or uuid.uuid4().hex)
+    p.add_argument(
+        "--instance", default=os.environ.get("SEM_INSTANCE"),
+        help="marker on every engine process (default: the one kept in the state folder)",
+    )  # fmt: skip
     return p.parse_args(argv)
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The admin API's socket, bound before anything starts (OSError if the port is taken)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+_RESTART_ONLY = ("devices", "cpu_memory_budget", "recheck_interval")
 
 
 class _QuietServer(uvicorn.Server):
@@ -66,9 +91,19 @@ class _QuietServer(uvicorn.Server):
 async def serve(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
-    except ConfigError as exc:
+        store = Store(args.state_dir.resolve() / "sem.db")
+    except (ConfigError, StoreError) as exc:
         log.error("%s", exc)
         return 2
+    try:
+        return await _serve(args, config, store)
+    finally:
+        store.close()
+
+
+async def _serve(args: argparse.Namespace, config: SemConfig, store: Store) -> int:
+    instance = args.instance or store.get_meta("instance") or uuid.uuid4().hex
+    store.set_meta("instance", instance)
     command = EngineCommand(
         python=args.engine_python or default_engine_python(),
         **({"module": args.engine_module} if args.engine_module else {}),
@@ -76,13 +111,17 @@ async def serve(args: argparse.Namespace) -> int:
     settings = EngineSettings(
         command=command,
         state_dir=args.state_dir.resolve(),
-        instance=args.instance,
+        instance=instance,
         parent_env=dict(os.environ),
     )
     try:
         inventory = await asyncio.to_thread(detect, config.devices, config.cpu_memory_budget)
+        sock = listen_socket(args.host, args.port)
     except RuntimeError as exc:
         log.error("%s", exc)
+        return 2
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", args.host, args.port, exc.strerror)
         return 2
 
     events = EventLog()
@@ -90,19 +129,31 @@ async def serve(args: argparse.Namespace) -> int:
     timing = ReplicaTiming(start_timeout=args.start_timeout, stop_grace=args.stop_grace)
     manager = Manager(
         settings=settings, inventory=inventory, probe=probe, events=events, timing=timing,
-        scheduling=SchedulerSettings(recheck_interval=config.recheck_seconds),
+        scheduling=SchedulerSettings(recheck_interval=config.recheck_seconds), store=store,
     )  # fmt: skip
     log.info("devices: %s", describe(manager.devices))
-    app = create_app(manager, events, token=args.token)
+
+    async def reload() -> ConfigDiff:
+        try:
+            new = await asyncio.to_thread(load_config, args.config)
+        except ConfigError as exc:
+            raise InvalidConfig(f"models.yaml not reloaded: {exc}") from None
+        if ignored := [k for k in _RESTART_ONLY if getattr(new, k) != getattr(config, k)]:
+            log.warning("reload applies models only; %s take effect at restart", ", ".join(ignored))
+        diff = await manager.reload(new.models, args.drain_timeout)
+        log.info("reloaded %s: %s", args.config, diff)
+        return diff
+
+    app = create_app(manager, events, token=args.token, reload=reload)
     server = _QuietServer(
         uvicorn.Config(
-            app, host=args.host, port=args.port, log_level="warning",
-            timeout_graceful_shutdown=1, lifespan="off",
+            app, log_level="warning", timeout_graceful_shutdown=1, lifespan="off",
         )
     )  # fmt: skip
 
     stopping = asyncio.Event()
     signals_seen = 0
+    reloads: set[asyncio.Task[None]] = set()
 
     def on_signal(sig: signal.Signals) -> None:
         nonlocal signals_seen
@@ -115,39 +166,46 @@ async def serve(args: argparse.Namespace) -> int:
                     if replica.process is not None:
                         signal_group(replica.process.pgid, signal.SIGKILL)
 
+    async def reload_on_hangup() -> None:
+        try:
+            await reload()
+        except SupervisorError as exc:
+            log.error("%s", exc.message)
+
+    def on_hangup() -> None:
+        task = asyncio.create_task(reload_on_hangup(), name="reload")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
 
-    async def serve_api() -> None:
-        try:
-            await server.serve()
-        except SystemExit:  # uvicorn's way of saying it could not bind
-            log.error("cannot listen on %s:%d (address in use?)", args.host, args.port)
-
-    serve_task = asyncio.create_task(serve_api(), name="admin-api")
-    while not server.started and not serve_task.done():
-        await asyncio.sleep(0.05)
-    if serve_task.done():
-        await probe.aclose()
-        return 2
-    manager.start()
     try:
-        for spec in config.models:
-            try:
-                manager.add(spec)
-            except SupervisorError as exc:
-                events.emit("model_invalid", spec.name, exc.message)
+        diff = await manager.restore(config.models, args.drain_timeout)
+    except SupervisorError as exc:  # an invalid model in the file: start with the stored state
+        log.error("%s", exc.message)
+        events.emit("model_invalid", "models.yaml", exc.message)
+    else:
+        log.info("models: %s", diff)
+    manager.start()
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    serve_task = asyncio.create_task(server.serve(sockets=[sock]), name="admin-api")
+    try:
         log.info("supervisor listening on http://%s:%d (state in %s)",
                  args.host, args.port, settings.state_dir)  # fmt: skip
         await asyncio.wait(
             {serve_task, asyncio.ensure_future(stopping.wait())}, return_when="FIRST_COMPLETED"
         )
     finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        for task in reloads:
+            task.cancel()
         await manager.shutdown(args.drain_timeout)
         server.should_exit = True
         await serve_task
         await probe.aclose()
+        sock.close()
     log.info("supervisor stopped; no engine left")
     return 0
 

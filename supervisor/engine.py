@@ -12,6 +12,9 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
+
+import psutil
 
 from sem.procgroup import INSTANCE_ENV, stop_group
 from supervisor.config import EngineArg
@@ -115,6 +118,26 @@ def engine_env(
     return env
 
 
+class EngineHandle(Protocol):
+    """What a replica needs of its running engine, whether it spawned it or adopted it."""
+
+    port: int
+    log_path: Path
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def pgid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+    async def stop(self, grace: float) -> bool: ...
+
+
 @dataclass
 class EngineProcess:
     """A running engine: its API process (our child) and its process group."""
@@ -144,6 +167,70 @@ class EngineProcess:
         killed = await stop_group(self.pgid, grace)
         await self.proc.wait()
         return killed
+
+
+def start_time(pid: int) -> float | None:
+    """The process's start time (psutil's create_time), None if it is gone or a zombie.
+
+    With the pid it identifies a process for good: a reused pid has another start time.
+    """
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return float(proc.create_time())
+    except psutil.Error:
+        return None
+
+
+def same_process(pid: int, create_time: float) -> bool:
+    """Is `pid` still the process that started at `create_time` (and not a zombie)?"""
+    now = start_time(pid)
+    return now is not None and abs(now - create_time) < 0.05
+
+
+@dataclass
+class AdoptedEngine:
+    """An engine started by an earlier run of the supervisor, taken over after a restart.
+
+    Not our child, so its exit is seen by polling its pid and start time, not by waitpid.
+    """
+
+    port: int
+    log_path: Path
+    pid: int
+    create_time: float
+    poll_interval: float = 0.5
+    _returncode: int | None = None
+
+    @property
+    def pgid(self) -> int:
+        return self.pid  # it was started with start_new_session: it leads its own group
+
+    @property
+    def returncode(self) -> int | None:
+        return self._returncode
+
+    async def wait(self) -> int:
+        while self._returncode is None:
+            if not await asyncio.to_thread(same_process, self.pid, self.create_time):
+                self._returncode = -1  # not our child: its exit status is not ours to read
+                break
+            await asyncio.sleep(self.poll_interval)
+        return self._returncode
+
+    async def stop(self, grace: float) -> bool:
+        killed = await stop_group(self.pgid, grace)
+        self._returncode = -1 if self._returncode is None else self._returncode
+        return killed
+
+
+def replica_marker(pid: int) -> str | None:
+    """The replica id an engine process carries in its environment (None if unreadable)."""
+    try:
+        return psutil.Process(pid).environ().get(REPLICA_ENV)
+    except psutil.Error:
+        return None
 
 
 async def spawn_engine(

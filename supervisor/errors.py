@@ -30,3 +30,10 @@ class ModelExists(SupervisorError):
 class Unauthorized(SupervisorError):
     status = 401
     type = "unauthorized"
+
+
+class InvalidConfig(SupervisorError):
+    """models.yaml does not parse or validate (the message names file, line and field)."""
+
+    status = 422
+    type = "invalid_config"

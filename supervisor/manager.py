@@ -1,8 +1,12 @@
-"""The models sem runs: add, remove, place on devices, and the route table built from them.
+"""The models sem runs: add, remove, reload, place on devices, and the route table built from them.
 
 The manager schedules models onto devices. Replicas start `pending`; the scheduler task places
 them (placement.py decides) when memory allows. It re-plans every `recheck_interval` and at once
 when a replica releases memory (stopped or failed) or finishes starting.
+
+Desired state and engine records live in the store (store.py). At start, `restore` rebuilds the
+models from it, re-adopts the engines that outlived the previous supervisor, and applies what
+changed in models.yaml, exactly as `reload` does later.
 """
 
 from __future__ import annotations
@@ -18,17 +22,27 @@ from pathlib import Path
 from typing import Any
 
 from sem.routes import ModelRoute, ReplicaRoute, RouteTable
+from supervisor.adoption import adopted_engine, is_our_engine, why_not_adoptable
 from supervisor.config import ModelSpec, Source
-from supervisor.engine import EngineCommand, EngineProcess, LaunchPlan, free_port, spawn_engine
-from supervisor.errors import InvalidSpec, ModelExists, ModelNotFound
+from supervisor.engine import (
+    EngineCommand,
+    EngineHandle,
+    LaunchPlan,
+    free_port,
+    spawn_engine,
+    start_time,
+)
+from supervisor.errors import InvalidSpec, ModelExists, ModelNotFound, SupervisorError
 from supervisor.estimate import EstimateError, MemoryEstimate, cpu_kv_cache_gib, estimate
 from supervisor.events import EventLog
 from supervisor.placement import DeviceView, Placement, Request, never_fits, plan
 from supervisor.probe import EngineProbe
+from supervisor.reconcile import ConfigDiff, diff_config
 from supervisor.replica import Replica, ReplicaTiming
 from supervisor.resources import Device, Inventory
 from supervisor.restart import RestartPolicy
 from supervisor.states import ModelState, ReplicaState, aggregate
+from supervisor.store import EngineRecord, Origin, Store, spec_digest
 
 log = logging.getLogger("sem.manager")
 
@@ -38,8 +52,10 @@ class ModelEntry:
     spec: ModelSpec
     model_ref: str  # what the engine's --model gets: a local folder
     estimate: MemoryEstimate
+    origin: Origin = "api"  # models.yaml or a runtime add
     replicas: list[Replica] = field(default_factory=list)
     removing: bool = False
+    rollout: asyncio.Task[None] | None = None  # replacing replicas after a spec change
 
     @property
     def state(self) -> ModelState:
@@ -61,6 +77,7 @@ class ModelEntry:
             "state": self.state.value,
             "reason": self.reason,
             "spec": self.spec.model_dump(),
+            "origin": self.origin,
             "estimate": self.estimate.to_json(),
             "replicas": [r.snapshot() for r in self.replicas],
         }
@@ -129,8 +146,10 @@ class Manager:
         policy: RestartPolicy | None = None,
         timing: ReplicaTiming | None = None,
         scheduling: SchedulerSettings | None = None,
+        store: Store | None = None,
     ) -> None:
         self._settings = settings
+        self._store = store or Store(None)
         self._inventory = inventory
         self._probe = probe
         self._events = events
@@ -147,6 +166,7 @@ class Manager:
         self._seq = itertools.count()
         self._replan = asyncio.Event()
         self._scheduler: asyncio.Task[None] | None = None
+        self._reloading = asyncio.Lock()
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -211,35 +231,72 @@ class Manager:
         """Run the scheduler (placement of pending replicas) until shutdown."""
         self._scheduler = asyncio.create_task(self._schedule_loop(), name="scheduler")
 
-    def add(self, spec: ModelSpec) -> ModelEntry:
+    def add(self, spec: ModelSpec, origin: Origin = "api") -> ModelEntry:
+        """A new model (replicas pending); kept in the desired state across restarts."""
         if spec.name in self._models:
             raise ModelExists(f"model {spec.name!r} already exists; remove it first")
-        model_dir = local_model_dir(spec)
-        need = size_up(spec, model_dir, self._devices)
-        entry = ModelEntry(spec=spec, model_ref=str(model_dir), estimate=need)
-        self._models[spec.name] = entry
-        self._events.emit(
-            "model_added", spec.name,
-            f"added from {spec.source}; needs {need.per_device / 2**30:.2f} GiB per device",
-        )  # fmt: skip
-        for index in range(spec.replicas):
-            entry.replicas.append(self._new_replica(entry, index))
-        self._publish()
-        self._replan.set()
+        entry = self._create(spec, origin, self._prepare(spec))
+        self._store.put_desired(spec, origin)
         return entry
 
     def remove(self, name: str, drain_timeout: float) -> ModelEntry:
         """Begin draining the model; it disappears once every replica has stopped."""
         entry = self.get(name)
-        if entry.removing:
-            return entry
-        entry.removing = True
-        self._events.emit("model_removing", name, f"draining (deadline {drain_timeout:g}s)")
-        task = asyncio.create_task(self._remove(entry, drain_timeout), name=f"remove-{name}")
-        self._removals.add(task)
-        task.add_done_callback(self._removals.discard)
-        self._publish()
+        self._store.drop_desired(name)
+        self._begin_removal(entry, drain_timeout)
         return entry
+
+    async def restore(self, config: list[ModelSpec], drain_timeout: float) -> ConfigDiff:
+        """At start: the stored models, their live engines re-adopted, then models.yaml applied.
+
+        Call before `start()` and before the route table is served, so the first table a
+        gateway sees already has the re-adopted engines.
+        """
+        records = {r.replica: r for r in self._store.engines()}
+        adopted: set[str] = set()
+        for desired in self._store.desired():
+            try:
+                entry = self._create(desired.spec, desired.origin, self._prepare(desired.spec))
+            except SupervisorError as exc:
+                self._events.emit("model_invalid", desired.spec.name, exc.message)
+                continue
+            for replica in entry.replicas:
+                if (record := records.get(replica.id)) is None:
+                    continue
+                if why := await why_not_adoptable(record, entry.spec, self._probe):
+                    self._events.emit("not_adopted", replica.id, f"{why}; starting afresh")
+                    continue
+                placement = Placement(replica.id, record.devices, record.reserved, "re-adopted")
+                replica.adopt(placement, adopted_engine(record))
+                adopted.add(replica.id)
+        leftovers = [r for name, r in records.items() if name not in adopted]
+        await asyncio.gather(*(self._retire(record) for record in leftovers))
+        return await self.reload(config, drain_timeout)
+
+    async def reload(self, config: list[ModelSpec], drain_timeout: float) -> ConfigDiff:
+        """Apply models.yaml's changes since it was last applied: new models are added, models
+        no longer listed are drained and stopped, changed ones are rolled replica by replica.
+
+        Every added or changed model is checked before anything changes: if one is invalid,
+        InvalidSpec says which and why, and what runs is untouched.
+        """
+        async with self._reloading:
+            diff = diff_config(self._store.applied_config(), config)
+            prepared = {spec.name: self._prepare(spec) for spec in diff.added + diff.changed}
+            for spec in diff.added + diff.changed:
+                entry = self._models.get(spec.name)
+                if entry is None or entry.removing:
+                    self._create(spec, "config", prepared[spec.name])
+                else:
+                    self._reconfigure(entry, spec, prepared[spec.name], drain_timeout)
+                self._store.put_desired(spec, "config")
+            for name in diff.removed:
+                entry = self._models.get(name)
+                if entry is not None and entry.origin == "config" and not entry.removing:
+                    self.remove(name, drain_timeout)
+            self._store.set_applied_config(config)
+            self._events.emit("reloaded", "models.yaml", str(diff))
+            return diff
 
     async def shutdown(self, drain_timeout: float) -> None:
         """Stop every model (drained up to the deadline) and wait until all engines are gone."""
@@ -247,8 +304,8 @@ class Manager:
         if self._scheduler is not None:
             self._replan.set()
             await self._scheduler
-        for name in list(self._models):
-            self.remove(name, drain_timeout)
+        for entry in list(self._models.values()):
+            self._begin_removal(entry, drain_timeout)  # the desired state stays as it is
         if self._removals:
             await asyncio.gather(*self._removals, return_exceptions=True)
         self._closed = True  # long-polls answer at once from now on
@@ -275,7 +332,7 @@ class Manager:
         """One planning round: place what fits now, say why the rest waits."""
         pending = [
             r for e in self._models.values() if not e.removing
-            for r in e.replicas if r.state is ReplicaState.PENDING
+            for r in e.replicas if r.state is ReplicaState.PENDING and not r.started
         ]  # fmt: skip
         if not pending:
             return
@@ -325,6 +382,86 @@ class Manager:
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _prepare(self, spec: ModelSpec) -> tuple[str, MemoryEstimate]:
+        """The engine's model folder and the memory a replica needs; InvalidSpec if none."""
+        model_dir = local_model_dir(spec)
+        return str(model_dir), size_up(spec, model_dir, self._devices)
+
+    def _create(
+        self, spec: ModelSpec, origin: Origin, prepared: tuple[str, MemoryEstimate]
+    ) -> ModelEntry:
+        model_ref, need = prepared
+        entry = ModelEntry(spec=spec, model_ref=model_ref, estimate=need, origin=origin)
+        self._models[spec.name] = entry
+        self._events.emit(
+            "model_added", spec.name,
+            f"added from {spec.source}; needs {need.per_device / 2**30:.2f} GiB per device",
+        )  # fmt: skip
+        entry.replicas = [self._new_replica(entry, index) for index in range(spec.replicas)]
+        self._publish()
+        self._replan.set()
+        return entry
+
+    def _reconfigure(
+        self,
+        entry: ModelEntry,
+        spec: ModelSpec,
+        prepared: tuple[str, MemoryEstimate],
+        drain_timeout: float,
+    ) -> None:
+        entry.spec, (entry.model_ref, entry.estimate), entry.origin = spec, prepared, "config"
+        self._events.emit("model_changed", spec.name, f"new spec; {spec.replicas} replica(s)")
+        if entry.rollout is not None:
+            entry.rollout.cancel()
+        entry.rollout = asyncio.create_task(
+            self._roll_out(entry, drain_timeout), name=f"rollout-{spec.name}"
+        )
+
+    async def _roll_out(self, entry: ModelEntry, drain_timeout: float) -> None:
+        """Bring the replicas in line with the spec: extras drained first, then each replica
+        from an older spec replaced in turn (drained, started anew, awaited until ready, so a
+        model with 2+ replicas keeps serving), then missing ones added."""
+        digest = spec_digest(entry.spec)
+        want = entry.spec.replicas
+        extras = entry.replicas[want:]
+        await asyncio.gather(*(r.stop(drain_timeout) for r in extras))
+        entry.replicas = [r for r in entry.replicas if r not in extras]
+        for index, old in enumerate(list(entry.replicas)):
+            if old.digest == digest:
+                continue
+            await old.stop(drain_timeout)
+            entry.replicas[index] = new = self._new_replica(entry, index)
+            self._publish()
+            self._replan.set()
+            await new.wait_for_state({ReplicaState.READY, ReplicaState.FAILED})
+        for index in range(len(entry.replicas), want):
+            entry.replicas.append(self._new_replica(entry, index))
+        self._publish()
+        self._replan.set()
+
+    def _begin_removal(self, entry: ModelEntry, drain_timeout: float) -> None:
+        if entry.removing:
+            return
+        entry.removing = True
+        if entry.rollout is not None:
+            entry.rollout.cancel()
+        self._events.emit(
+            "model_removing", entry.spec.name, f"draining (deadline {drain_timeout:g}s)"
+        )
+        task = asyncio.create_task(
+            self._remove(entry, drain_timeout), name=f"remove-{entry.spec.name}"
+        )
+        self._removals.add(task)
+        task.add_done_callback(self._removals.discard)
+        self._publish()
+
+    async def _retire(self, record: EngineRecord) -> None:
+        """An engine of an earlier run that has no place now: stop it, forget it."""
+        if await asyncio.to_thread(is_our_engine, record):
+            self._events.emit("retired", record.replica, f"stopping engine pid {record.pid}")
+            await adopted_engine(record).stop(self._timing.stop_grace)
+        self._store.drop_engine(record.replica)
+
     async def _remove(self, entry: ModelEntry, drain_timeout: float) -> None:
         await asyncio.gather(*(r.stop(drain_timeout) for r in entry.replicas))
         self._models.pop(entry.spec.name, None)
@@ -332,6 +469,8 @@ class Manager:
         self._publish()
 
     def _on_replica_change(self, replica: Replica) -> None:
+        if replica.state in (ReplicaState.STOPPED, ReplicaState.FAILED, ReplicaState.RESTARTING):
+            self._store.drop_engine(replica.id)  # its engine is gone (or being replaced)
         if replica.state in (ReplicaState.STOPPED, ReplicaState.FAILED) and replica.placement:
             self._events.emit(
                 "released", replica.id,
@@ -345,7 +484,8 @@ class Manager:
         self._publish()
 
     def _new_replica(self, entry: ModelEntry, index: int) -> Replica:
-        spec = entry.spec
+        # A replica keeps the spec it was made for, restarts included: a rollout replaces it.
+        spec, model_ref, need = entry.spec, entry.model_ref, entry.estimate
         replica_id = f"{spec.name}-{index}"
         settings = self._settings
 
@@ -362,7 +502,7 @@ class Manager:
             return LaunchPlan(
                 replica_id=replica_id,
                 served_name=spec.name,
-                model=entry.model_ref,
+                model=model_ref,
                 port=free_port(),
                 log_path=settings.state_dir / "logs" / f"{replica_id}.log",
                 max_num_seqs=spec.max_num_seqs,
@@ -370,15 +510,26 @@ class Manager:
                 tensor_parallel=spec.tensor_parallel,
                 gpu_ids=gpu_ids,
                 gpu_memory_utilization=utilization,
-                cpu_kv_cache_gib=None if gpu_ids else cpu_kv_cache_gib(entry.estimate.kv_cache),
+                cpu_kv_cache_gib=None if gpu_ids else cpu_kv_cache_gib(need.kv_cache),
                 engine_args=spec.engine_args,
                 env=spec.env,
             )
 
-        async def launch(plan: LaunchPlan) -> EngineProcess:
-            return await spawn_engine(
+        async def launch(plan: LaunchPlan) -> EngineHandle:
+            engine = await spawn_engine(
                 settings.command, plan, settings.instance, settings.parent_env
             )
+            placement = replica.placement
+            self._store.put_engine(
+                EngineRecord(
+                    replica=replica_id, model=spec.name, pid=engine.pid,
+                    create_time=start_time(engine.pid) or 0.0, port=plan.port,
+                    spec_digest=replica.digest,
+                    devices=placement.device_ids if placement else (),
+                    reserved=placement.per_device if placement else 0, log_path=plan.log_path,
+                )
+            )  # fmt: skip
+            return engine
 
         replica = Replica(
             replica_id=replica_id,
@@ -393,6 +544,8 @@ class Manager:
             reason="waiting for placement",
         )
         replica.seq = next(self._seq)
+        replica.digest = spec_digest(spec)
+        replica.max_num_seqs = spec.max_num_seqs
         return replica
 
     def _publish(self) -> None:
@@ -408,7 +561,7 @@ class Manager:
                         # A removed model's replicas take no new requests even while ready.
                         state=ReplicaState.DRAINING.value if entry.removing else r.state.value,
                         url=r.url,
-                        max_num_seqs=entry.spec.max_num_seqs,
+                        max_num_seqs=r.max_num_seqs,
                     )
                     for r in entry.replicas
                     if not r.done

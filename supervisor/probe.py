@@ -1,4 +1,4 @@
-"""Talking to a running engine over HTTP: is it healthy, is it idle."""
+"""Talking to a running engine over HTTP: is it healthy, is it idle, what does it serve."""
 
 from __future__ import annotations
 
@@ -33,6 +33,15 @@ class EngineProbe:
             return None
         values = [float(v) for _, v in _GAUGE.findall(response.text)]
         return int(sum(values)) if values else None
+
+    async def served_models(self, base_url: str) -> list[str]:
+        """The model names the engine serves (its /v1/models); empty if it does not answer."""
+        try:
+            response = await self._client.get(f"{base_url}/v1/models")
+            data = response.json() if response.status_code == 200 else {}
+            return [str(m["id"]) for m in data.get("data", [])]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+            return []
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -11,11 +11,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, replace
 from typing import Any
 
-from supervisor.engine import EngineProcess, LaunchPlan
+from supervisor.engine import EngineHandle, LaunchPlan
 from supervisor.events import EventLog
 from supervisor.placement import Placement
 from supervisor.probe import EngineProbe
@@ -24,7 +24,7 @@ from supervisor.states import ACTIVE_STATES, ReplicaState, can_transition
 
 log = logging.getLogger("sem.replica")
 
-Launch = Callable[[LaunchPlan], Awaitable[EngineProcess]]
+Launch = Callable[[LaunchPlan], Awaitable[EngineHandle]]
 PlanFactory = Callable[[Placement | None], LaunchPlan]
 
 
@@ -46,7 +46,7 @@ class _Outcome:
     STOP = "stop"
 
 
-def log_tail(process: EngineProcess, lines: int = 3) -> str:
+def log_tail(process: EngineHandle, lines: int = 3) -> str:
     """The last lines of the engine's log: the reason a start failed is usually there."""
     try:
         with process.log_path.open("rb") as f:
@@ -88,21 +88,29 @@ class Replica:
         self.reason = reason
         self.since = time.time()
         self.restarts = 0
-        self.process: EngineProcess | None = None
+        self.process: EngineHandle | None = None
         self.plan: LaunchPlan | None = None
         self.placement: Placement | None = None  # set once placed; kept across restarts
         self.pending_since = time.monotonic()
         self.seq = 0  # arrival order, for first-come-first-served placement
+        self.digest = ""  # the spec its engines start from (store.spec_digest)
+        self.max_num_seqs = 1  # its engines' batch size: the gateway's slots on it
         self._failures: list[float] = []
         self._stop_requested = asyncio.Event()
         self._drain_deadline = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()  # replaced by a fresh one at every transition
 
     # -- queries -----------------------------------------------------------------------------
 
     @property
     def url(self) -> str | None:
         return f"http://127.0.0.1:{self.plan.port}" if self.plan else None
+
+    @property
+    def started(self) -> bool:
+        """Its lifecycle task runs (placed or adopted): the scheduler leaves it alone."""
+        return self._task is not None
 
     @property
     def done(self) -> bool:
@@ -138,7 +146,21 @@ class Replica:
         """Begin the lifecycle task (pending -> starting -> ready ...) on these devices."""
         assert self._task is None, "started twice"
         self.placement = placement
-        self._task = asyncio.create_task(self._run(), name=f"replica-{self.id}")
+        self._task = asyncio.create_task(self._run(None), name=f"replica-{self.id}")
+
+    def adopt(self, placement: Placement, engine: EngineHandle) -> None:
+        """Take over an engine an earlier supervisor started: pending -> starting -> ready once
+        its /health answers, with no new process."""
+        assert self._task is None, "started twice"
+        self.placement = placement
+        self.plan = replace(self._make_plan(placement), port=engine.port, log_path=engine.log_path)
+        self._task = asyncio.create_task(self._run(engine), name=f"replica-{self.id}")
+
+    async def wait_for_state(self, states: Collection[ReplicaState]) -> ReplicaState:
+        """Until the replica is in one of `states`; that state."""
+        while self.state not in states:
+            await self._changed.wait()
+        return self.state
 
     async def stop(self, drain_timeout: float) -> None:
         """Drain (up to `drain_timeout` s), stop the engine, and return once stopped."""
@@ -160,10 +182,12 @@ class Replica:
             old=old.value, new=new.value, reason=reason,
         )  # fmt: skip
         self._on_change(self)
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
-    async def _run(self) -> None:
+    async def _run(self, adopted: EngineHandle | None) -> None:
         try:
-            await self._lifecycle()
+            await self._lifecycle(adopted)
         except Exception as exc:  # a bug here must not leave an engine behind unowned
             log.exception("%s: lifecycle task crashed", self.id)
             if self.process is not None:
@@ -171,19 +195,26 @@ class Replica:
             with contextlib.suppress(RuntimeError):
                 self._transition(ReplicaState.FAILED, f"internal error: {exc!r}")
 
-    async def _lifecycle(self) -> None:
+    async def _lifecycle(self, adopted: EngineHandle | None) -> None:
         while True:
-            self.plan = self._make_plan(self.placement)
-            # PENDING/RESTARTING -> STARTING
-            self._transition(ReplicaState.STARTING, f"spawning engine on port {self.plan.port}")
-            try:
-                self.process = await self._launch(self.plan)
-            except OSError as exc:
-                # Cannot even exec the engine: retrying will not help.
-                self._transition(ReplicaState.FAILED, f"cannot start engine: {exc}")
-                await self._stop_requested.wait()
-                self._transition(ReplicaState.STOPPED, "removed")  # FAILED -> STOPPED
-                return
+            if adopted is not None:  # PENDING -> STARTING, with the engine already running
+                self.process, adopted = adopted, None
+                self._transition(
+                    ReplicaState.STARTING,
+                    f"re-adopted engine pid {self.process.pid} on port {self.process.port}",
+                )
+            else:
+                self.plan = self._make_plan(self.placement)
+                # PENDING/RESTARTING -> STARTING
+                self._transition(ReplicaState.STARTING, f"spawning engine on port {self.plan.port}")
+                try:
+                    self.process = await self._launch(self.plan)
+                except OSError as exc:
+                    # Cannot even exec the engine: retrying will not help.
+                    self._transition(ReplicaState.FAILED, f"cannot start engine: {exc}")
+                    await self._stop_requested.wait()
+                    self._transition(ReplicaState.STOPPED, "removed")  # FAILED -> STOPPED
+                    return
             outcome, detail = await self._until_ready(self.process)
             if outcome == _Outcome.READY:
                 self._transition(ReplicaState.READY, detail)  # STARTING -> READY
@@ -220,7 +251,7 @@ class Replica:
             return False
         return True
 
-    async def _wait_for(self, process: EngineProcess, timeout: float) -> str | None:
+    async def _wait_for(self, process: EngineHandle, timeout: float) -> str | None:
         """Wait up to `timeout` s for the engine to exit or a stop request; None if neither."""
         exited = asyncio.ensure_future(process.wait())
         stopping = asyncio.ensure_future(self._stop_requested.wait())
@@ -235,7 +266,7 @@ class Replica:
             return _Outcome.EXITED
         return None
 
-    async def _until_ready(self, process: EngineProcess) -> tuple[str, str]:
+    async def _until_ready(self, process: EngineHandle) -> tuple[str, str]:
         started = time.monotonic()
         next_progress = started + self._timing.progress_interval
         assert self.url is not None
@@ -258,7 +289,7 @@ class Replica:
                 log.info("%s: starting for %.0fs; engine log: %s", self.id, elapsed,
                          log_tail(process, lines=1))  # fmt: skip
 
-    async def _watch(self, process: EngineProcess) -> tuple[str, str]:
+    async def _watch(self, process: EngineHandle) -> tuple[str, str]:
         failures = 0
         assert self.url is not None
         while True:
@@ -274,7 +305,7 @@ class Replica:
             if failures >= self._timing.health_failures:
                 return _Outcome.UNHEALTHY, f"/health failed {failures} times in a row"
 
-    async def _drain_and_stop(self, process: EngineProcess) -> None:
+    async def _drain_and_stop(self, process: EngineHandle) -> None:
         # STARTING/READY -> DRAINING: the route table drops us, so no new requests arrive.
         self._transition(ReplicaState.DRAINING, "stop requested")
         assert self.url is not None

@@ -1,0 +1,177 @@
+"""The supervisor's memory across restarts: desired state and engine records, in SQLite.
+
+Three tables in `<state-dir>/sem.db`:
+- `desired`: the models sem should run (name -> spec, origin `config` or `api`): models.yaml as
+  last applied plus runtime adds and removes. A whole-system stop keeps it; only removals change it.
+- `applied_config`: models.yaml as last applied, so a reload (or a start after an edit) applies
+  the file's *changes*: a model removed at runtime stays removed until its entry in the file
+  changes or comes back.
+- `engines`: one row per live engine (replica id, pid, process start time, port, spec digest,
+  placement): what a restarted supervisor checks before re-adopting an engine instead of
+  starting it again.
+
+Writes are tiny and rare (a model added, an engine started or stopped) and SQLite runs in WAL
+mode with synchronous=NORMAL, where a commit is a write() without fsync: microseconds, so the
+calls stay synchronous on the event loop. A crash loses at most the last commits, never the
+file's consistency.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from supervisor.config import ModelSpec
+
+Origin = Literal["config", "api"]
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS desired (
+    name TEXT PRIMARY KEY, spec TEXT NOT NULL, origin TEXT NOT NULL, updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS applied_config (name TEXT PRIMARY KEY, spec TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS engines (
+    replica TEXT PRIMARY KEY, model TEXT NOT NULL, pid INTEGER NOT NULL,
+    create_time REAL NOT NULL, port INTEGER NOT NULL, spec_digest TEXT NOT NULL,
+    devices TEXT NOT NULL, reserved INTEGER NOT NULL, log_path TEXT NOT NULL,
+    updated REAL NOT NULL
+);
+"""
+
+
+def spec_digest(spec: ModelSpec) -> str:
+    """What an engine was started from: equal digests mean the same engine command line.
+
+    `replicas` and `priority` are left out: neither changes an engine.
+    """
+    data = spec.model_dump(mode="json", exclude={"replicas", "priority"})
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class DesiredModel:
+    spec: ModelSpec
+    origin: Origin
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    replica: str
+    model: str
+    pid: int
+    create_time: float  # psutil's process start time: a reused pid has another one
+    port: int
+    spec_digest: str
+    devices: tuple[str, ...]
+    reserved: int  # bytes per device
+    log_path: Path
+
+
+class StoreError(Exception):
+    pass
+
+
+class Store:
+    def __init__(self, path: Path | None) -> None:
+        """The store in file `path`; None keeps it in memory (tests, `sem plan`)."""
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        try:
+            # isolation_level=None: autocommit, with explicit transactions where needed.
+            self._db = sqlite3.connect(path or ":memory:", isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise StoreError(
+                    f"{path}: schema version {version}, this sem knows {SCHEMA_VERSION}"
+                )
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
+            raise StoreError(f"{path}: {exc}") from None
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- meta --------------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    # -- desired state -----------------------------------------------------------------------
+
+    def desired(self) -> list[DesiredModel]:
+        rows = self._db.execute("SELECT spec, origin FROM desired ORDER BY updated, name")
+        return [DesiredModel(ModelSpec.model_validate_json(s), o) for s, o in rows]
+
+    def put_desired(self, spec: ModelSpec, origin: Origin) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO desired (name, spec, origin, updated) VALUES (?, ?, ?, ?)",
+            (spec.name, spec.model_dump_json(), origin, time.time()),
+        )
+
+    def drop_desired(self, name: str) -> None:
+        self._db.execute("DELETE FROM desired WHERE name = ?", (name,))
+
+    def applied_config(self) -> dict[str, ModelSpec]:
+        rows = self._db.execute("SELECT name, spec FROM applied_config")
+        return {name: ModelSpec.model_validate_json(spec) for name, spec in rows}
+
+    def set_applied_config(self, specs: list[ModelSpec]) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM applied_config")
+            db.executemany(
+                "INSERT INTO applied_config (name, spec) VALUES (?, ?)",
+                [(s.name, s.model_dump_json()) for s in specs],
+            )
+
+    # -- engines -----------------------------------------------------------------------------
+
+    def engines(self) -> list[EngineRecord]:
+        rows = self._db.execute(
+            "SELECT replica, model, pid, create_time, port, spec_digest, devices, reserved,"
+            " log_path FROM engines"
+        )
+        return [
+            EngineRecord(r, m, pid, ct, port, d, tuple(json.loads(dev)), res, Path(log))
+            for r, m, pid, ct, port, d, dev, res, log in rows
+        ]
+
+    def put_engine(self, record: EngineRecord) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO engines (replica, model, pid, create_time, port, spec_digest,"
+            " devices, reserved, log_path, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.replica, record.model, record.pid, record.create_time, record.port,
+                record.spec_digest, json.dumps(list(record.devices)), record.reserved,
+                str(record.log_path), time.time(),
+            ),
+        )  # fmt: skip
+
+    def drop_engine(self, replica: str) -> None:
+        self._db.execute("DELETE FROM engines WHERE replica = ?", (replica,))
