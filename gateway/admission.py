@@ -6,9 +6,9 @@ by priority (higher first) then arrival. A request for a model that is known but
 (pending, starting, restarting) waits in the same queue. Among replicas with a free slot, the one
 with the fewest outstanding requests wins.
 
-Answers: unknown model 404; queue full 429 with Retry-After; no slot within `queue_timeout` 503
-with Retry-After. A waiter whose client goes away (its task is cancelled) leaves the queue, and a
-slot handed to it at that very moment is given back.
+Answers: unknown model, or one being removed (draining), 404; queue full 429 with Retry-After;
+no slot within `queue_timeout` 503 with Retry-After. A waiter whose client goes away (its task
+is cancelled) leaves the queue, and a slot handed to it at that very moment is given back.
 """
 
 from __future__ import annotations
@@ -69,12 +69,8 @@ class Admission:
     async def acquire(self, model: str, priority: int = 0) -> ReplicaRoute:
         if self._watcher.table.version < 0:
             await self._first_table()
-        route = self._watcher.table.models.get(model)
-        if route is None:
-            known = ", ".join(sorted(self._watcher.table.models)) or "none"
-            raise ModelNotFound(
-                f"model {model!r} is not served here (known: {known})", param="model"
-            )
+        if (gone := self._gone(model)) is not None:
+            raise gone
         if not self.queued(model) and (replica := self._free_replica(model)) is not None:
             self._take(replica)
             return replica
@@ -109,14 +105,11 @@ class Admission:
 
     def dispatch(self) -> None:
         """Hand free slots to waiters, best first; fail the waiters of models that are gone."""
-        table = self._watcher.table
         for model, queue in list(self._queues.items()):
-            if model not in table.models:
+            if (gone := self._gone(model)) is not None:
                 for waiter in queue:
                     if not waiter.future.done():
-                        waiter.future.set_exception(
-                            ModelNotFound(f"model {model!r} was removed", param="model")
-                        )
+                        waiter.future.set_exception(gone)
                 del self._queues[model]
                 continue
             while queue:
@@ -142,6 +135,18 @@ class Admission:
             raise ModelNotReady(
                 "the gateway has not reached the supervisor yet; retry shortly", retry_after=5
             )
+
+    def _gone(self, model: str) -> ModelNotFound | None:
+        """The error for a model that is not (or soon no longer) served; None if it is."""
+        route = self._watcher.table.models.get(model)
+        if route is None:
+            known = ", ".join(sorted(self._watcher.table.models)) or "none"
+            return ModelNotFound(
+                f"model {model!r} is not served here (known: {known})", param="model"
+            )
+        if route.state == "draining":  # being removed: it will not serve new requests again
+            return ModelNotFound(f"model {model!r} is being removed", param="model")
+        return None
 
     def _free_replica(self, model: str) -> ReplicaRoute | None:
         route = self._watcher.table.models.get(model)

@@ -99,6 +99,13 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    diff = admin_request(args, "POST", "/reload")
+    for kind in ("added", "changed", "removed", "unchanged"):
+        print(f"{kind:10} {', '.join(diff[kind]) or '-'}")
+    return 0
+
+
 def cmd_resources(args: argparse.Namespace) -> int:
     devices = admin_request(args, "GET", "/resources")["devices"]
     if args.json:
@@ -175,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--timeout", type=float, default=30.0, help="drain deadline in seconds")
     p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("reload", help="apply models.yaml's changes (added, removed, changed)")
+    p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("resources", help="devices: total, free, reserved by sem")
     p.add_argument("--json", action="store_true")

@@ -57,6 +57,12 @@ class ModelEntry:
     removing: bool = False
     rollout: asyncio.Task[None] | None = None  # replacing replicas after a spec change
 
+    def free_replica_id(self) -> str:
+        """The first `<name>-<n>` no current replica has: a rollout's new replica runs beside
+        the one it replaces, so ids are not positions."""
+        taken = {r.id for r in self.replicas}
+        return next(i for n in itertools.count() if (i := f"{self.spec.name}-{n}") not in taken)
+
     @property
     def state(self) -> ModelState:
         if self.removing:
@@ -252,24 +258,28 @@ class Manager:
         Call before `start()` and before the route table is served, so the first table a
         gateway sees already has the re-adopted engines.
         """
-        records = {r.replica: r for r in self._store.engines()}
+        records = self._store.engines()
         adopted: set[str] = set()
         for desired in self._store.desired():
+            spec = desired.spec
             try:
-                entry = self._create(desired.spec, desired.origin, self._prepare(desired.spec))
+                entry = self._create(spec, desired.origin, self._prepare(spec), replicas=0)
             except SupervisorError as exc:
-                self._events.emit("model_invalid", desired.spec.name, exc.message)
+                self._events.emit("model_invalid", spec.name, exc.message)
                 continue
-            for replica in entry.replicas:
-                if (record := records.get(replica.id)) is None:
+            for record in [r for r in records if r.model == spec.name]:
+                if len(entry.replicas) == spec.replicas:
+                    break
+                if why := await why_not_adoptable(record, spec, self._probe):
+                    self._events.emit("not_adopted", record.replica, f"{why}; starting afresh")
                     continue
-                if why := await why_not_adoptable(record, entry.spec, self._probe):
-                    self._events.emit("not_adopted", replica.id, f"{why}; starting afresh")
-                    continue
+                replica = self._new_replica(entry, record.replica)
                 placement = Placement(replica.id, record.devices, record.reserved, "re-adopted")
                 replica.adopt(placement, adopted_engine(record))
+                entry.replicas.append(replica)
                 adopted.add(replica.id)
-        leftovers = [r for name, r in records.items() if name not in adopted]
+            self._add_replicas(entry)
+        leftovers = [r for r in records if r.replica not in adopted]
         await asyncio.gather(*(self._retire(record) for record in leftovers))
         return await self.reload(config, drain_timeout)
 
@@ -388,8 +398,13 @@ class Manager:
         return str(model_dir), size_up(spec, model_dir, self._devices)
 
     def _create(
-        self, spec: ModelSpec, origin: Origin, prepared: tuple[str, MemoryEstimate]
+        self,
+        spec: ModelSpec,
+        origin: Origin,
+        prepared: tuple[str, MemoryEstimate],
+        replicas: int | None = None,
     ) -> ModelEntry:
+        """A new model entry with `replicas` pending replicas (default: as the spec says)."""
         model_ref, need = prepared
         entry = ModelEntry(spec=spec, model_ref=model_ref, estimate=need, origin=origin)
         self._models[spec.name] = entry
@@ -397,10 +412,16 @@ class Manager:
             "model_added", spec.name,
             f"added from {spec.source}; needs {need.per_device / 2**30:.2f} GiB per device",
         )  # fmt: skip
-        entry.replicas = [self._new_replica(entry, index) for index in range(spec.replicas)]
+        self._add_replicas(entry, spec.replicas if replicas is None else replicas)
+        return entry
+
+    def _add_replicas(self, entry: ModelEntry, upto: int | None = None) -> None:
+        """New pending replicas until the model has `upto` (default: as the spec says)."""
+        upto = entry.spec.replicas if upto is None else upto
+        while len([r for r in entry.replicas if not r.done]) < upto:
+            entry.replicas.append(self._new_replica(entry, entry.free_replica_id()))
         self._publish()
         self._replan.set()
-        return entry
 
     def _reconfigure(
         self,
@@ -418,26 +439,24 @@ class Manager:
         )
 
     async def _roll_out(self, entry: ModelEntry, drain_timeout: float) -> None:
-        """Bring the replicas in line with the spec: extras drained first, then each replica
-        from an older spec replaced in turn (drained, started anew, awaited until ready, so a
-        model with 2+ replicas keeps serving), then missing ones added."""
+        """Bring the replicas in line with the spec, one at a time: extras drained first; then
+        each replica from an older spec gets a successor, which starts (beside it if memory
+        allows, else once it is gone) while the old one drains; the next waits until that
+        successor is ready, so a model with 2+ replicas keeps serving. Then missing ones."""
         digest = spec_digest(entry.spec)
-        want = entry.spec.replicas
-        extras = entry.replicas[want:]
+        live = [r for r in entry.replicas if not r.done]
+        extras = live[entry.spec.replicas :]
         await asyncio.gather(*(r.stop(drain_timeout) for r in extras))
-        entry.replicas = [r for r in entry.replicas if r not in extras]
-        for index, old in enumerate(list(entry.replicas)):
-            if old.digest == digest:
-                continue
-            await old.stop(drain_timeout)
-            entry.replicas[index] = new = self._new_replica(entry, index)
+        for old in [r for r in live if r not in extras and r.digest != digest]:
+            new = self._new_replica(entry, entry.free_replica_id())
+            entry.replicas.append(new)
             self._publish()
             self._replan.set()
+            await old.stop(drain_timeout)
+            entry.replicas.remove(old)
             await new.wait_for_state({ReplicaState.READY, ReplicaState.FAILED})
-        for index in range(len(entry.replicas), want):
-            entry.replicas.append(self._new_replica(entry, index))
-        self._publish()
-        self._replan.set()
+        entry.replicas = [r for r in entry.replicas if not r.done]
+        self._add_replicas(entry)
 
     def _begin_removal(self, entry: ModelEntry, drain_timeout: float) -> None:
         if entry.removing:
@@ -483,10 +502,9 @@ class Manager:
             self._replan.set()  # a GPU's one-engine-starting gate may have opened
         self._publish()
 
-    def _new_replica(self, entry: ModelEntry, index: int) -> Replica:
+    def _new_replica(self, entry: ModelEntry, replica_id: str) -> Replica:
         # A replica keeps the spec it was made for, restarts included: a rollout replaces it.
         spec, model_ref, need = entry.spec, entry.model_ref, entry.estimate
-        replica_id = f"{spec.name}-{index}"
         settings = self._settings
 
         def make_plan(placement: Placement | None) -> LaunchPlan:

@@ -6,12 +6,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
+import psutil
 
 from sem.procgroup import INSTANCE_ENV, kill_marked, pids_with_env
 from supervisor.engine import free_port
@@ -92,6 +95,29 @@ class SemRun:
         code = self.proc.wait(timeout=timeout)
         return code, time.monotonic() - started
 
+    def child_pid(self, module: str) -> int:
+        """The pid of `sem run`'s child running `python -m <module>` (supervisor, gateway)."""
+        assert self.proc is not None
+        for child in psutil.Process(self.proc.pid).children():
+            if child.cmdline()[1:3] == ["-m", module]:
+                return child.pid
+        raise AssertionError(f"no {module} child of sem run")
+
+    def engine_pids(self) -> dict[str, int]:
+        """Replica id -> engine pid, as the supervisor reports them."""
+        models = httpx.get(f"{self.supervisor}/models", timeout=5).json()["models"]
+        return {r["id"]: r["pid"] for m in models for r in m["replicas"] if r["pid"]}
+
+    def wait_supervisor(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.supervisor}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise AssertionError(f"supervisor not back in {timeout}s:\n{self.output()[-3000:]}")
+
     def leftovers(self) -> list[int]:
         return pids_with_env(INSTANCE_ENV, self.instance)
 
@@ -101,3 +127,54 @@ class SemRun:
             self.proc.kill()
             self.proc.wait()
         kill_marked(INSTANCE_ENV, self.instance)
+
+
+@dataclass
+class Load:
+    """Closed-loop load through the gateway from threads; every answer is kept.
+
+    A request counts as ok only with HTTP 200 and a non-empty completion.
+    """
+
+    url: str
+    body: dict[str, Any]
+    workers: int = 4
+    path: str = "/generate"
+    ok: int = 0
+    failures: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> Load:
+        for _ in range(self.workers):
+            thread = threading.Thread(target=self._work, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self) -> Load:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
+        return self
+
+    def wait_for(self, requests: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while self.ok + len(self.failures) < requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def _work(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=120) as client:
+            while not self._stop.is_set():
+                try:
+                    response = client.post(self.path, json=self.body)
+                    good = response.status_code == 200 and bool(response.json().get("text"))
+                    outcome = None if good else f"{response.status_code} {response.text[:300]}"
+                except (httpx.HTTPError, ValueError) as exc:
+                    outcome = f"{type(exc).__name__}: {exc}"
+                with self._lock:
+                    if outcome is None:
+                        self.ok += 1
+                    else:
+                        self.failures.append(outcome)

@@ -121,8 +121,20 @@ async def test_waiters_of_a_removed_model_get_404(watcher):
     waiting = asyncio.ensure_future(admission.acquire("m"))
     await wait_until(lambda: admission.queued("m") == 1)
     watcher.update(RouteTable(2, {}))
-    with pytest.raises(ModelNotFound, match="was removed"):
+    with pytest.raises(ModelNotFound, match="not served here"):
         await waiting
+
+
+async def test_a_draining_model_takes_nothing_new_and_its_waiters_get_404(watcher):
+    watcher.update(table(1, state="starting"))
+    admission = Admission(watcher)
+    waiting = asyncio.ensure_future(admission.acquire("m"))
+    await wait_until(lambda: admission.queued("m") == 1)
+    watcher.update(table(2, state="draining"))
+    with pytest.raises(ModelNotFound, match="being removed"):
+        await waiting
+    with pytest.raises(ModelNotFound, match="being removed"):
+        await admission.acquire("m")
 
 
 async def test_before_the_first_route_table_requests_wait_instead_of_404(watcher):

@@ -1,0 +1,120 @@
+"""Lifecycle of a running `sem run` on the stand-in engine: supervisor kill -9 and re-adoption,
+reload on SIGHUP, removal under load, all while the gateway serves."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.helpers import Load, SemRun
+
+CONFIG = """\
+models:
+  - name: a
+    source: path:{model}
+    replicas: 2
+    env: {{FAKE_TOKEN_DELAY: "0.01"}}
+  - name: b
+    source: path:{model}
+"""
+
+
+@pytest.fixture
+def sem(tmp_path: Path, model_dir: Path) -> Iterator[SemRun]:
+    config = tmp_path / "models.yaml"
+    config.write_text(CONFIG.format(model=model_dir))
+    run = SemRun(
+        config=config, state_dir=tmp_path / "state",
+        engine_python=sys.executable, engine_module="tests.fake_engine",
+    ).start()  # fmt: skip
+    try:
+        run.wait_ready(["a", "b"], timeout=60)
+        yield run
+    finally:
+        run.kill_all()
+
+
+def models(run: SemRun) -> dict[str, str]:
+    data = httpx.get(f"{run.supervisor}/models", timeout=5).json()["models"]
+    return {m["name"]: m["state"] for m in data}
+
+
+def wait(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_supervisor_kill_9_under_load_engines_are_re_adopted(sem: SemRun):
+    load = Load(sem.gateway, {"model": "a", "prompt": "one two", "max_tokens": 8}).start()
+    load.wait_for(20)
+    before = sem.engine_pids()
+    supervisor = sem.child_pid("supervisor")
+    b_engine = before["b-0"]
+    os.kill(supervisor, signal.SIGKILL)
+    os.killpg(b_engine, signal.SIGKILL)  # an engine that dies while nobody watches
+    time.sleep(1)
+    sem.wait_supervisor(timeout=30)
+    assert sem.child_pid("supervisor") != supervisor
+    wait(lambda: models(sem) == {"a": "ready", "b": "ready"}, 30, "a and b ready again")
+    after = sem.engine_pids()
+    assert {k: after[k] for k in ("a-0", "a-1")} == {k: before[k] for k in ("a-0", "a-1")}
+    assert after["b-0"] != b_engine, "the dead engine was started again"
+    served = load.ok
+    load.wait_for(served + 20)
+    load.stop()
+    assert load.failures == []
+    assert "supervisor died (signal 9); starting it again" in sem.output()
+    code, _ = sem.stop()
+    assert code == 0
+    assert sem.leftovers() == []
+
+
+def test_sighup_applies_models_yaml_and_a_broken_file_changes_nothing(sem: SemRun, model_dir: Path):
+    assert sem.proc is not None
+    sem.config.write_text(CONFIG.format(model=model_dir).replace("  - name: b\n", "  - name: c\n"))
+    a_pids = {k: v for k, v in sem.engine_pids().items() if k.startswith("a-")}
+    sem.proc.send_signal(signal.SIGHUP)
+    wait(lambda: models(sem) == {"a": "ready", "c": "ready"}, 30, "c added, b removed")
+    assert {k: v for k, v in sem.engine_pids().items() if k.startswith("a-")} == a_pids
+
+    sem.config.write_text("models:\n  - name: a\n    replicas: many\n")
+    response = httpx.post(f"{sem.supervisor}/reload", timeout=10)
+    assert response.status_code == 422
+    message = response.json()["error"]["message"]
+    assert "models.yaml:3: models[0].replicas" in message, message
+    sem.proc.send_signal(signal.SIGHUP)
+    time.sleep(1)
+    assert models(sem) == {"a": "ready", "c": "ready"}
+    assert "models.yaml not reloaded" in sem.output()
+
+
+def test_removal_under_load_finishes_in_flight_and_refuses_new_requests(sem: SemRun):
+    slow = {"model": "a", "prompt": "one two", "max_tokens": 100}  # ~1 s each
+    load = Load(sem.gateway, slow, workers=6).start()
+    time.sleep(0.5)
+    removed = httpx.delete(f"{sem.supervisor}/models/a", params={"timeout": 20}, timeout=5)
+    assert removed.status_code == 202
+
+    def gateway_state() -> str | None:
+        listed = httpx.get(f"{sem.gateway}/v1/models", timeout=5).json()["data"]
+        return next((m["sem_state"] for m in listed if m["id"] == "a"), None)
+
+    # Requests that reach the gateway before the new route table does are still served.
+    wait(lambda: gateway_state() != "ready", 10, "the gateway to see the removal")
+    response = httpx.post(f"{sem.gateway}/generate", json=slow, timeout=30)
+    assert response.status_code == 404
+    assert "being removed" in response.json()["error"]["message"]
+    wait(lambda: "a" not in models(sem), 30, "a gone")
+    load.stop()
+    finished = [f for f in load.failures if not f.startswith("404")]
+    assert finished == [], "requests in flight at removal completed"
+    assert load.ok >= 6

@@ -1,0 +1,126 @@
+"""Reloading models.yaml on a running manager (stand-in engines): add, remove, roll, reject."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from supervisor.config import ModelSpec
+from supervisor.errors import InvalidSpec
+from supervisor.manager import Manager
+from supervisor.states import ModelState, ReplicaState
+from supervisor.store import Store
+from tests.conftest import ManagerFactory, wait_until
+
+
+def spec(model_dir: Path, name: str, **extra: object) -> ModelSpec:
+    return ModelSpec(name=name, source=f"path:{model_dir}", **extra)  # type: ignore[arg-type]
+
+
+def ready(manager: Manager, name: str) -> bool:
+    return name in manager.routes.models and manager.get(name).state is ModelState.READY
+
+
+def pids(manager: Manager, name: str) -> set[int]:
+    return {r.process.pid for r in manager.get(name).replicas if r.process and not r.done}
+
+
+async def test_reload_adds_new_removes_unlisted_and_leaves_the_rest(
+    make_manager: ManagerFactory, model_dir: Path
+):
+    manager = make_manager(store=Store(None))
+    first = await manager.reload([spec(model_dir, "a"), spec(model_dir, "b")], drain_timeout=1)
+    assert [s.name for s in first.added] == ["a", "b"]
+    await wait_until(lambda: ready(manager, "a") and ready(manager, "b"), what="a, b ready")
+    a_pids = pids(manager, "a")
+
+    diff = await manager.reload([spec(model_dir, "a"), spec(model_dir, "c")], drain_timeout=1)
+    assert (diff.unchanged, diff.removed, [s.name for s in diff.added]) == (["a"], ["b"], ["c"])
+    await wait_until(lambda: ready(manager, "c") and "b" not in manager.routes.models)
+    assert pids(manager, "a") == a_pids, "an unchanged model keeps its engine"
+
+
+async def test_a_changed_model_with_two_replicas_is_rolled_without_downtime(
+    make_manager: ManagerFactory, model_dir: Path
+):
+    manager = make_manager(store=Store(None))
+    await manager.reload([spec(model_dir, "m", replicas=2)], drain_timeout=1)
+    await wait_until(lambda: len(manager.routes.models["m"].ready_replicas) == 2)
+    before = pids(manager, "m")
+
+    fewest_ready = 2
+
+    async def watch() -> None:
+        nonlocal fewest_ready
+        while True:
+            fewest_ready = min(fewest_ready, len(manager.routes.models["m"].ready_replicas))
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch())
+    diff = await manager.reload([spec(model_dir, "m", replicas=2, max_num_seqs=7)], 1)
+    assert [s.name for s in diff.changed] == ["m"]
+    await wait_until(
+        lambda: (
+            not (pids(manager, "m") & before)
+            and len(manager.routes.models["m"].ready_replicas) == 2
+        ),
+        what="both replicas replaced and ready",
+    )
+    watcher.cancel()
+    assert fewest_ready >= 1, "some replica was ready all the while"
+    assert {r.max_num_seqs for r in manager.routes.models["m"].replicas} == {7}
+
+
+async def test_scaling_up_keeps_the_running_engine(make_manager: ManagerFactory, model_dir: Path):
+    manager = make_manager(store=Store(None))
+    await manager.reload([spec(model_dir, "m")], drain_timeout=1)
+    await wait_until(lambda: ready(manager, "m"))
+    before = pids(manager, "m")
+    await manager.reload([spec(model_dir, "m", replicas=2)], drain_timeout=1)
+    await wait_until(lambda: len(manager.routes.models["m"].ready_replicas) == 2)
+    assert before < pids(manager, "m")
+
+
+async def test_an_invalid_model_rejects_the_whole_reload_and_nothing_changes(
+    make_manager: ManagerFactory, model_dir: Path, tmp_path: Path
+):
+    manager = make_manager(store=Store(None))
+    await manager.reload([spec(model_dir, "a")], drain_timeout=1)
+    await wait_until(lambda: ready(manager, "a"))
+    broken = [spec(model_dir, "b"), spec(tmp_path / "nowhere", "c")]
+    with pytest.raises(InvalidSpec, match=r"no config\.json"):
+        await manager.reload(broken, drain_timeout=1)
+    assert [e.spec.name for e in manager.entries()] == ["a"]
+    assert manager.get("a").state is ModelState.READY
+
+
+async def test_a_model_removed_at_runtime_stays_removed_until_its_entry_changes(
+    make_manager: ManagerFactory, model_dir: Path
+):
+    store = Store(None)
+    manager = make_manager(store=store)
+    config = [spec(model_dir, "a")]
+    await manager.reload(config, drain_timeout=1)
+    manager.remove("a", drain_timeout=1)
+    await wait_until(lambda: "a" not in manager.routes.models)
+    assert store.desired() == []
+
+    await manager.reload(config, drain_timeout=1)
+    assert manager.entries() == [], "the same file does not bring it back"
+    await manager.reload([spec(model_dir, "a", max_num_seqs=4)], drain_timeout=1)
+    assert [e.spec.name for e in manager.entries()] == ["a"]
+    assert [d.spec.max_num_seqs for d in store.desired()] == [4]
+
+
+async def test_removal_drains_then_stops_and_releases(
+    make_manager: ManagerFactory, model_dir: Path
+):
+    manager = make_manager(store=Store(None))
+    replica = manager.add(spec(model_dir, "a")).replicas[0]
+    await wait_until(lambda: ready(manager, "a"))
+    manager.remove("a", drain_timeout=1)
+    assert manager.routes.models["a"].state == "draining"
+    await replica.wait_for_state({ReplicaState.STOPPED})
+    await wait_until(lambda: "a" not in manager.routes.models)
