@@ -140,6 +140,7 @@ class Load:
     body: dict[str, Any]
     workers: int = 4
     path: str = "/generate"
+    pause: float = 0.0  # between one worker's requests: leaves CPU to engines starting beside
     ok: int = 0
     failures: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -178,3 +179,4 @@ class Load:
                         self.ok += 1
                     else:
                         self.failures.append(outcome)
+                self._stop.wait(self.pause)

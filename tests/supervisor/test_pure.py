@@ -98,6 +98,16 @@ def test_gpu_engine_argv_and_env_pin_the_devices():
     env = engine_env(EngineCommand(python="/py"), p, {"PATH": "/bin"}, instance="i")
     assert env["CUDA_VISIBLE_DEVICES"] == "1"
     assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in env
+
+
+def test_cpu_engines_are_not_pinned_to_one_core_unless_the_model_says_so():
+    env = engine_env(EngineCommand(python="/py"), plan(), {}, instance="i")
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    own = plan(env={"VLLM_CPU_OMP_THREADS_BIND": "0-3"})
+    assert (
+        engine_env(EngineCommand(python="/py"), own, {}, "i")["VLLM_CPU_OMP_THREADS_BIND"] == "0-3"
+    )
 
 
 def test_engine_env_is_clean():
