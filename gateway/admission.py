@@ -6,9 +6,11 @@ by priority (higher first) then arrival. A request for a model that is known but
 (pending, starting, restarting) waits in the same queue. Among replicas with a free slot, the one
 with the fewest outstanding requests wins.
 
-Answers: unknown model, or one being removed (draining), 404; queue full 429 with Retry-After;
-no slot within `queue_timeout` 503 with Retry-After. A waiter whose client goes away (its task
-is cancelled) leaves the queue, and a slot handed to it at that very moment is given back.
+Answers: unknown model, or one being removed (draining), 404; a model that failed (every
+replica gave up: crash loop) 503 at once, with the reason, instead of queueing for nothing; queue
+full 429 with Retry-After; no slot within `queue_timeout` 503 with Retry-After. A waiter whose
+client goes away (its task is cancelled) leaves the queue, and a slot handed to it at that very
+moment is given back.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from gateway.errors import ModelNotFound, ModelNotReady, QueueFull, QueueTimeout
+from gateway.errors import ModelFailed, ModelNotFound, ModelNotReady, QueueFull, QueueTimeout
 from gateway.routes import RouteWatcher
 from sem.routes import ReplicaRoute
 
@@ -136,7 +138,7 @@ class Admission:
                 "the gateway has not reached the supervisor yet; retry shortly", retry_after=5
             )
 
-    def _gone(self, model: str) -> ModelNotFound | None:
+    def _gone(self, model: str) -> ModelNotFound | ModelFailed | None:
         """The error for a model that is not (or soon no longer) served; None if it is."""
         route = self._watcher.table.models.get(model)
         if route is None:
@@ -146,6 +148,8 @@ class Admission:
             )
         if route.state == "draining":  # being removed: it will not serve new requests again
             return ModelNotFound(f"model {model!r} is being removed", param="model")
+        if route.state == "failed":  # no replica will come back without the operator
+            return ModelFailed(f"model {model!r} failed: {route.reason}")
         return None
 
     def _free_replica(self, model: str) -> ReplicaRoute | None:

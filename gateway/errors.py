@@ -57,6 +57,13 @@ class ModelNotReady(GatewayError):
     type = "model_not_ready"
 
 
+class ModelFailed(GatewayError):
+    """Every replica of the model gave up (crash loop): waiting would not help."""
+
+    status = 503
+    type = "model_failed"
+
+
 class QueueFull(GatewayError):
     status = 429
     type = "queue_full"

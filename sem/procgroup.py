@@ -40,9 +40,13 @@ def signal_group(pgid: int, sig: signal.Signals) -> bool:
 
 
 async def stop_group(pgid: int, grace: float, poll: float = 0.1) -> bool:
-    """SIGTERM the group, wait up to `grace` s for it to go, then SIGKILL. True if it was killed."""
+    """SIGTERM the group, wait up to `grace` s for it to go, then SIGKILL. True if it was killed.
+
+    SIGCONT follows SIGTERM, so a stopped (SIGSTOP, hung-looking) group can act on it at once.
+    """
     if not signal_group(pgid, signal.SIGTERM):
         return False
+    signal_group(pgid, signal.SIGCONT)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
     while loop.time() < deadline:

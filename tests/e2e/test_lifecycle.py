@@ -118,3 +118,16 @@ def test_removal_under_load_finishes_in_flight_and_refuses_new_requests(sem: Sem
     finished = [f for f in load.failures if not f.startswith("404")]
     assert finished == [], "requests in flight at removal completed"
     assert load.ok >= 6
+
+
+def test_sigterm_lets_in_flight_requests_finish_then_exits_clean(sem: SemRun):
+    slow = {"model": "a", "prompt": "one two", "max_tokens": 150}  # ~1.5 s each
+    load = Load(sem.gateway, slow, workers=4).start()
+    time.sleep(0.7)  # all four in flight
+    code, seconds = sem.stop()
+    load.stop()
+    assert code == 0
+    assert load.ok >= 4, "the requests in flight at SIGTERM were answered"
+    assert all(not f.startswith("5") for f in load.failures), load.failures
+    assert seconds < 30
+    assert sem.leftovers() == []

@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 
 from gateway.admission import Admission
-from gateway.errors import ModelNotFound, ModelNotReady, QueueFull, QueueTimeout
+from gateway.errors import ModelFailed, ModelNotFound, ModelNotReady, QueueFull, QueueTimeout
 from gateway.routes import RouteWatcher
 from sem.routes import ModelRoute, ReplicaRoute, RouteTable
 from tests.conftest import wait_until
@@ -147,3 +147,16 @@ async def test_before_the_first_route_table_requests_wait_instead_of_404(watcher
     with pytest.raises(ModelNotReady, match="not reached the supervisor"):
         fresh = RouteWatcher("http://127.0.0.1:1", watcher._session)
         await Admission(fresh, queue_timeout=0.1).acquire("m")
+
+
+async def test_a_failed_model_fails_fast_with_its_reason_instead_of_queueing(watcher):
+    watcher.update(table(1, state="restarting"))
+    admission = Admission(watcher, queue_timeout=30)
+    waiting = asyncio.ensure_future(admission.acquire("m"))
+    await wait_until(lambda: admission.queued("m") == 1)
+    failed = RouteTable(2, {"m": ModelRoute("m", "failed", "5 failures in 600s, giving up", ())})
+    watcher.update(failed)
+    with pytest.raises(ModelFailed, match="giving up"):
+        await waiting
+    with pytest.raises(ModelFailed, match="giving up"):
+        await admission.acquire("m")

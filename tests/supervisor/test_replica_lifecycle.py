@@ -130,3 +130,22 @@ async def test_add_rejects_a_source_without_config_json(make_manager: ManagerFac
     with pytest.raises(InvalidSpec, match=r"no config\.json"):
         manager.add(ModelSpec(name="m", source=bad))
     assert manager.entries() == []
+
+
+async def test_a_stopped_engine_is_unhealthy_then_replaced_without_waiting_for_sigkill(
+    make_manager: ManagerFactory, model_dir: Path
+):
+    import os
+    import signal
+
+    manager = make_manager()
+    replica = manager.add(spec(model_dir)).replicas[0]
+    await wait_until(lambda: replica.state is ReplicaState.READY)
+    assert replica.process is not None
+    hung = replica.process.pid
+    os.killpg(hung, signal.SIGSTOP)  # looks alive, answers nothing
+    await wait_until(lambda: replica.state is ReplicaState.RESTARTING, what="unhealthy")
+    assert "/health failed" in replica.reason
+    await wait_until(lambda: replica.state is ReplicaState.READY, what="ready again")
+    assert replica.process.pid != hung
+    assert not psutil.pid_exists(hung) or psutil.Process(hung).status() == "zombie"
