@@ -1,0 +1,185 @@
+"""Going on with a stream whose engine died: what the client has seen, and what to ask next.
+
+While a stream is relayed, `StreamLog` keeps the bytes of the complete SSE events the client has
+received (nothing is parsed on the way: a failure is rare, so its cost is paid only then). When
+the engine dies mid-stream, `Partial.of` reads those events back, `continuation` builds the
+request that goes on from there, and `Splice` rewrites the new stream's events so that the
+client sees one stream: the same id and creation time, no second role delta, and usage that
+counts the tokens of both parts.
+
+- completions: the prompt plus the text sent so far, `max_tokens` less the tokens sent, no echo;
+- chat: the messages plus the partial assistant message, `continue_final_message: true`,
+  `add_generation_prompt: false`, `max_tokens`/`max_completion_tokens` less the tokens sent.
+
+With temperature 0 the continuation is the text an uninterrupted run gives whenever the text sent
+so far tokenizes back into the tokens that produced it (true of ordinary text; a model that emits
+unusual token splits, e.g. random weights, may take another path from there). Requests with
+several choices (`n` > 1) or a non-text prompt are not resumed (they are replayed only while
+nothing has reached the client).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+DONE = b"[DONE]"
+VLLM_DEFAULT_MAX_TOKENS = 16  # vLLM's default for /v1/completions without max_tokens
+
+
+class StreamLog:
+    """The complete SSE events relayed so far; `complete(chunk)` holds back a partial event."""
+
+    def __init__(self) -> None:
+        self.sent = bytearray()
+        self._tail = b""
+
+    def complete(self, chunk: bytes) -> bytes:
+        """The part of `tail + chunk` that ends an event: safe to forward; it is logged."""
+        data = self._tail + chunk if self._tail else chunk
+        end = data.rfind(b"\n\n") + 2
+        if end == 1:  # no event boundary yet
+            self._tail = data
+            return b""
+        ready, self._tail = data[:end], data[end:]
+        self.sent += ready
+        return ready
+
+
+def events(raw: bytes) -> list[bytes]:
+    """The `data:` payloads of an SSE byte string, in order."""
+    out = []
+    for event in raw.split(b"\n\n"):
+        for line in event.split(b"\n"):
+            if line.startswith(b"data:"):
+                out.append(line[5:].strip())
+    return out
+
+
+def chunk_text(chunk: dict[str, Any]) -> str:
+    """The generated text in one chunk (completions' `text`, chat's `delta.content`)."""
+    text = ""
+    for choice in chunk.get("choices") or []:
+        if "text" in choice:
+            text += choice.get("text") or ""
+        else:
+            text += (choice.get("delta") or {}).get("content") or ""
+    return text
+
+
+@dataclass
+class Partial:
+    """What a client has received of a stream."""
+
+    id: str | None = None
+    created: int | None = None
+    text: str = ""
+    tokens: int = 0  # chunks that carried text: vLLM sends one token per chunk
+    finished: bool = False  # a finish_reason was sent: only usage and [DONE] may be missing
+    done: bool = False  # [DONE] was sent
+
+    @classmethod
+    def of(cls, raw: bytes) -> Partial:
+        partial = cls()
+        for data in events(raw):
+            if data == DONE:
+                partial.done = True
+                continue
+            try:
+                chunk = json.loads(data)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(chunk, dict) or "error" in chunk:
+                continue
+            partial.id = partial.id or chunk.get("id")
+            partial.created = partial.created or chunk.get("created")
+            if text := chunk_text(chunk):
+                partial.text += text
+                partial.tokens += 1
+            if any(c.get("finish_reason") for c in chunk.get("choices") or []):
+                partial.finished = True
+        return partial
+
+
+def continuation(path: str, body: dict[str, Any], partial: Partial) -> dict[str, Any] | None:
+    """The request that continues `body` after `partial`; None if it cannot be resumed."""
+    if (body.get("n") or 1) > 1 or (body.get("best_of") or 1) > 1:
+        return None
+    follow = dict(body)
+    if path.endswith("/chat/completions"):
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return None
+        follow["messages"] = [*messages, {"role": "assistant", "content": partial.text}]
+        follow["continue_final_message"] = True
+        follow["add_generation_prompt"] = False
+        for key in ("max_tokens", "max_completion_tokens"):
+            if isinstance(body.get(key), int):
+                follow[key] = body[key] - partial.tokens
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            return None
+        follow["prompt"] = prompt + partial.text
+        follow["echo"] = False
+        follow["max_tokens"] = (body.get("max_tokens") or VLLM_DEFAULT_MAX_TOKENS) - partial.tokens
+    if any(
+        isinstance(follow.get(k), int) and follow[k] < 1
+        for k in ("max_tokens", "max_completion_tokens")
+    ):
+        return None  # everything asked for was sent: nothing to continue
+    return follow
+
+
+@dataclass
+class Splice:
+    """Rewrites a continuation's events into the stream the client already has."""
+
+    partial: Partial
+    chat: bool
+    _first: bool = field(default=True)
+
+    def event(self, data: bytes) -> bytes | None:
+        """The event to send for `data` (a `data:` payload), or None to drop it."""
+        if data == DONE:
+            return b"data: [DONE]\n\n"
+        chunk = json.loads(data)
+        if not isinstance(chunk, dict):
+            return None
+        if self.partial.id is not None:
+            chunk["id"] = self.partial.id
+        if self.partial.created is not None:
+            chunk["created"] = self.partial.created
+        if self.chat and self._first:
+            for choice in chunk.get("choices") or []:
+                (choice.get("delta") or {}).pop("role", None)
+        usage = chunk.get("usage")
+        if isinstance(usage, dict) and "completion_tokens" in usage:
+            sent = self.partial.tokens
+            usage["prompt_tokens"] = max(0, int(usage.get("prompt_tokens") or 0) - sent)
+            usage["completion_tokens"] = int(usage["completion_tokens"]) + sent
+        opening = (
+            self._first
+            and chunk.get("choices")
+            and not chunk_text(chunk)
+            and not any(c.get("finish_reason") for c in chunk["choices"])
+            and not usage
+        )
+        if opening:
+            return None  # the continuation's opening (role-only) chunk: already sent once
+        self._first = False
+        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+def finish_events(partial: Partial, chat: bool) -> bytes:
+    """What ends a stream that had sent all its tokens when the engine died."""
+    if partial.finished or partial.done:
+        return b"" if partial.done else b"data: [DONE]\n\n"
+    choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
+    choice.update({"delta": {}} if chat else {"text": ""})
+    chunk = {"id": partial.id, "created": partial.created, "choices": [choice],
+             "object": "chat.completion.chunk" if chat else "text_completion"}  # fmt: skip
+    return b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n"
