@@ -179,7 +179,10 @@ def finish_events(partial: Partial, chat: bool) -> bytes:
     if partial.finished or partial.done:
         return b"" if partial.done else b"data: [DONE]\n\n"
     choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
-    choice.update({"delta": {}} if chat else {"text": ""})
+    if chat:
+        choice["delta"] = {}
+    else:
+        choice["text"] = ""
     chunk = {"id": partial.id, "created": partial.created, "choices": [choice],
              "object": "chat.completion.chunk" if chat else "text_completion"}  # fmt: skip
     return b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n"
