@@ -1,4 +1,4 @@
-"""The gateway's HTTP app (aiohttp: server and upstream client, chosen for the hot path).
+"""The gateway's HTTP app (aiohttp's server; engines are called through gateway.upstream).
 
 POST /generate {model, prompt, ...} -> {model, text, finish_reason, usage} (or with stream: true,
 SSE of {"text": delta}), through the engine's /v1/completions. POST /v1/completions and
@@ -8,11 +8,9 @@ SSE of {"text": delta}), through the engine's /v1/completions. POST /v1/completi
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -24,10 +22,20 @@ from gateway.errors import (
     InvalidRequest,
     error_response,
 )
-from gateway.metrics import CONTENT_TYPE, GatewayMetrics, Observation, observe
-from gateway.proxy import SSE_HEADERS, engine_call, engine_json, relay, sse, sse_events
+from gateway.metrics import CONTENT_TYPE, GatewayMetrics, Observation
+from gateway.proxy import (
+    SSE_HEADERS,
+    check_answer,
+    engine_call,
+    engine_errors,
+    engine_json,
+    relay,
+    sse,
+    sse_events,
+)
 from gateway.routes import RouteWatcher
 from gateway.state import ADMISSION, METRICS, UPSTREAM, WATCHER
+from gateway.upstream import UpstreamPool
 from sem.routes import ReplicaRoute
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -84,47 +92,53 @@ async def generate(request: web.Request) -> web.StreamResponse:
     except ValidationError as exc:
         raise validation_error(exc) from None
     payload = json.dumps(req.model_dump(exclude_none=True)).encode()
-    async with admitted(request, req.model, "/generate") as (replica, obs):
+
+    async def call(replica: ReplicaRoute, obs: Observation) -> web.StreamResponse:
         if req.stream:
             return await generate_stream(request, replica, payload, obs)
-        async with engine_call(request.app, replica, "/v1/completions", payload) as upstream:
-            data = await engine_json(upstream, replica)
+        with engine_errors(replica):
+            async with engine_call(request, replica, "/v1/completions", payload) as upstream:
+                data = engine_json(upstream.status, await upstream.read(), replica)
         usage = data.get("usage") or {}
         obs.tokens += int(usage.get("completion_tokens") or 0)
-    choice = data["choices"][0]
-    return web.json_response(
-        {
-            "model": req.model,
-            "text": choice.get("text", ""),
-            "finish_reason": choice.get("finish_reason"),
-            "usage": {
-                "prompt_tokens": usage.get("prompt_tokens", 0),
-                "completion_tokens": usage.get("completion_tokens", 0),
-                "total_tokens": usage.get("total_tokens", 0),
-            },
-        }
-    )
+        choice = data["choices"][0]
+        return web.json_response(
+            {
+                "model": req.model,
+                "text": choice.get("text", ""),
+                "finish_reason": choice.get("finish_reason"),
+                "usage": {
+                    "prompt_tokens": usage.get("prompt_tokens", 0),
+                    "completion_tokens": usage.get("completion_tokens", 0),
+                    "total_tokens": usage.get("total_tokens", 0),
+                },
+            }
+        )
+
+    return await admitted(request, req.model, "/generate", call)
 
 
 async def generate_stream(
     request: web.Request, replica: ReplicaRoute, payload: bytes, obs: Observation
 ) -> web.StreamResponse:
     """/generate with stream: true: `data: {"text": delta}` events, then `data: [DONE]`."""
-    async with engine_call(request.app, replica, "/v1/completions", payload) as upstream:
-        if upstream.status >= 400:
-            await engine_json(upstream, replica)  # raises the engine's 4xx as a 400
-        response = web.StreamResponse(headers=SSE_HEADERS)
-        await response.prepare(request)
-        async for event in sse_events(upstream):
-            for choice in event.get("choices", []):
-                delta: dict[str, Any] = {"text": choice.get("text", "")}
-                if choice.get("finish_reason"):
-                    delta["finish_reason"] = choice["finish_reason"]
-                await response.write(sse(delta))
-                obs.chunk()
-        await response.write(sse("[DONE]"))
-        await response.write_eof()
-        return response
+    with engine_errors(replica):
+        async with engine_call(request, replica, "/v1/completions", payload) as upstream:
+            if upstream.status >= 400:
+                check_answer(upstream.status, await upstream.read(), replica)
+            response = web.StreamResponse(headers=SSE_HEADERS)
+            await response.prepare(request)
+            async for event in sse_events(upstream):
+                for choice in event.get("choices", []):
+                    delta: dict[str, Any] = {"text": choice.get("text", "")}
+                    if choice.get("finish_reason"):
+                        delta["finish_reason"] = choice["finish_reason"]
+                    await response.write(sse(delta))
+                    obs.first_token()
+                    obs.tokens += 1
+            await response.write(sse("[DONE]"))
+            await response.write_eof()
+            return response
 
 
 async def openai_route(request: web.Request) -> web.StreamResponse:
@@ -133,23 +147,40 @@ async def openai_route(request: web.Request) -> web.StreamResponse:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidField("model: a model name is required", param="model")
-    async with admitted(request, model, request.path) as (replica, obs):
-        return await relay(request, replica, raw, bool(body.get("stream")), obs)
+    stream = bool(body.get("stream"))
+
+    async def call(replica: ReplicaRoute, obs: Observation) -> web.StreamResponse:
+        return await relay(request, replica, raw, stream, obs)
+
+    return await admitted(request, model, request.path, call)
 
 
-@asynccontextmanager
 async def admitted(
-    request: web.Request, model: str, route: str
-) -> AsyncIterator[tuple[ReplicaRoute, Observation]]:
-    """Observe the request, then hold a slot on a replica of `model` (queueing if need be)."""
+    request: web.Request,
+    model: str,
+    route: str,
+    call: Callable[[ReplicaRoute, Observation], Awaitable[web.StreamResponse]],
+) -> web.StreamResponse:
+    """Observe the request, and run `call` while holding a slot on a replica of `model`
+    (queueing for it if need be). Unknown model names share one metrics label."""
     app = request.app
     priority = priority_of(request)
-    async with (
-        observe(app[METRICS], app[WATCHER], model, route) as obs,
-        app[ADMISSION].slot(model, priority) as replica,
-    ):
-        obs.admitted()
-        yield replica, obs
+    label = model if model in app[WATCHER].table.models else "(unknown)"
+    obs = Observation(app[METRICS].model(label), route)
+    error: BaseException | None = None
+    try:
+        admission = app[ADMISSION]
+        replica = await admission.acquire(model, priority)
+        try:
+            obs.admitted()
+            return await call(replica, obs)
+        finally:
+            admission.release(replica)
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        obs.finished(error)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -186,13 +217,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 def create_app(
-    watcher: RouteWatcher,
-    upstream: aiohttp.ClientSession,
-    admission: Admission | None = None,
+    watcher: RouteWatcher, admission: Admission | None = None, upstream_timeout: float = 600.0
 ) -> web.Application:
+    """The gateway app; it owns its pool of engine connections (closed at the app's cleanup)."""
     app = web.Application(middlewares=[errors_middleware], client_max_size=32 * 1024**2)
     app[WATCHER] = watcher
-    app[UPSTREAM] = upstream
+    app[UPSTREAM] = UpstreamPool(timeout=upstream_timeout)
     app[ADMISSION] = admission or Admission(watcher)
     app[METRICS] = GatewayMetrics(watcher, app[ADMISSION])
     app.router.add_post("/generate", generate)
@@ -201,4 +231,9 @@ def create_app(
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    app.on_cleanup.append(close_upstream)
     return app
+
+
+async def close_upstream(app: web.Application) -> None:
+    await app[UPSTREAM].close()

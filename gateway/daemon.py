@@ -58,12 +58,6 @@ async def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         log.error("--route: %s", exc)
         return 2
-    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, enable_cleanup_closed=True)
-    upstream = aiohttp.ClientSession(
-        connector=connector,
-        timeout=aiohttp.ClientTimeout(total=args.upstream_timeout, sock_connect=5),
-        trust_env=False,
-    )
     control = aiohttp.ClientSession(trust_env=False)
     watcher = RouteWatcher(args.supervisor, control)
     if fixed is not None:
@@ -71,7 +65,7 @@ async def serve(args: argparse.Namespace) -> int:
     # With static routes there is no supervisor to follow.
     watch_task = None if fixed else asyncio.create_task(watcher.run(), name="route-watcher")
     admission = Admission(watcher, max_queue=args.max_queue, queue_timeout=args.queue_timeout)
-    app = create_app(watcher, upstream, admission)
+    app = create_app(watcher, admission, upstream_timeout=args.upstream_timeout)
     # handler_cancellation: a client that disconnects cancels its handler, which closes the
     # upstream request, and vLLM aborts the generation (freeing its slot).
     runner = web.AppRunner(
@@ -99,7 +93,6 @@ async def serve(args: argparse.Namespace) -> int:
             watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watch_task
-        await upstream.close()
         await control.close()
     log.info("gateway stopped")
     return 0

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -72,51 +70,77 @@ class GatewayMetrics:
             ["model"], registry=self.registry,
         )  # fmt: skip
         self.registry.register(_AdmissionCollector(watcher, admission))
+        self._models: dict[str, ModelMetrics] = {}
+
+    def model(self, label: str) -> ModelMetrics:
+        """The metrics of one model, their labelled children looked up once (`.labels()` costs
+        more than the observation itself)."""
+        found = self._models.get(label)
+        if found is None:
+            found = self._models[label] = ModelMetrics(self, label)
+        return found
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-@dataclass
-class Observation:
-    """One request's timings, filled in by the handler as it goes."""
+class ModelMetrics:
+    """One model's labelled metric children."""
 
-    metrics: GatewayMetrics
-    model: str
-    start: float = field(default_factory=time.perf_counter)
-    tokens: int = 0
-    _first_token_seen: bool = False
+    def __init__(self, metrics: GatewayMetrics, label: str) -> None:
+        self._requests = metrics.requests
+        self.label = label
+        self.queue_seconds = metrics.queue_seconds.labels(label)
+        self.ttft_seconds = metrics.ttft_seconds.labels(label)
+        self.request_seconds = metrics.request_seconds.labels(label)
+        self.generated_tokens = metrics.generated_tokens.labels(label)
+        self._outcomes: dict[tuple[str, str], Counter] = {}
+
+    def requests(self, route: str, outcome: str) -> Counter:
+        key = (route, outcome)
+        found = self._outcomes.get(key)
+        if found is None:
+            found = self._outcomes[key] = self._requests.labels(self.label, route, outcome)
+        return found
+
+
+class Observation:
+    """One request's timings and tokens, filled in by the handler as it goes."""
+
+    __slots__ = ("_ttft_seen", "metrics", "outcome", "route", "start", "tokens")
+
+    def __init__(self, metrics: ModelMetrics, route: str) -> None:
+        self.metrics = metrics
+        self.route = route
+        self.start = time.perf_counter()
+        self.tokens = 0
+        self.outcome: str | None = None  # set where the ending says more than the exception
+        self._ttft_seen = False
 
     def admitted(self) -> None:
-        self.metrics.queue_seconds.labels(self.model).observe(time.perf_counter() - self.start)
+        self.metrics.queue_seconds.observe(time.perf_counter() - self.start)
 
-    def chunk(self) -> None:
-        """A streamed chunk went to the client (vLLM sends one token per chunk)."""
-        self.tokens += 1
-        if not self._first_token_seen:
-            self._first_token_seen = True
-            elapsed = time.perf_counter() - self.start
-            self.metrics.ttft_seconds.labels(self.model).observe(elapsed)
+    def first_token(self) -> None:
+        """The first streamed bytes went to the client (time to first token)."""
+        if not self._ttft_seen:
+            self._ttft_seen = True
+            self.metrics.ttft_seconds.observe(time.perf_counter() - self.start)
+
+    def finished(self, exc: BaseException | None) -> None:
+        """The request ended, with `exc` or (None) without."""
+        metrics = self.metrics
+        metrics.requests(self.route, self.outcome or outcome_of(exc)).inc()
+        metrics.request_seconds.observe(time.perf_counter() - self.start)
+        if self.tokens:
+            metrics.generated_tokens.inc(self.tokens)
 
 
-@asynccontextmanager
-async def observe(
-    metrics: GatewayMetrics, watcher: RouteWatcher, model: str, route: str
-) -> AsyncIterator[Observation]:
-    """Count the request by outcome and time it; unknown model names share one label."""
-    label = model if model in watcher.table.models else "(unknown)"
-    obs = Observation(metrics, label)
-    outcome = "ok"
-    try:
-        yield obs
-    except GatewayError as exc:
-        outcome = exc.type
-        raise
-    except asyncio.CancelledError:
-        outcome = "client_gone"
-        raise
-    finally:
-        metrics.requests.labels(label, route, outcome).inc()
-        metrics.request_seconds.labels(label).observe(time.perf_counter() - obs.start)
-        if obs.tokens:
-            metrics.generated_tokens.labels(label).inc(obs.tokens)
+def outcome_of(exc: BaseException | None) -> str:
+    """The `outcome` label of a request that ended with `exc` (None: it went well)."""
+    if exc is None:
+        return "ok"
+    if isinstance(exc, GatewayError):
+        return exc.type
+    if isinstance(exc, asyncio.CancelledError):
+        return "client_gone"
+    return "error"

@@ -1,92 +1,120 @@
 """Forwarding one request to one engine: JSON in, JSON or a server-sent event stream out.
 
-Streams are passed through as they arrive: each chunk the engine sends is written to the client
-at once, with no buffering and no re-chunking.
+Streams are passed through as they arrive: what the engine sent since the last read is written to
+the client at once, with no buffering, no re-chunking and no parsing (events are counted, see
+gateway.usage).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from types import TracebackType
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from gateway.errors import BadRequest, UpstreamError, UpstreamTimeout
 from gateway.metrics import Observation
 from gateway.state import UPSTREAM
+from gateway.upstream import EngineDisconnected, Exchange
+from gateway.usage import StreamTally, completion_tokens
 from sem.routes import ReplicaRoute
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-JSON_HEADERS = {"Content-Type": "application/json"}
 
 
-@asynccontextmanager
-async def engine_call(
-    app: web.Application, replica: ReplicaRoute, path: str, body: bytes
-) -> AsyncIterator[aiohttp.ClientResponse]:
-    """POST to an engine; 5xx and network errors raise typed errors."""
-    try:
-        url = f"{replica.url}{path}"
-        async with app[UPSTREAM].post(url, data=body, headers=JSON_HEADERS) as response:
-            if response.status >= 500:
-                text = await response.text()
-                raise UpstreamError(f"engine {replica.id} answered {response.status}: {text[:300]}")
-            yield response
-    except aiohttp.ClientConnectionError as exc:
-        raise UpstreamError(f"engine {replica.id} unreachable: {exc}") from None
-    except TimeoutError:
-        raise UpstreamTimeout(f"engine {replica.id} did not answer in time") from None
+class engine_errors:  # used like a function: `with engine_errors(replica):`
+    """Network failures and timeouts of an engine call, as the gateway's typed errors."""
+
+    __slots__ = ("_replica",)
+
+    def __init__(self, replica: ReplicaRoute) -> None:
+        self._replica = replica
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            return
+        if issubclass(exc_type, EngineDisconnected):
+            raise UpstreamError(f"engine {self._replica.id} unreachable: {exc}") from None
+        if issubclass(exc_type, TimeoutError):
+            raise UpstreamTimeout(f"engine {self._replica.id} did not answer in time") from None
 
 
-async def engine_json(response: aiohttp.ClientResponse, replica: ReplicaRoute) -> dict[str, Any]:
-    """The engine's JSON answer; a 4xx (the engine validated the request) becomes a 400."""
-    return (await engine_body(response, replica))[0]
+def engine_call(request: web.Request, replica: ReplicaRoute, path: str, body: bytes) -> Exchange:
+    """POST `body` to the engine: `async with engine_call(...) as upstream` (inside
+    `engine_errors`)."""
+    assert replica.url is not None  # ready replicas have one
+    return request.app[UPSTREAM].post(replica.url, path, body)
 
 
-async def engine_body(
-    response: aiohttp.ClientResponse, replica: ReplicaRoute
-) -> tuple[dict[str, Any], bytes]:
-    """The engine's JSON answer, parsed and as it came."""
-    raw = await response.read()
+def check_answer(status: int, raw: bytes, replica: ReplicaRoute) -> None:
+    """An engine's 5xx is a 502; its 4xx (it validated the request) a 400 with its message."""
+    if status < 400:
+        return
     text = raw.decode(errors="replace")
+    if status >= 500:
+        raise UpstreamError(f"engine {replica.id} answered {status}: {text[:300]}")
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError:
+        data = None
+    error = data.get("error") if isinstance(data, dict) else None
+    message = error.get("message", text[:300]) if isinstance(error, dict) else text[:300]
+    raise BadRequest(f"engine rejected the request: {message}")
+
+
+def engine_json(status: int, raw: bytes, replica: ReplicaRoute) -> dict[str, Any]:
+    """The engine's JSON answer, parsed (for /generate, which reshapes it)."""
+    check_answer(status, raw, replica)
     try:
         data = json.loads(raw)
     except json.JSONDecodeError:
         raise UpstreamError(f"engine {replica.id} answered with malformed JSON") from None
-    if response.status >= 400:
-        error = data.get("error") if isinstance(data, dict) else None
-        message = error.get("message", text[:300]) if isinstance(error, dict) else text[:300]
-        raise BadRequest(f"engine rejected the request: {message}")
     if not isinstance(data, dict):
         raise UpstreamError(f"engine {replica.id} answered with a non-object")
-    return data, raw
+    return data
 
 
 async def relay(
     request: web.Request, replica: ReplicaRoute, body: bytes, stream: bool, obs: Observation
 ) -> web.StreamResponse:
-    """Forward an OpenAI request's bytes as they are; a stream is relayed chunk by chunk."""
-    async with engine_call(request.app, replica, request.path, body) as upstream:
-        if not stream or upstream.status >= 400:
-            data, raw = await engine_body(upstream, replica)
-            obs.tokens += int((data.get("usage") or {}).get("completion_tokens") or 0)
-            return web.Response(body=raw, content_type="application/json")  # as the engine sent it
-        response = web.StreamResponse(headers=SSE_HEADERS)
-        await response.prepare(request)
-        async for chunk in upstream.content.iter_any():
-            await response.write(chunk)
-            obs.chunk()
-        await response.write_eof()
-        return response
+    """Forward an OpenAI request's bytes as they are; a stream is relayed as it comes."""
+    with engine_errors(replica):
+        async with engine_call(request, replica, request.path, body) as upstream:
+            if not stream or upstream.status >= 400:
+                raw = await upstream.read()
+                check_answer(upstream.status, raw, replica)
+                obs.tokens += completion_tokens(raw) or 0
+                # as the engine sent it
+                return web.Response(body=raw, content_type="application/json")
+            response = web.StreamResponse(headers=SSE_HEADERS)
+            await response.prepare(request)
+            tally = StreamTally()
+            try:
+                async for chunk in upstream:
+                    await response.write(chunk)
+                    obs.first_token()
+                    tally.feed(chunk)
+                await response.write_eof()
+            except ConnectionResetError:  # the client went away (before its handler was cancelled)
+                obs.outcome = "client_gone"
+            obs.tokens += tally.tokens()
+            return response
 
 
-async def sse_events(upstream: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+async def sse_events(upstream: Exchange) -> AsyncIterator[dict[str, Any]]:
     """The JSON events of an engine's SSE stream, until `data: [DONE]`."""
     buffer = b""
-    async for chunk in upstream.content.iter_any():
+    async for chunk in upstream:
         buffer += chunk
         while b"\n\n" in buffer:
             event, buffer = buffer.split(b"\n\n", 1)

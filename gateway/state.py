@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import aiohttp
 from aiohttp import web
 
 from gateway.admission import Admission
 from gateway.metrics import GatewayMetrics
 from gateway.routes import RouteWatcher
+from gateway.upstream import UpstreamPool
 
 WATCHER = web.AppKey("watcher", RouteWatcher)
-UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
+UPSTREAM = web.AppKey("upstream", UpstreamPool)
 ADMISSION = web.AppKey("admission", Admission)
 METRICS = web.AppKey("metrics", GatewayMetrics)

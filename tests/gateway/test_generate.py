@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -12,6 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.admission import Admission
 from gateway.app import create_app
 from gateway.routes import RouteWatcher
+from gateway.state import ADMISSION, UPSTREAM
 from sem.routes import ModelRoute, ReplicaRoute, RouteTable
 from tests.fake_engine import FakeEngine, make_app
 
@@ -20,8 +22,17 @@ async def failing_engine() -> web.Application:
     async def boom(_: web.Request) -> web.Response:
         return web.json_response({"error": {"message": "EngineCore died"}}, status=500)
 
+    async def refuse(_: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "max_tokens is too large"}}, status=400)
+
+    async def hang(_: web.Request) -> web.Response:
+        await asyncio.sleep(10)
+        return web.json_response({})
+
     app = web.Application()
     app.router.add_post("/v1/completions", boom)
+    app.router.add_post("/v1/chat/completions", refuse)
+    app.router.add_post("/hang/v1/chat/completions", hang)
     return app
 
 
@@ -46,11 +57,14 @@ async def gateway() -> AsyncIterator[tuple[TestClient, RouteWatcher]]:
                     "broken": ModelRoute("broken", "ready", "", (
                         ReplicaRoute("b-0", "ready", str(broken.make_url("")).rstrip("/"), 8),
                     )),
+                    "hangs": ModelRoute("hangs", "ready", "", (
+                        ReplicaRoute("h-0", "ready", str(broken.make_url("/hang")), 8),
+                    )),
                 },
             )
         )  # fmt: skip
         admission = Admission(watcher, queue_timeout=0.3)
-        client = TestClient(TestServer(create_app(watcher, session, admission)))
+        client = TestClient(TestServer(create_app(watcher, admission)))
         await client.start_server()
         yield client, watcher
         await client.close()
@@ -77,7 +91,9 @@ async def test_unknown_model_is_404_naming_known_ones(gateway):
     response = await client.post("/generate", json={"model": "nope", "prompt": "hi"})
     assert response.status == 404
     error = (await response.json())["error"]
-    assert error["type"] == "model_not_found" and "known: broken, m, slow" in error["message"]
+    assert (
+        error["type"] == "model_not_found" and "known: broken, hangs, m, slow" in error["message"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -120,6 +136,30 @@ async def test_engine_error_is_502_not_500(gateway):
     assert "EngineCore died" in (await response.json())["error"]["message"]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_engine_errors_are_relayed_in_openai_shape(gateway, stream):
+    client, _ = gateway
+    body = {"model": "broken", "prompt": "hi", "stream": stream}
+    response = await client.post("/v1/completions", json=body)
+    assert response.status == 502
+    error = (await response.json())["error"]
+    assert error["type"] == "upstream_error" and "EngineCore died" in error["message"]
+    body = {"model": "broken", "messages": [], "stream": stream}
+    response = await client.post("/v1/chat/completions", json=body)
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert error["code"] == 400 and "max_tokens is too large" in error["message"]
+
+
+async def test_an_engine_that_does_not_answer_in_time_is_504(gateway):
+    client, _ = gateway
+    client.app[UPSTREAM].timeout = 0.2
+    response = await client.post("/v1/chat/completions", json={"model": "hangs", "messages": []})
+    assert response.status == 504, await response.text()
+    assert (await response.json())["error"]["type"] == "upstream_timeout"
+    assert client.app[ADMISSION].outstanding["h-0"] == 0
+
+
 async def test_unknown_route_is_json_404(gateway):
     client, _ = gateway
     response = await client.get("/nope")
@@ -130,9 +170,9 @@ async def test_unknown_route_is_json_404(gateway):
 async def test_models_and_health(gateway):
     client, _ = gateway
     models = await (await client.get("/v1/models")).json()
-    assert [m["id"] for m in models["data"]] == ["broken", "m", "slow"]
+    assert [m["id"] for m in models["data"]] == ["broken", "hangs", "m", "slow"]
     health = await (await client.get("/health")).json()
-    assert health["ready_models"] == ["broken", "m"]
+    assert health["ready_models"] == ["broken", "hangs", "m"]
 
 
 def test_static_routes_parse_and_refuse_garbage():

@@ -38,7 +38,7 @@ async def gateway(fake: FakeEngine) -> AsyncIterator[TestClient]:
         url = str(engine.make_url("")).rstrip("/")
         watcher.update(RouteTable(1, {"m": ModelRoute("m", "ready", "", (
             ReplicaRoute("m-0", "ready", url, 8),))}))  # fmt: skip
-        app = create_app(watcher, session)
+        app = create_app(watcher)
         client = TestClient(TestServer(app, handler_cancellation=True))
         await client.start_server()
         yield client
