@@ -101,6 +101,25 @@ class Admission:
             if not waiter.future.done():
                 waiter.future.cancel()  # leave the queue
 
+    async def acquire_again(
+        self, model: str, avoid: str | None, avoid_for: float, timeout: float
+    ) -> ReplicaRoute:
+        """A slot for a request whose engine failed: on another replica than `avoid` (its url)
+        for `avoid_for` s, then on any, waiting up to `timeout` s for one to be ready (an engine
+        restart). Ahead of the queue: the request has waited once already. Rare, so it polls."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while True:
+            if (gone := self._gone(model)) is not None:
+                raise gone
+            shunned = avoid if loop.time() - started < avoid_for else None
+            if (replica := self._free_replica(model, shunned)) is not None:
+                self._take(replica)
+                return replica
+            if loop.time() - started > timeout:
+                raise self._timeout_error(model, loop.time() - started)
+            await self._watcher.wait_change(0.1)
+
     def release(self, replica: ReplicaRoute) -> None:
         self.outstanding[replica.id] = max(0, self.outstanding.get(replica.id, 0) - 1)
         self.dispatch()
@@ -152,11 +171,14 @@ class Admission:
             return ModelFailed(f"model {model!r} failed: {route.reason}")
         return None
 
-    def _free_replica(self, model: str) -> ReplicaRoute | None:
+    def _free_replica(self, model: str, avoid: str | None = None) -> ReplicaRoute | None:
         route = self._watcher.table.models.get(model)
         if route is None:
             return None
-        free = [r for r in route.ready_replicas if self.outstanding.get(r.id, 0) < r.max_num_seqs]
+        free = [
+            r for r in route.ready_replicas
+            if self.outstanding.get(r.id, 0) < r.max_num_seqs and r.url != avoid
+        ]  # fmt: skip
         return min(free, key=lambda r: self.outstanding.get(r.id, 0), default=None)
 
     def _take(self, replica: ReplicaRoute) -> None:

@@ -3,11 +3,19 @@
 POST /generate {model, prompt, ...} -> {model, text, finish_reason, usage} (or with stream: true,
 SSE of {"text": delta}), through the engine's /v1/completions. POST /v1/completions and
 /v1/chat/completions (OpenAI, streaming included), GET /v1/models, GET /health.
+
+An engine that fails a request (dies, hangs until the supervisor kills it, answers 5xx or an
+in-band stream error) costs the client nothing: the request is sent again to another ready
+replica or to the restarted one (`replay`); a stream that had started goes on from where it
+broke (`resume`, see gateway.resume). Bounded by the retry budget (gateway.retry).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,23 +28,21 @@ from gateway.errors import (
     GatewayError,
     InvalidField,
     InvalidRequest,
+    RequestQuarantined,
+    UpstreamError,
     error_response,
 )
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics, Observation
-from gateway.proxy import (
-    SSE_HEADERS,
-    check_answer,
-    engine_call,
-    engine_errors,
-    engine_json,
-    relay,
-    sse,
-    sse_events,
-)
+from gateway.proxy import StreamRelay, engine_call, engine_errors, engine_json, relay, sse
+from gateway.resume import events
+from gateway.retry import RetryBudget
 from gateway.routes import RouteWatcher
-from gateway.state import ADMISSION, METRICS, UPSTREAM, WATCHER
+from gateway.state import ADMISSION, METRICS, RETRY, UPSTREAM, WATCHER
 from gateway.upstream import UpstreamPool
 from sem.routes import ReplicaRoute
+
+log = logging.getLogger("sem.gateway")
+Call = Callable[[ReplicaRoute, Observation], Awaitable[web.StreamResponse]]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -91,11 +97,15 @@ async def generate(request: web.Request) -> web.StreamResponse:
         req = GenerateRequest.model_validate(body)
     except ValidationError as exc:
         raise validation_error(exc) from None
-    payload = json.dumps(req.model_dump(exclude_none=True)).encode()
+    engine_body = req.model_dump(exclude_none=True)
+    payload = json.dumps(engine_body).encode()
+    if req.stream:
+        stream = StreamRelay(
+            request, "/v1/completions", engine_body, payload, convert=generate_events
+        )
+        return await admitted(request, req.model, "/generate", stream.attempt, stream, payload)
 
     async def call(replica: ReplicaRoute, obs: Observation) -> web.StreamResponse:
-        if req.stream:
-            return await generate_stream(request, replica, payload, obs)
         with engine_errors(replica):
             async with engine_call(request, replica, "/v1/completions", payload) as upstream:
                 data = engine_json(upstream.status, await upstream.read(), replica)
@@ -115,30 +125,26 @@ async def generate(request: web.Request) -> web.StreamResponse:
             }
         )
 
-    return await admitted(request, req.model, "/generate", call)
+    return await admitted(request, req.model, "/generate", call, None, payload)
 
 
-async def generate_stream(
-    request: web.Request, replica: ReplicaRoute, payload: bytes, obs: Observation
-) -> web.StreamResponse:
-    """/generate with stream: true: `data: {"text": delta}` events, then `data: [DONE]`."""
-    with engine_errors(replica):
-        async with engine_call(request, replica, "/v1/completions", payload) as upstream:
-            if upstream.status >= 400:
-                check_answer(upstream.status, await upstream.read(), replica)
-            response = web.StreamResponse(headers=SSE_HEADERS)
-            await response.prepare(request)
-            async for event in sse_events(upstream):
-                for choice in event.get("choices", []):
-                    delta: dict[str, Any] = {"text": choice.get("text", "")}
-                    if choice.get("finish_reason"):
-                        delta["finish_reason"] = choice["finish_reason"]
-                    await response.write(sse(delta))
-                    obs.first_token()
-                    obs.tokens += 1
-            await response.write(sse("[DONE]"))
-            await response.write_eof()
-            return response
+def generate_events(raw: bytes) -> bytes:
+    """/generate's stream format from the engine's completion events: `data: {"text": delta}`
+    (with `finish_reason` on the last), then `data: [DONE]`; error events pass as they are."""
+    out = []
+    for data in events(raw):
+        if data == b"[DONE]":
+            out.append(sse("[DONE]"))
+            continue
+        chunk = json.loads(data)
+        if "error" in chunk:
+            out.append(sse(chunk))
+        for choice in chunk.get("choices", []):
+            delta: dict[str, Any] = {"text": choice.get("text", "")}
+            if choice.get("finish_reason"):
+                delta["finish_reason"] = choice["finish_reason"]
+            out.append(sse(delta))
+    return b"".join(out)
 
 
 async def openai_route(request: web.Request) -> web.StreamResponse:
@@ -147,40 +153,97 @@ async def openai_route(request: web.Request) -> web.StreamResponse:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidField("model: a model name is required", param="model")
-    stream = bool(body.get("stream"))
+    if body.get("stream"):
+        stream = StreamRelay(request, request.path, body, raw)
+        return await admitted(request, model, request.path, stream.attempt, stream, raw)
 
     async def call(replica: ReplicaRoute, obs: Observation) -> web.StreamResponse:
-        return await relay(request, replica, raw, stream, obs)
+        return await relay(request, replica, raw, obs)
 
-    return await admitted(request, model, request.path, call)
+    return await admitted(request, model, request.path, call, None, raw)
 
 
 async def admitted(
     request: web.Request,
     model: str,
     route: str,
-    call: Callable[[ReplicaRoute, Observation], Awaitable[web.StreamResponse]],
+    call: Call,
+    stream: StreamRelay | None,
+    body: bytes,
 ) -> web.StreamResponse:
     """Observe the request, and run `call` while holding a slot on a replica of `model`
-    (queueing for it if need be). Unknown model names share one metrics label."""
+    (queueing for it if need be); after an engine failure, again on another replica (or the
+    restarted one), within the retry budget. Unknown model names share one metrics label."""
     app = request.app
     priority = priority_of(request)
     label = model if model in app[WATCHER].table.models else "(unknown)"
     obs = Observation(app[METRICS].model(label), route)
+    budget = app[RETRY]
     error: BaseException | None = None
     try:
+        if budget.quarantined and (until := budget.quarantined_until(
+            budget.digest(model, route, body)
+        )):  # fmt: skip
+            raise RequestQuarantined(
+                f"this exact request failed on engines {budget.max_attempts} times; it is"
+                f" refused until {time.strftime('%H:%M:%S', time.localtime(until))}"
+                " (it may be what makes them fail)"
+            )
         admission = app[ADMISSION]
         replica = await admission.acquire(model, priority)
-        try:
-            obs.admitted()
-            return await call(replica, obs)
-        finally:
-            admission.release(replica)
+        obs.admitted()
+        failures = 0
+        rid = request_id(request)
+        while True:
+            try:
+                return await call(replica, obs)
+            except UpstreamError as exc:  # not a timeout: a hung engine is the supervisor's to kill
+                failures += 1
+                failed_on = replica.url
+                if failures >= budget.max_attempts:
+                    raise give_up(rid, budget, model, route, body, failures, exc) from None
+                retry = "resume" if stream is not None and stream.response else "replay"
+                (obs.metrics.resumes if retry == "resume" else obs.metrics.replays).inc()
+                log.warning(
+                    "request %s (%s): %s; %s (attempt %d of %d)", rid, model,
+                    exc.message, retry, failures + 1, budget.max_attempts,
+                )  # fmt: skip
+            finally:
+                admission.release(replica)
+            replica = await admission.acquire_again(
+                model, failed_on, budget.avoid_for, budget.replay_timeout
+            )
     except BaseException as exc:
         error = exc
+        if isinstance(exc, GatewayError) and stream is not None and stream.response is not None:
+            return await stream.give_up(exc)  # the client has a stream: end it with the error
         raise
     finally:
         obs.finished(error)
+
+
+def request_id(request: web.Request) -> str:
+    """The client's X-Request-Id, or one made up for the logs."""
+    return request.headers.get("X-Request-Id") or uuid.uuid4().hex[:12]
+
+
+def give_up(
+    rid: str,
+    budget: RetryBudget,
+    model: str,
+    route: str,
+    body: bytes,
+    failures: int,
+    last: UpstreamError,
+) -> UpstreamError:
+    """The error for a request that met `failures` engine failures; it is quarantined."""
+    budget.exhausted(budget.digest(model, route, body))
+    log.error("request %s (%s): failed on engines %d times; giving up and refusing it for %.0fs",
+              rid, model, failures, budget.quarantine)  # fmt: skip
+    return type(last)(
+        f"{last.message}; the request failed on engines {failures} times and is not retried"
+        f" (it may be what makes them fail: refused for {budget.quarantine:.0f}s)"
+    )
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -217,11 +280,15 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 def create_app(
-    watcher: RouteWatcher, admission: Admission | None = None, upstream_timeout: float = 600.0
+    watcher: RouteWatcher,
+    admission: Admission | None = None,
+    upstream_timeout: float = 600.0,
+    retry: RetryBudget | None = None,
 ) -> web.Application:
     """The gateway app; it owns its pool of engine connections (closed at the app's cleanup)."""
     app = web.Application(middlewares=[errors_middleware], client_max_size=32 * 1024**2)
     app[WATCHER] = watcher
+    app[RETRY] = retry or RetryBudget()
     app[UPSTREAM] = UpstreamPool(timeout=upstream_timeout)
     app[ADMISSION] = admission or Admission(watcher)
     app[METRICS] = GatewayMetrics(watcher, app[ADMISSION])

@@ -64,6 +64,13 @@ class ModelFailed(GatewayError):
     type = "model_failed"
 
 
+class RequestQuarantined(GatewayError):
+    """The same request exhausted its retries recently: it is not sent to an engine again."""
+
+    status = 422
+    type = "request_quarantined"
+
+
 class QueueFull(GatewayError):
     status = 429
     type = "queue_full"

@@ -69,6 +69,11 @@ class GatewayMetrics:
             "sem_gateway_generated_tokens", "Completion tokens (usage; streams: one per chunk)",
             ["model"], registry=self.registry,
         )  # fmt: skip
+        self.retries = Counter(
+            "sem_gateway_retries", "Requests sent again after an engine failed them: `replay`"
+            " (nothing had reached the client) or `resume` (a stream went on from where it broke)",
+            ["model", "kind"], registry=self.registry,
+        )  # fmt: skip
         self.registry.register(_AdmissionCollector(watcher, admission))
         self._models: dict[str, ModelMetrics] = {}
 
@@ -94,6 +99,8 @@ class ModelMetrics:
         self.ttft_seconds = metrics.ttft_seconds.labels(label)
         self.request_seconds = metrics.request_seconds.labels(label)
         self.generated_tokens = metrics.generated_tokens.labels(label)
+        self.replays = metrics.retries.labels(label, "replay")
+        self.resumes = metrics.retries.labels(label, "resume")
         self._outcomes: dict[tuple[str, str], Counter] = {}
 
     def requests(self, route: str, outcome: str) -> Counter:

@@ -8,14 +8,15 @@ gateway.usage).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any
 
 from aiohttp import web
 
-from gateway.errors import BadRequest, UpstreamError, UpstreamTimeout
+from gateway.errors import BadRequest, GatewayError, UpstreamError, UpstreamTimeout
 from gateway.metrics import Observation
+from gateway.resume import Partial, Splice, StreamLog, continuation, events, finish_events
 from gateway.state import UPSTREAM
 from gateway.upstream import EngineDisconnected, Exchange
 from gateway.usage import StreamTally, completion_tokens
@@ -85,30 +86,15 @@ def engine_json(status: int, raw: bytes, replica: ReplicaRoute) -> dict[str, Any
 
 
 async def relay(
-    request: web.Request, replica: ReplicaRoute, body: bytes, stream: bool, obs: Observation
+    request: web.Request, replica: ReplicaRoute, body: bytes, obs: Observation
 ) -> web.StreamResponse:
-    """Forward an OpenAI request's bytes as they are; a stream is relayed as it comes."""
+    """Forward a non-stream OpenAI request's bytes as they are, and the answer as it came."""
     with engine_errors(replica):
         async with engine_call(request, replica, request.path, body) as upstream:
-            if not stream or upstream.status >= 400:
-                raw = await upstream.read()
-                check_answer(upstream.status, raw, replica)
-                obs.tokens += completion_tokens(raw) or 0
-                # as the engine sent it
-                return web.Response(body=raw, content_type="application/json")
-            response = web.StreamResponse(headers=SSE_HEADERS)
-            await response.prepare(request)
-            tally = StreamTally()
-            try:
-                async for chunk in upstream:
-                    await response.write(chunk)
-                    obs.first_token()
-                    tally.feed(chunk)
-                await response.write_eof()
-            except ConnectionResetError:  # the client went away (before its handler was cancelled)
-                obs.outcome = "client_gone"
-            obs.tokens += tally.tokens()
-            return response
+            raw = await upstream.read()
+    check_answer(upstream.status, raw, replica)
+    obs.tokens += completion_tokens(raw) or 0
+    return web.Response(body=raw, content_type="application/json")
 
 
 async def sse_events(upstream: Exchange) -> AsyncIterator[dict[str, Any]]:
@@ -134,3 +120,99 @@ async def sse_events(upstream: Exchange) -> AsyncIterator[dict[str, Any]]:
 def sse(data: dict[str, Any] | str) -> bytes:
     body = data if isinstance(data, str) else json.dumps(data)
     return f"data: {body}\n\n".encode()
+
+
+def in_band_error(chunk: bytes) -> str | None:
+    """The message of an error event in `chunk` (vLLM's way to fail a stream that already
+    answered 200), else None. Cheap when there is none: one substring search."""
+    if b'"error"' not in chunk:
+        return None
+    for data in events(chunk):
+        try:
+            parsed = json.loads(data)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+            return str(parsed["error"].get("message", "engine error"))
+    return None
+
+
+class StreamRelay:
+    """One client stream, across engine attempts: the first attempt sends the request as it
+    came; after an engine failure mid-stream the next attempt sends the continuation (see
+    gateway.resume) and splices its events in, so the client sees one unbroken stream.
+
+    `convert` reshapes complete engine events before they are written (/generate's own event
+    format); without it the engine's bytes go out as they are, unparsed.
+    """
+
+    def __init__(
+        self,
+        request: web.Request,
+        path: str,
+        body: dict[str, Any],
+        raw: bytes,
+        convert: Callable[[bytes], bytes] | None = None,
+    ) -> None:
+        self.request = request
+        self.path = path
+        self.body = body
+        self.raw = raw
+        self.convert = convert
+        self.chat = path.endswith("/chat/completions")
+        self.response: web.StreamResponse | None = None  # prepared: bytes reached the client
+        self.log = StreamLog()
+        self.resumed = 0
+
+    async def attempt(self, replica: ReplicaRoute, obs: Observation) -> web.StreamResponse:
+        request = self.request
+        splice: Splice | None = None
+        payload = self.raw
+        if self.response is not None:  # resuming
+            partial = Partial.of(bytes(self.log.sent))
+            follow = None if partial.finished else continuation(self.path, self.body, partial)
+            if follow is None:  # nothing left to generate, or cannot be resumed
+                return await self.finish(finish_events(partial, self.chat))
+            payload, splice = json.dumps(follow).encode(), Splice(partial, self.chat)
+            self.resumed += 1
+        with engine_errors(replica):
+            async with engine_call(request, replica, self.path, payload) as upstream:
+                if upstream.status >= 400:
+                    check_answer(upstream.status, await upstream.read(), replica)
+                if self.response is None:
+                    self.response = web.StreamResponse(headers=SSE_HEADERS)
+                    await self.response.prepare(request)
+                tally = StreamTally()
+                try:
+                    async for chunk in upstream:
+                        if (message := in_band_error(chunk)) is not None:
+                            raise UpstreamError(f"engine {replica.id} failed mid-stream: {message}")
+                        out = self.log.complete(chunk)
+                        if splice is not None and out:
+                            out = b"".join(e for d in events(out) if (e := splice.event(d)))
+                        if self.convert is not None and out:
+                            out = self.convert(out)
+                        if out:
+                            await self.response.write(out)
+                            obs.first_token()
+                            tally.feed(out)
+                    await self.response.write_eof()
+                except (
+                    ConnectionResetError
+                ):  # the client went away (before its handler was cancelled)
+                    obs.outcome = "client_gone"
+                obs.tokens += tally.tokens()
+                return self.response
+
+    async def finish(self, tail: bytes) -> web.StreamResponse:
+        """End the client's stream with `tail` (already in the client's format)."""
+        assert self.response is not None
+        if tail:
+            await self.response.write(self.convert(tail) if self.convert else tail)
+        await self.response.write_eof()
+        return self.response
+
+    async def give_up(self, error: GatewayError) -> web.StreamResponse:
+        """The stream cannot go on: end it with an error event (its status was sent long ago)."""
+        body = {"error": {"type": error.type, "message": error.message}}
+        return await self.finish(sse(body) + sse("[DONE]"))

@@ -17,13 +17,20 @@ from dataclasses import dataclass, field
 
 @dataclass
 class RetryBudget:
-    max_attempts: int = 3
+    max_attempts: int = 3  # engine failures one request may meet
     quarantine: float = 600.0
+    replay_timeout: float = 180.0  # how long a retry waits for a ready replica (covers a restart)
+    avoid_for: float = 2.0  # a retry shuns the replica that failed it this long
     _quarantined: dict[bytes, float] = field(default_factory=dict)  # digest -> until
 
     @staticmethod
     def digest(model: str, route: str, body: bytes) -> bytes:
         return hashlib.blake2b(b"%s\0%s\0%s" % (model.encode(), route.encode(), body)).digest()
+
+    @property
+    def quarantined(self) -> bool:
+        """Any request quarantined (else a request's digest need not be computed)."""
+        return bool(self._quarantined)
 
     def quarantined_until(self, digest: bytes) -> float | None:
         """When the quarantine of this request ends; None if it is not quarantined."""

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from gateway.admission import Admission
 from gateway.metrics import GatewayMetrics
+from gateway.retry import RetryBudget
 from gateway.routes import RouteWatcher
 from gateway.upstream import UpstreamPool
 
@@ -13,3 +14,4 @@ WATCHER = web.AppKey("watcher", RouteWatcher)
 UPSTREAM = web.AppKey("upstream", UpstreamPool)
 ADMISSION = web.AppKey("admission", Admission)
 METRICS = web.AppKey("metrics", GatewayMetrics)
+RETRY = web.AppKey("retry", RetryBudget)
