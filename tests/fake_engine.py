@@ -10,6 +10,8 @@ Fault knobs, from the environment:
   FAKE_CRASH_AFTER=S      exit with code 1 after S seconds of being healthy
   FAKE_IGNORE_SIGTERM=1   ignore SIGTERM (only SIGKILL stops it)
   FAKE_TOKEN_DELAY=S      seconds between streamed tokens (and per token when not streaming)
+  FAKE_DIE_AFTER=N        exit (connections cut) once N tokens have been generated in all
+  FAKE_CRASH_ON=WORD      exit at once on a prompt containing WORD (a "poison" request)
 """
 
 from __future__ import annotations
@@ -34,18 +36,53 @@ def engine_core() -> None:
 
 
 def completion_text(prompt: str, max_tokens: int) -> list[str]:
-    """Deterministic 'tokens': the prompt's words reversed, cycled."""
+    """Deterministic 'tokens': the prompt's words reversed, cycled. A prompt ending in a number
+    counts on from it, like a language model continuing a sequence: going on from the prompt
+    plus part of the answer gives the rest of the same answer (what stream resumption needs)."""
     words = prompt.split() or ["empty"]
+    if words[-1].isdigit():
+        return [f" {int(words[-1]) + 1 + i}" for i in range(max_tokens)]
     return [f" {words[-1 - (i % len(words))]}" for i in range(max_tokens)]
 
 
 class FakeEngine:
-    def __init__(self, served_name: str, token_delay: float | None = None) -> None:
+    """`die_after`: after that many tokens in all, the connection is cut mid-answer (as when the
+    engine is killed; in a process, it exits too); `error_after`: a stream gets vLLM's in-band
+    error event instead of its next token; `crash_on`: a prompt with this word kills it."""
+
+    def __init__(
+        self,
+        served_name: str,
+        token_delay: float | None = None,
+        die_after: int | None = None,
+        error_after: int | None = None,
+        crash_on: str | None = None,
+    ) -> None:
         self.served_name = served_name
         self.running = 0
         if token_delay is None:
             token_delay = float(os.environ.get("FAKE_TOKEN_DELAY", "0"))
         self.token_delay = token_delay
+        self.die_after = die_after
+        self.error_after = error_after
+        self.crash_on = crash_on
+        self.tokens_sent = 0
+        self.requests: list[dict[str, object]] = []
+        self.exit_process = False  # set when it runs as its own process
+
+    def _die(self, request: web.Request) -> web.StreamResponse:
+        """Cut the connection like a killed engine; a real process also exits."""
+        if request.transport is not None:
+            request.transport.abort()
+        if self.exit_process:
+            os._exit(1)
+        raise asyncio.CancelledError
+
+    def _count(self, request: web.Request, tokens: int = 1) -> None:
+        self.tokens_sent += tokens
+        if self.die_after is not None and self.tokens_sent > self.die_after:
+            self.die_after = None  # once
+            self._die(request)
 
     async def health(self, _: web.Request) -> web.Response:
         return web.Response(text="")
@@ -68,6 +105,7 @@ class FakeEngine:
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         body = await request.json()
+        self.requests.append(body)
         if body.get("model") != self.served_name:
             return web.json_response(
                 {"error": {"message": f"The model `{body.get('model')}` does not exist.",
@@ -76,6 +114,8 @@ class FakeEngine:
             prompt = " ".join(str(m.get("content", "")) for m in body.get("messages", []))
         else:
             prompt = str(body.get("prompt", ""))
+        if self.crash_on is not None and self.crash_on in prompt.split():
+            self._die(request)
         max_tokens = int(body.get("max_tokens") or 16)
         tokens = completion_text(prompt, max_tokens)
         usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(tokens),
@@ -85,7 +125,9 @@ class FakeEngine:
         try:
             if body.get("stream"):
                 return await self._stream(request, tokens, chat, kind, usage, body)
-            await asyncio.sleep(self.token_delay * len(tokens))
+            for _ in tokens:
+                await asyncio.sleep(self.token_delay)
+                self._count(request)
         finally:
             self.running -= 1
         text = "".join(tokens)
@@ -102,6 +144,14 @@ class FakeEngine:
         await response.prepare(request)
         for n, token in enumerate(tokens):
             await asyncio.sleep(self.token_delay)
+            if self.error_after is not None and self.tokens_sent >= self.error_after:
+                self.error_after = None  # once
+                error = {"error": {"message": "EngineCore encountered an issue",
+                                   "type": "InternalServerError", "code": 500}}  # fmt: skip
+                await response.write(f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode())
+                await response.write_eof()
+                return response
+            self._count(request)
             last = n == len(tokens) - 1
             choice: dict[str, object] = {"index": 0, "finish_reason": "length" if last else None}
             choice |= {"delta": {"content": token}} if chat else {"text": token}
@@ -148,7 +198,13 @@ async def main() -> None:
         core.kill()
         sys.exit(int(os.environ["FAKE_EXIT_AT_START"]))
 
-    app = make_app(FakeEngine(args.served_model_name))
+    engine = FakeEngine(
+        args.served_model_name,
+        die_after=int(os.environ["FAKE_DIE_AFTER"]) if "FAKE_DIE_AFTER" in os.environ else None,
+        crash_on=os.environ.get("FAKE_CRASH_ON"),
+    )
+    engine.exit_process = True
+    app = make_app(engine)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
