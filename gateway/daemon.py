@@ -14,6 +14,7 @@ from aiohttp import web
 
 from gateway.admission import Admission
 from gateway.app import create_app
+from gateway.retry import RetryBudget
 from gateway.routes import RouteWatcher
 from sem.routes import ModelRoute, ReplicaRoute, RouteTable
 
@@ -34,6 +35,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="longest wait for a slot or for the model to be ready")  # fmt: skip
     p.add_argument("--upstream-timeout", type=float, default=600.0,
                    help="longest a single engine call may take")  # fmt: skip
+    p.add_argument("--max-attempts", type=int, default=3,
+                   help="engine failures one request may meet before it is refused")  # fmt: skip
+    p.add_argument("--replay-timeout", type=float, default=180.0,
+                   help="how long a failed request waits for a ready replica")  # fmt: skip
+    p.add_argument("--quarantine", type=float, default=600.0,
+                   help="seconds a request that used all its attempts is refused")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -65,7 +72,11 @@ async def serve(args: argparse.Namespace) -> int:
     # With static routes there is no supervisor to follow.
     watch_task = None if fixed else asyncio.create_task(watcher.run(), name="route-watcher")
     admission = Admission(watcher, max_queue=args.max_queue, queue_timeout=args.queue_timeout)
-    app = create_app(watcher, admission, upstream_timeout=args.upstream_timeout)
+    retry = RetryBudget(
+        max_attempts=args.max_attempts, quarantine=args.quarantine,
+        replay_timeout=args.replay_timeout,
+    )  # fmt: skip
+    app = create_app(watcher, admission, upstream_timeout=args.upstream_timeout, retry=retry)
     # handler_cancellation: a client that disconnects cancels its handler, which closes the
     # upstream request, and vLLM aborts the generation (freeing its slot).
     runner = web.AppRunner(

@@ -51,6 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         engine_python=args.engine_python,
         engine_module=args.engine_module,
         token=args.token,
+        queue_timeout=args.queue_timeout,
     )
     return asyncio.run(run(opts))
 
@@ -160,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", type=Path, default=Path(".sem"))
     p.add_argument("--engine-python", default=os.environ.get("SEM_ENGINE_PYTHON"))
     p.add_argument("--engine-module", default=os.environ.get("SEM_ENGINE_MODULE"))
+    p.add_argument(
+        "--queue-timeout", type=float, default=60.0,
+        help="seconds a request may wait for a ready replica (say, an engine restart)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("ps", help="models and replicas with their states")

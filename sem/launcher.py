@@ -40,6 +40,7 @@ class RunOptions:
     stop_timeout: float = 25.0  # both children gone within this, else SIGKILL
     token: str | None = None
     max_restarts: int = 5  # per child and minute
+    queue_timeout: float = 60.0  # the gateway's: how long a request waits for a ready replica
 
     @property
     def gateway_url(self) -> str:
@@ -75,6 +76,7 @@ def gateway_argv(opts: RunOptions) -> list[str]:
         "--host", opts.host,
         "--port", str(opts.gateway_port),
         "--supervisor", opts.supervisor_url,
+        "--queue-timeout", f"{opts.queue_timeout:g}",
     ]  # fmt: skip
 
 

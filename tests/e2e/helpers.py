@@ -36,6 +36,7 @@ class SemRun:
     supervisor_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[str] | None = None
     log_path: Path | None = None
+    extra_args: tuple[str, ...] = ()
 
     @property
     def gateway(self) -> str:
@@ -56,6 +57,7 @@ class SemRun:
         ]  # fmt: skip
         if self.engine_module:
             argv += ["--engine-module", self.engine_module]
+        argv += self.extra_args
         env = dict(os.environ, **{INSTANCE_ENV: self.instance})
         self.log_path = self.state_dir.parent / f"sem-run-{self.instance[:8]}.log"
         self.state_dir.mkdir(parents=True, exist_ok=True)
