@@ -44,8 +44,9 @@ class Admission:
         self.queue_timeout = queue_timeout
         self.outstanding: dict[str, int] = {}  # replica id -> requests in flight
         self._queues: dict[str, list[_Waiter]] = {}
+        self._suspects: dict[str, float] = {}  # engine url -> until (time.monotonic)
         self._arrivals = itertools.count()
-        watcher.subscribe(self.dispatch)
+        watcher.subscribe(self._table_changed)
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -101,27 +102,35 @@ class Admission:
             if not waiter.future.done():
                 waiter.future.cancel()  # leave the queue
 
-    async def acquire_again(
-        self, model: str, avoid: str | None, avoid_for: float, timeout: float
-    ) -> ReplicaRoute:
-        """A slot for a request whose engine failed: on another replica than `avoid` (its url)
-        for `avoid_for` s, then on any, waiting up to `timeout` s for one to be ready (an engine
-        restart). Ahead of the queue: the request has waited once already. Rare, so it polls."""
+    async def acquire_again(self, model: str, timeout: float) -> ReplicaRoute:
+        """A slot for a request whose engine failed (its replica is now suspect): waiting up to
+        `timeout` s for a ready replica (an engine restart). Ahead of the queue: the request has
+        waited once already. Rare, so it polls."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         while True:
             if (gone := self._gone(model)) is not None:
                 raise gone
-            shunned = avoid if loop.time() - started < avoid_for else None
-            if (replica := self._free_replica(model, shunned)) is not None:
+            if (replica := self._free_replica(model)) is not None:
                 self._take(replica)
                 return replica
             if loop.time() - started > timeout:
                 raise self._timeout_error(model, loop.time() - started)
             await self._watcher.wait_change(0.1)
 
+    def suspect(self, url: str, seconds: float) -> None:
+        """An engine failed a request: send it nothing for `seconds`, or until the route table
+        replaces it (the supervisor saw it die and restarts it on a new port)."""
+        self._suspects[url] = time.monotonic() + seconds
+        asyncio.get_running_loop().call_later(seconds, self.dispatch)
+
     def release(self, replica: ReplicaRoute) -> None:
         self.outstanding[replica.id] = max(0, self.outstanding.get(replica.id, 0) - 1)
+        self.dispatch()
+
+    def _table_changed(self) -> None:
+        if self._suspects:
+            self._forget_replaced()
         self.dispatch()
 
     def dispatch(self) -> None:
@@ -171,15 +180,26 @@ class Admission:
             return ModelFailed(f"model {model!r} failed: {route.reason}")
         return None
 
-    def _free_replica(self, model: str, avoid: str | None = None) -> ReplicaRoute | None:
+    def _free_replica(self, model: str) -> ReplicaRoute | None:
         route = self._watcher.table.models.get(model)
         if route is None:
             return None
-        free = [
-            r for r in route.ready_replicas
-            if self.outstanding.get(r.id, 0) < r.max_num_seqs and r.url != avoid
-        ]  # fmt: skip
+        free = [r for r in route.ready_replicas if self.outstanding.get(r.id, 0) < r.max_num_seqs]
+        if self._suspects:
+            free = [r for r in free if not self._is_suspect(r.url)]
         return min(free, key=lambda r: self.outstanding.get(r.id, 0), default=None)
+
+    def _is_suspect(self, url: str | None) -> bool:
+        until = self._suspects.get(url or "")
+        if until is not None and until <= time.monotonic():
+            del self._suspects[url or ""]
+            return False
+        return until is not None
+
+    def _forget_replaced(self) -> None:
+        """Suspects the route table no longer lists as ready were replaced: forget them."""
+        ready = {r.url for m in self._watcher.table.models.values() for r in m.ready_replicas}
+        self._suspects = {u: t for u, t in self._suspects.items() if u in ready}
 
     def _take(self, replica: ReplicaRoute) -> None:
         self.outstanding[replica.id] = self.outstanding.get(replica.id, 0) + 1

@@ -199,7 +199,7 @@ async def admitted(
                 return await call(replica, obs)
             except UpstreamError as exc:  # not a timeout: a hung engine is the supervisor's to kill
                 failures += 1
-                failed_on = replica.url
+                admission.suspect(replica.url or "", budget.suspect_for)
                 if failures >= budget.max_attempts:
                     raise give_up(rid, budget, model, route, body, failures, exc) from None
                 retry = "resume" if stream is not None and stream.response else "replay"
@@ -210,9 +210,7 @@ async def admitted(
                 )  # fmt: skip
             finally:
                 admission.release(replica)
-            replica = await admission.acquire_again(
-                model, failed_on, budget.avoid_for, budget.replay_timeout
-            )
+            replica = await admission.acquire_again(model, budget.replay_timeout)
     except BaseException as exc:
         error = exc
         if isinstance(exc, GatewayError) and stream is not None and stream.response is not None:

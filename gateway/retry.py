@@ -20,7 +20,7 @@ class RetryBudget:
     max_attempts: int = 3  # engine failures one request may meet
     quarantine: float = 600.0
     replay_timeout: float = 180.0  # how long a retry waits for a ready replica (covers a restart)
-    avoid_for: float = 2.0  # a retry shuns the replica that failed it this long
+    suspect_for: float = 10.0  # an engine that failed a request gets nothing new this long
     _quarantined: dict[bytes, float] = field(default_factory=dict)  # digest -> until
 
     @staticmethod

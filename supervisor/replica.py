@@ -222,16 +222,17 @@ class Replica:
             if outcome == _Outcome.STOP:
                 await self._drain_and_stop(self.process)
                 return
-            await self.process.stop(self._timing.stop_grace)  # leave no half-dead group behind
-            if not await self._backoff(detail):
+            if not await self._backoff(detail, self.process):
                 return
 
-    async def _backoff(self, failure: str) -> bool:
-        """After a failure: wait out the backoff (True) or give up / get stopped (False)."""
+    async def _backoff(self, failure: str, process: EngineHandle) -> bool:
+        """After a failure: stop what is left of the engine's group, then wait out the backoff
+        (True), or give up / get stopped (False)."""
         now = time.monotonic()
         self._failures.append(now)
         if self._policy.gives_up(self._failures, now):
             recent = len(self._failures)
+            await process.stop(self._timing.stop_grace)  # memory is released once it is gone
             self._transition(
                 ReplicaState.FAILED,
                 f"{failure}; {recent} failures in {self._policy.window:.0f}s, giving up",
@@ -241,10 +242,12 @@ class Replica:
             return False
         self.restarts += 1
         delay = self._policy.next_delay(self.restarts)
-        # STARTING/READY -> RESTARTING
+        # STARTING/READY -> RESTARTING, before the (up to stop_grace) stop of the rest of the
+        # group: the gateway must stop sending requests to it at once.
         self._transition(ReplicaState.RESTARTING, f"{failure}; restart in {delay:g}s")
+        await process.stop(self._timing.stop_grace)  # leave no half-dead group behind
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay):
+            async with asyncio.timeout(max(0.0, delay - (time.monotonic() - now))):
                 await self._stop_requested.wait()
         if self._stop_requested.is_set():
             self._transition(ReplicaState.STOPPED, "removed while restarting")

@@ -17,7 +17,7 @@ from gateway.routes import RouteWatcher
 from sem.routes import ModelRoute, ReplicaRoute, RouteTable
 from tests.fake_engine import FakeEngine, make_app
 
-FAST = RetryBudget(max_attempts=3, quarantine=60, replay_timeout=5, avoid_for=0.5)
+FAST = RetryBudget(max_attempts=3, quarantine=60, replay_timeout=5, suspect_for=0.5)
 
 
 def table(version: int, urls: list[str]) -> RouteTable:
@@ -158,3 +158,15 @@ async def test_a_request_that_keeps_killing_engines_is_tried_three_times_then_re
         assert len(first.requests) + len(second.requests) == sent, "not sent to an engine again"
         fine = await client.post("/v1/completions", json={**poison, "prompt": "count 1"})
         assert fine.status == 200
+
+
+async def test_an_engine_that_failed_gets_no_new_requests_for_a_while():
+    dying, healthy = engine(die_after=1), engine()
+    async with gateway(dying, healthy) as (client, _):
+        body = {"model": "m", "prompt": "count 1", "max_tokens": 3}
+        for _ in range(4):
+            assert (await client.post("/v1/completions", json=body)).status == 200
+        assert (len(dying.requests), len(healthy.requests)) == (1, 4)
+        await asyncio.sleep(0.6)  # the suspicion lapses: it is tried again
+        await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(4)))
+        assert len(dying.requests) > 1

@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.admission import Admission
 from gateway.app import create_app
+from gateway.retry import RetryBudget
 from gateway.routes import RouteWatcher
 from gateway.state import ADMISSION, UPSTREAM
 from sem.routes import ModelRoute, ReplicaRoute, RouteTable
@@ -64,7 +65,9 @@ async def gateway() -> AsyncIterator[tuple[TestClient, RouteWatcher]]:
             )
         )  # fmt: skip
         admission = Admission(watcher, queue_timeout=0.3)
-        client = TestClient(TestServer(create_app(watcher, admission)))
+        # A broken engine is retried, briefly shunned, then tried again by the next request.
+        retry = RetryBudget(suspect_for=0.05, replay_timeout=1)
+        client = TestClient(TestServer(create_app(watcher, admission, retry=retry)))
         await client.start_server()
         yield client, watcher
         await client.close()
