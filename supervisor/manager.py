@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from sem.routes import ModelRoute, ReplicaRoute, RouteTable
+from supervisor.cache import Job, ModelCache
 from supervisor.config import ModelSpec, Source
 from supervisor.engine import EngineCommand, EngineProcess, LaunchPlan, free_port, spawn_engine
-from supervisor.errors import InvalidSpec, ModelExists, ModelNotFound
+from supervisor.errors import InvalidSpec, ModelExists, ModelNotFound, SupervisorError
 from supervisor.estimate import EstimateError, MemoryEstimate, cpu_kv_cache_gib, estimate
 from supervisor.events import EventLog
 from supervisor.placement import DeviceView, Placement, Request, never_fits, plan
@@ -37,18 +38,33 @@ log = logging.getLogger("sem.manager")
 class ModelEntry:
     spec: ModelSpec
     model_ref: str  # what the engine's --model gets: a local folder
-    estimate: MemoryEstimate
+    estimate: MemoryEstimate | None  # None while its files are being cached
     replicas: list[Replica] = field(default_factory=list)
     removing: bool = False
+    download: Job | None = None  # caching its hf:// source first (state `downloading`)
+    failure: str = ""  # why it could not be cached or sized
 
     @property
     def state(self) -> ModelState:
         if self.removing:
             return ModelState.DRAINING
+        if self.failure:
+            return ModelState.FAILED
+        if self.download is not None:
+            return ModelState.DOWNLOADING
         return aggregate([r.state for r in self.replicas])
 
     @property
+    def sized(self) -> MemoryEstimate:
+        assert self.estimate is not None, "replicas exist only once the model is sized up"
+        return self.estimate
+
+    @property
     def reason(self) -> str:
+        if self.failure:
+            return self.failure
+        if self.download is not None:
+            return self.download.describe()
         # The reason of the replica that decides the aggregate state says most.
         for replica in self.replicas:
             if replica.state.value == self.state.value:
@@ -61,7 +77,8 @@ class ModelEntry:
             "state": self.state.value,
             "reason": self.reason,
             "spec": self.spec.model_dump(),
-            "estimate": self.estimate.to_json(),
+            "estimate": self.estimate.to_json() if self.estimate else None,
+            "download": self.download.to_json() if self.download else None,
             "replicas": [r.snapshot() for r in self.replicas],
         }
 
@@ -129,6 +146,7 @@ class Manager:
         policy: RestartPolicy | None = None,
         timing: ReplicaTiming | None = None,
         scheduling: SchedulerSettings | None = None,
+        cache: ModelCache | None = None,
     ) -> None:
         self._settings = settings
         self._inventory = inventory
@@ -147,6 +165,8 @@ class Manager:
         self._seq = itertools.count()
         self._replan = asyncio.Event()
         self._scheduler: asyncio.Task[None] | None = None
+        self.cache = cache  # if set, hf:// sources not cached yet are downloaded first
+        self._downloads: set[asyncio.Task[None]] = set()
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -214,19 +234,58 @@ class Manager:
     def add(self, spec: ModelSpec) -> ModelEntry:
         if spec.name in self._models:
             raise ModelExists(f"model {spec.name!r} already exists; remove it first")
-        model_dir = local_model_dir(spec)
-        need = size_up(spec, model_dir, self._devices)
-        entry = ModelEntry(spec=spec, model_ref=str(model_dir), estimate=need)
+        if self.cache is None:
+            prepared: Path | Job = local_model_dir(spec)
+        else:
+            prepared = self.cache.prepare(Source.parse(spec.source))
+        if isinstance(prepared, Job):
+            entry = ModelEntry(spec=spec, model_ref="", estimate=None, download=prepared)
+            self._models[spec.name] = entry
+            self._events.emit("model_downloading", spec.name, f"caching {spec.source} first")
+            task = asyncio.create_task(self._after_download(entry), name=f"cache-{spec.name}")
+            self._downloads.add(task)
+            task.add_done_callback(self._downloads.discard)
+            self._publish()
+            return entry
+        entry = ModelEntry(spec=spec, model_ref=str(prepared), estimate=None)
+        entry.estimate = size_up(spec, prepared, self._devices)
         self._models[spec.name] = entry
+        self._admit(entry)
+        return entry
+
+    async def _after_download(self, entry: ModelEntry) -> None:
+        """Once the files are cached: size the model up and place its replicas."""
+        assert entry.download is not None
+        name = entry.spec.name
+        try:
+            path = await entry.download.wait()
+            entry.estimate = size_up(entry.spec, path, self._devices)
+            entry.model_ref = str(path)
+        except SupervisorError as exc:
+            entry.failure = exc.message
+            self._events.emit("model_failed", name, exc.message)
+            self._publish()
+            return
+        finally:
+            entry.download = None
+        if self._models.get(name) is not entry or entry.removing or self._stopping:
+            return
+        assert self.cache is not None
+        self.cache.touch(Source.parse(entry.spec.source))
+        self._admit(entry)
+
+    def _admit(self, entry: ModelEntry) -> None:
+        """A sized-up model joins the pending queue."""
+        assert entry.estimate is not None
         self._events.emit(
-            "model_added", spec.name,
-            f"added from {spec.source}; needs {need.per_device / 2**30:.2f} GiB per device",
+            "model_added", entry.spec.name,
+            f"added from {entry.spec.source};"
+            f" needs {entry.estimate.per_device / 2**30:.2f} GiB per device",
         )  # fmt: skip
-        for index in range(spec.replicas):
+        for index in range(entry.spec.replicas):
             entry.replicas.append(self._new_replica(entry, index))
         self._publish()
         self._replan.set()
-        return entry
 
     def remove(self, name: str, drain_timeout: float) -> ModelEntry:
         """Begin draining the model; it disappears once every replica has stopped."""
@@ -247,6 +306,8 @@ class Manager:
         if self._scheduler is not None:
             self._replan.set()
             await self._scheduler
+        for task in self._downloads:
+            task.cancel()  # the cache's own jobs end in its aclose()
         for name in list(self._models):
             self.remove(name, drain_timeout)
         if self._removals:
@@ -285,7 +346,7 @@ class Manager:
         requests = [
             Request(
                 replica_id=r.id,
-                need=entries[r.id].estimate.per_device,
+                need=entries[r.id].sized.per_device,
                 devices=entries[r.id].spec.tensor_parallel,
                 priority=entries[r.id].spec.priority,
                 seq=r.seq,
@@ -370,7 +431,7 @@ class Manager:
                 tensor_parallel=spec.tensor_parallel,
                 gpu_ids=gpu_ids,
                 gpu_memory_utilization=utilization,
-                cpu_kv_cache_gib=None if gpu_ids else cpu_kv_cache_gib(entry.estimate.kv_cache),
+                cpu_kv_cache_gib=None if gpu_ids else cpu_kv_cache_gib(entry.sized.kv_cache),
                 engine_args=spec.engine_args,
                 env=spec.env,
             )
