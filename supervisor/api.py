@@ -12,6 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from supervisor.cache import ModelCache
+from supervisor.cache_api import cache_router
 from supervisor.config import ModelSpec, format_loc
 from supervisor.errors import SupervisorError, Unauthorized
 from supervisor.events import EventLog
@@ -22,7 +24,9 @@ def error_body(type_: str, message: str) -> dict[str, Any]:
     return {"error": {"type": type_, "message": message}}
 
 
-def create_app(manager: Manager, events: EventLog, token: str | None = None) -> FastAPI:
+def create_app(
+    manager: Manager, events: EventLog, token: str | None = None, cache: ModelCache | None = None
+) -> FastAPI:
     app = FastAPI(title="sem supervisor", version="0.1.0")
 
     async def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
@@ -102,4 +106,6 @@ def create_app(manager: Manager, events: EventLog, token: str | None = None) -> 
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
+    if cache is not None:
+        app.include_router(cache_router(manager, cache, mutating))
     return app

@@ -21,6 +21,7 @@ import uvicorn
 
 from sem.procgroup import signal_group
 from supervisor.api import create_app
+from supervisor.cache import CacheSettings, ModelCache
 from supervisor.config import ConfigError, load_config
 from supervisor.engine import EngineCommand
 from supervisor.errors import SupervisorError
@@ -29,6 +30,7 @@ from supervisor.manager import EngineSettings, Manager, SchedulerSettings
 from supervisor.probe import EngineProbe
 from supervisor.replica import ReplicaTiming
 from supervisor.resources import describe, detect
+from supervisor.units import parse_size
 
 log = logging.getLogger("sem.supervisor")
 
@@ -51,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop-grace", type=float, default=10.0, help="SIGTERM to SIGKILL, per engine")
     p.add_argument("--start-timeout", type=float, default=600.0)
     p.add_argument("--token", default=os.environ.get("SEM_ADMIN_TOKEN"))
+    p.add_argument("--cache-dir", type=Path, help="hf:// models go here (default: models.yaml's"
+                   " cache.dir, else HF_HUB_CACHE)")  # fmt: skip
     p.add_argument("--instance", default=os.environ.get("SEM_INSTANCE") or uuid.uuid4().hex)
     return p.parse_args(argv)
 
@@ -85,15 +89,25 @@ async def serve(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
 
+    cache_config = config.cache
+    cache = ModelCache(
+        CacheSettings(
+            cache_dir=(args.cache_dir or Path(cache_config.dir or CacheSettings().cache_dir)),
+            budget=parse_size(cache_config.budget) if cache_config.budget else None,
+            margin=parse_size(cache_config.margin),
+            parallel_files=cache_config.parallel_files,
+        )
+    )
     events = EventLog()
     probe = EngineProbe()
     timing = ReplicaTiming(start_timeout=args.start_timeout, stop_grace=args.stop_grace)
     manager = Manager(
         settings=settings, inventory=inventory, probe=probe, events=events, timing=timing,
-        scheduling=SchedulerSettings(recheck_interval=config.recheck_seconds),
+        scheduling=SchedulerSettings(recheck_interval=config.recheck_seconds), cache=cache,
     )  # fmt: skip
     log.info("devices: %s", describe(manager.devices))
-    app = create_app(manager, events, token=args.token)
+    log.info("model cache: %s", cache.cache_dir)
+    app = create_app(manager, events, token=args.token, cache=cache)
     server = _QuietServer(
         uvicorn.Config(
             app, host=args.host, port=args.port, log_level="warning",
@@ -130,6 +144,7 @@ async def serve(args: argparse.Namespace) -> int:
         await asyncio.sleep(0.05)
     if serve_task.done():
         await probe.aclose()
+        await cache.aclose()
         return 2
     manager.start()
     try:
@@ -145,6 +160,7 @@ async def serve(args: argparse.Namespace) -> int:
         )
     finally:
         await manager.shutdown(args.drain_timeout)
+        await cache.aclose()  # partial downloads stay on disk for the next run to resume
         server.should_exit = True
         await serve_task
         await probe.aclose()

@@ -20,8 +20,8 @@ from typing import Any
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
-UNWANTED = ["pytorch_model.bin", "consolidated.pth", "model-q4.gguf", "original/consolidated.00.pth",
-            "README.md"]  # fmt: skip
+UNWANTED = ["pytorch_model.bin", "consolidated.pth", "model-q4.gguf",
+            "original/consolidated.00.pth", "README.md"]  # fmt: skip
 
 
 def _random_file(path: Path, size: int, seed: int, prefix: bytes = b"") -> None:
@@ -106,3 +106,22 @@ class Hub:
             self.proc.wait(timeout=10)
         if self.proc is not None and self.proc.stdout is not None:
             self.proc.stdout.close()
+
+
+# The repositories the cache tests use (sizes kept small: 2 cores, a fast suite).
+TWO_A = "synth/two-a"  # 6 MiB + 3 MiB of safetensors
+TWO_B = "synth/two-b"  # 4 MiB
+BIG = "synth/big"  # 48 MiB + 32 MiB: slow enough, throttled, to kill half-way
+TINY = "demo/tiny"  # a fake-engine checkpoint (config + safetensors headers)
+GATED = "gated/model"
+
+
+def build_test_hub(root: Path) -> Path:
+    from tests.checkpoints import tiny_llama
+
+    synthetic_repo(root / TWO_A, [6 << 20, 3 << 20], seed=1)
+    synthetic_repo(root / TWO_B, [4 << 20], seed=2)
+    synthetic_repo(root / BIG, [48 << 20, 32 << 20], seed=3)
+    tiny_llama(root / TINY)
+    tiny_llama(root / GATED)
+    return root
