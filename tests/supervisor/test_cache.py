@@ -21,17 +21,7 @@ from supervisor.engine import free_port
 from supervisor.errors import HubAccessDenied
 from supervisor.hub import select_files
 from tests.conftest import ManagerFactory, wait_until
-from tests.hubrepos import GATED, TINY, TWO_A, TWO_B, UNWANTED, Hub, build_test_hub
-
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
-    root = build_test_hub(tmp_path_factory.mktemp("hub"))
-    server = Hub(root, gated=[GATED]).start()
-    try:
-        yield server
-    finally:
-        server.stop()
+from tests.hubrepos import GATED, TINY, TWO_A, TWO_B, UNWANTED, Hub
 
 
 @pytest.fixture
