@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
-from supervisor.hub import human
+from supervisor.units import human
 
 Request = Callable[..., Any]
 

@@ -32,7 +32,8 @@ from supervisor.errors import (
     InvalidSpec,
     NotCached,
 )
-from supervisor.hub import CachedModel, DownloadCancelled, HubClient, Plan, RemoteFile, human
+from supervisor.hub import CachedModel, DownloadCancelled, HubClient, Plan, RemoteFile
+from supervisor.units import human
 
 log = logging.getLogger("sem.cache")
 

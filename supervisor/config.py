@@ -97,13 +97,13 @@ class CacheConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dir: str | None = Field(default=None, description="default: HF_HUB_CACHE")
-    budget: str | None = Field(default=None, description="the most the cache folder may hold")
-    margin: str = Field(default="1GiB", description="free disk kept after a download")
+    budget: str | int | None = Field(default=None, description="the most the cache may hold")
+    margin: str | int = Field(default="1GiB", description="free disk kept after a download")
     parallel_files: int = Field(default=8, ge=1, le=64, description="files per model at once")
 
     @field_validator("budget", "margin")
     @classmethod
-    def _check_size(cls, value: str | None) -> str | None:
+    def _check_size(cls, value: str | int | None) -> str | int | None:
         if value is not None:
             parse_size(value)
         return value

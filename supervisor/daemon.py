@@ -93,7 +93,7 @@ async def serve(args: argparse.Namespace) -> int:
     cache = ModelCache(
         CacheSettings(
             cache_dir=(args.cache_dir or Path(cache_config.dir or CacheSettings().cache_dir)),
-            budget=parse_size(cache_config.budget) if cache_config.budget else None,
+            budget=None if cache_config.budget is None else parse_size(cache_config.budget),
             margin=parse_size(cache_config.margin),
             parallel_files=cache_config.parallel_files,
         )

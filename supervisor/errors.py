@@ -53,13 +53,14 @@ class RepoNotFound(CacheError):
 
 
 class HubAccessDenied(CacheError):
-    """Gated or private: 401 without a token, 403 with one that has no access."""
+    """Gated or private, and no token was sent (401); HubForbidden: the token has no access."""
 
+    status = 401
     type = "access_denied"
 
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
+
+class HubForbidden(HubAccessDenied):
+    status = 403
 
 
 class HubUnreachable(CacheError):

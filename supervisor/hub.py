@@ -55,6 +55,7 @@ from supervisor.config import Source
 from supervisor.errors import (
     CacheError,
     HubAccessDenied,
+    HubForbidden,
     HubUnreachable,
     InsufficientDisk,
     InvalidSource,
@@ -80,13 +81,6 @@ def select_files(paths: list[str]) -> tuple[list[str], list[str]]:
     patterns = _SIDE_FILES + weights
     wanted = [p for p in top if any(fnmatch.fnmatchcase(p, pat) for pat in patterns)]
     return wanted, [p for p in paths if p not in set(wanted)]
-
-
-def human(num_bytes: float) -> str:
-    for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(num_bytes) >= factor:
-            return f"{num_bytes / factor:.2f} {unit}"
-    return f"{int(num_bytes)} B"
 
 
 @dataclass(frozen=True)
@@ -185,7 +179,8 @@ def hub_errors(source: Source, endpoint: str) -> Iterator[None]:
             if token is None and status == 401
             else "the token in HF_TOKEN has no access to it (request access on the hub)"
         )
-        raise HubAccessDenied(f"{source} is gated or private: {why}", status) from None
+        error = HubAccessDenied if status == 401 else HubForbidden
+        raise error(f"{source} is gated or private: {why}") from None
     except RevisionNotFoundError:
         raise RevisionNotFound(
             f"{source}: revision {source.revision or 'main'!r} not found in {source.repo}"

@@ -308,6 +308,8 @@ class Manager:
             await self._scheduler
         for task in self._downloads:
             task.cancel()  # the cache's own jobs end in its aclose()
+        if self._downloads:
+            await asyncio.gather(*self._downloads, return_exceptions=True)
         for name in list(self._models):
             self.remove(name, drain_timeout)
         if self._removals:

@@ -272,3 +272,15 @@ async def test_model_whose_download_fails_is_failed_with_the_reason(api):
     assert "not found" in model["reason"] and model["replicas"] == []
     assert (await client.delete("/models/ghost")).status_code == 202
     await wait_until(lambda: manager.entries() == [], what="ghost removed")
+
+
+def test_cache_section_of_models_yaml(tmp_path: Path):
+    from supervisor.config import ConfigError, parse_config
+
+    text = "cache: {dir: hf, budget: 20GiB, margin: 0, parallel_files: 4}\nmodels: []\n"
+    config = parse_config(text, base_dir=tmp_path)
+    assert config.cache.dir == str(tmp_path / "hf") and config.cache.margin == 0
+    assert config.cache.budget == "20GiB"
+    assert parse_config("models: []\n").cache.dir is None, "default: HF_HUB_CACHE"
+    with pytest.raises(ConfigError, match=r"models.yaml:1: cache.budget: .*not a size"):
+        parse_config("cache: {budget: lots}\n")
