@@ -10,9 +10,10 @@ empty cache folders, in alternating order:
   and follows its progress until done.
 
 Both are timed as a user sees them, from the command's start to its exit (interpreter start-up
-included), with the written data synced to disk between runs. Throughput = bytes fetched / seconds; the ratio is sem / hf over the medians (target:
-at least 0.95). The supervisor's own job time (first byte asked to manifest written) is printed
-too.
+included), with the written data synced to disk between runs. Throughput = bytes fetched /
+seconds; the ratio is sem / hf over the medians (target: at least 0.95), and over the best runs
+(less sensitive to other work on the machine). The supervisor's own job time (checks to manifest
+written) is printed too.
 
     .venv/bin/python bench/cache_download.py [--size-gb 1.5] [--shards 4] [--rounds 5]
 """
