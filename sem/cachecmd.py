@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -135,12 +136,14 @@ class _Bars:
         self._bars: dict[int, Any] = {}
 
     def show(self, jobs: list[dict[str, Any]]) -> None:
+        size = shutil.get_terminal_size((100, 24))  # a terminal that says 0x0: 100x24
         for position, job in enumerate(jobs):
             bar = self._bars.get(job["id"])
             if bar is None:
                 bar = self._bars[job["id"]] = self._tqdm(
                     desc=job["source"], total=job["total"] or None, unit="B", unit_scale=True,
-                    unit_divisor=1024, position=position, leave=True, dynamic_ncols=True,
+                    unit_divisor=1024, position=position, leave=True,
+                    ncols=size.columns, nrows=size.lines,
                     initial=job["done"],  # already there (resumed): not part of the rate
                 )  # fmt: skip
             if job["total"] and bar.total != job["total"]:
