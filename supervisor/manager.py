@@ -247,8 +247,8 @@ class Manager:
             task.add_done_callback(self._downloads.discard)
             self._publish()
             return entry
-        entry = ModelEntry(spec=spec, model_ref=str(prepared), estimate=None)
-        entry.estimate = size_up(spec, prepared, self._devices)
+        need = size_up(spec, prepared, self._devices)
+        entry = ModelEntry(spec=spec, model_ref=str(prepared), estimate=need)
         self._models[spec.name] = entry
         self._admit(entry)
         return entry

@@ -284,3 +284,15 @@ def test_cache_section_of_models_yaml(tmp_path: Path):
     assert parse_config("models: []\n").cache.dir is None, "default: HF_HUB_CACHE"
     with pytest.raises(ConfigError, match=r"models.yaml:1: cache.budget: .*not a size"):
         parse_config("cache: {budget: lots}\n")
+
+
+async def test_cache_changes_need_the_admin_token(make_manager: ManagerFactory, make_cache):
+    cache = make_cache()
+    manager = make_manager()
+    app = create_app(manager, manager._events, token="s3cret", cache=cache)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as c:
+        assert (await c.post("/cache", json={"models": [f"hf://{TWO_B}"]})).status_code == 401
+        assert (await c.delete(f"/cache/hf://{TWO_B}")).status_code == 401
+        assert (await c.get("/cache")).status_code == 200
+    assert cache.jobs() == []
+    await cache.aclose()
