@@ -104,7 +104,10 @@ async def test_unknown_repo_is_404_and_does_not_stop_the_others(make_cache):
         assert bad.state == "failed" and bad.error is not None
         assert bad.error.status == 404 and bad.error.type == "repo_not_found"
         assert "nobody/nothing" in bad.error.message
-        assert (await good.wait()).is_dir()
+        (rev,) = await cache.fetch_many([Source.parse(f"hf://{TWO_B}@v9")])
+        assert rev.error is not None and rev.error.type == "revision_not_found"
+        assert rev.error.status == 404 and "'v9'" in rev.error.message
+        assert await asyncio.to_thread((await good.wait()).is_dir)
     finally:
         await cache.aclose()
 
