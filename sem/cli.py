@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 
+from sem import cachecmd
 from sem.launcher import RunOptions, run
 
 DEFAULT_ADMIN = os.environ.get("SEM_ADMIN_URL", "http://127.0.0.1:8001")
@@ -199,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path)
     p.add_argument("--inventory", help="e.g. 2x24GiB, 24GiB,16GiB or cpu:8GiB (default: detect)")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("cache", help="fetch models into the cache (progress), `ls`, `rm SOURCE`",
+                       description=cachecmd.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    cachecmd.configure(p)
+    p.set_defaults(func=lambda args: cachecmd.run(args, admin_request))
     return parser
 
 

@@ -12,6 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from supervisor.cache import ModelCache
+from supervisor.cache_api import cache_router
 from supervisor.config import ModelSpec, format_loc
 from supervisor.errors import InvalidConfig, SupervisorError, Unauthorized
 from supervisor.events import EventLog
@@ -26,7 +28,11 @@ def error_body(type_: str, message: str) -> dict[str, Any]:
 
 
 def create_app(
-    manager: Manager, events: EventLog, token: str | None = None, reload: Reload | None = None
+    manager: Manager,
+    events: EventLog,
+    token: str | None = None,
+    reload: Reload | None = None,
+    cache: ModelCache | None = None,
 ) -> FastAPI:
     app = FastAPI(title="sem supervisor", version="0.1.0")
     token = token or None  # an empty SEM_ADMIN_TOKEN= means no token, not the empty one
@@ -115,4 +121,6 @@ def create_app(
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
+    if cache is not None:
+        app.include_router(cache_router(manager, cache, mutating))
     return app

@@ -91,12 +91,31 @@ class ModelSpec(BaseModel):
         return value
 
 
+class CacheConfig(BaseModel):
+    """Where hf:// models are cached and how much disk they may take."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dir: str | None = Field(default=None, description="default: HF_HUB_CACHE")
+    budget: str | int | None = Field(default=None, description="the most the cache may hold")
+    margin: str | int = Field(default="1GiB", description="free disk kept after a download")
+    parallel_files: int = Field(default=8, ge=1, le=64, description="files per model at once")
+
+    @field_validator("budget", "margin")
+    @classmethod
+    def _check_size(cls, value: str | int | None) -> str | int | None:
+        if value is not None:
+            parse_size(value)
+        return value
+
+
 class SemConfig(BaseModel):
     """The whole file."""
 
     model_config = ConfigDict(extra="forbid")
 
     devices: Literal["auto", "cpu", "gpu"] = "auto"
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     cpu_memory_budget: str = Field(default="auto", description="CPU mode: memory sem may use")
     recheck_interval: str | float = Field(default="10s")
     models: list[ModelSpec] = Field(default_factory=list)
@@ -177,6 +196,10 @@ def parse_config(text: str, origin: str = "models.yaml", base_dir: Path | None =
             for spec in config.models
         ]
         config = config.model_copy(update={"models": models})
+        if config.cache.dir is not None:
+            cache_dir = Path(config.cache.dir).expanduser()
+            cache = config.cache.model_copy(update={"dir": str(base_dir / cache_dir)})
+            config = config.model_copy(update={"cache": cache})
     return config
 
 

@@ -25,6 +25,7 @@ import uvicorn
 
 from sem.procgroup import signal_group
 from supervisor.api import create_app
+from supervisor.cache import CacheSettings, ModelCache
 from supervisor.config import ConfigError, SemConfig, load_config
 from supervisor.engine import EngineCommand
 from supervisor.errors import InvalidConfig, SupervisorError
@@ -35,6 +36,7 @@ from supervisor.reconcile import ConfigDiff
 from supervisor.replica import ReplicaTiming
 from supervisor.resources import describe, detect
 from supervisor.store import Store, StoreError
+from supervisor.units import parse_size
 
 log = logging.getLogger("sem.supervisor")
 
@@ -57,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop-grace", type=float, default=10.0, help="SIGTERM to SIGKILL, per engine")
     p.add_argument("--start-timeout", type=float, default=600.0)
     p.add_argument("--token", default=os.environ.get("SEM_ADMIN_TOKEN"))
+    p.add_argument("--cache-dir", type=Path, help="hf:// models go here (default: models.yaml's"
+                   " cache.dir, else HF_HUB_CACHE)")  # fmt: skip
     p.add_argument(
         "--instance", default=os.environ.get("SEM_INSTANCE"),
         help="marker on every engine process (default: the one kept in the state folder)",
@@ -124,14 +128,25 @@ async def _serve(args: argparse.Namespace, config: SemConfig, store: Store) -> i
         log.error("cannot listen on %s:%d: %s", args.host, args.port, exc.strerror)
         return 2
 
+    cache_config = config.cache
+    cache = ModelCache(
+        CacheSettings(
+            cache_dir=(args.cache_dir or Path(cache_config.dir or CacheSettings().cache_dir)),
+            budget=None if cache_config.budget is None else parse_size(cache_config.budget),
+            margin=parse_size(cache_config.margin),
+            parallel_files=cache_config.parallel_files,
+        )
+    )
     events = EventLog()
     probe = EngineProbe()
     timing = ReplicaTiming(start_timeout=args.start_timeout, stop_grace=args.stop_grace)
     manager = Manager(
         settings=settings, inventory=inventory, probe=probe, events=events, timing=timing,
         scheduling=SchedulerSettings(recheck_interval=config.recheck_seconds), store=store,
+        cache=cache,
     )  # fmt: skip
     log.info("devices: %s", describe(manager.devices))
+    log.info("model cache: %s", cache.cache_dir)
 
     async def reload() -> ConfigDiff:
         try:
@@ -144,7 +159,7 @@ async def _serve(args: argparse.Namespace, config: SemConfig, store: Store) -> i
         log.info("reloaded %s: %s", args.config, diff)
         return diff
 
-    app = create_app(manager, events, token=args.token, reload=reload)
+    app = create_app(manager, events, token=args.token, reload=reload, cache=cache)
     server = _QuietServer(
         uvicorn.Config(
             app, log_level="warning", timeout_graceful_shutdown=1, lifespan="off",
@@ -202,6 +217,7 @@ async def _serve(args: argparse.Namespace, config: SemConfig, store: Store) -> i
         for task in reloads:
             task.cancel()
         await manager.shutdown(args.drain_timeout)
+        await cache.aclose()  # partial downloads stay on disk for the next run to resume
         server.should_exit = True
         await serve_task
         await probe.aclose()

@@ -37,3 +37,59 @@ class InvalidConfig(SupervisorError):
 
     status = 422
     type = "invalid_config"
+
+
+# -- the model cache (cache.py, hub.py): each failure of a download says what to do about it ----
+
+
+class CacheError(SupervisorError):
+    """A model could not be cached; `status` is the HTTP status the admin API answers with."""
+
+    status = 502
+    type = "download_failed"
+
+
+class InvalidSource(CacheError):
+    status = 400
+    type = "invalid_source"
+
+
+class RepoNotFound(CacheError):
+    status = 404
+    type = "repo_not_found"
+
+
+class HubAccessDenied(CacheError):
+    """Gated or private, and no token was sent (401); HubForbidden: the token has no access."""
+
+    status = 401
+    type = "access_denied"
+
+
+class HubForbidden(HubAccessDenied):
+    status = 403
+
+
+class HubUnreachable(CacheError):
+    status = 503
+    type = "hub_unreachable"
+
+
+class InsufficientDisk(CacheError):
+    status = 507
+    type = "insufficient_disk"
+
+
+class CacheConflict(CacheError):
+    status = 409
+    type = "conflict"
+
+
+class NotCached(CacheError):
+    status = 404
+    type = "not_cached"
+
+
+class RevisionNotFound(CacheError):
+    status = 404
+    type = "revision_not_found"

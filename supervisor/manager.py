@@ -23,6 +23,7 @@ from typing import Any
 
 from sem.routes import ModelRoute, ReplicaRoute, RouteTable
 from supervisor.adoption import adopted_engine, is_our_engine, why_not_adoptable
+from supervisor.cache import Job, ModelCache
 from supervisor.config import ModelSpec, Source
 from supervisor.engine import (
     EngineCommand,
@@ -46,16 +47,22 @@ from supervisor.store import EngineRecord, Origin, Store, spec_digest
 
 log = logging.getLogger("sem.manager")
 
+# What a model needs before it can have replicas: (engine's model folder, memory per replica),
+# or the download of its files that must come first.
+Prepared = tuple[str, MemoryEstimate] | Job
+
 
 @dataclass
 class ModelEntry:
     spec: ModelSpec
     model_ref: str  # what the engine's --model gets: a local folder
-    estimate: MemoryEstimate
+    estimate: MemoryEstimate | None  # None while its files are being cached
     origin: Origin = "api"  # models.yaml or a runtime add
     replicas: list[Replica] = field(default_factory=list)
     removing: bool = False
     rollout: asyncio.Task[None] | None = None  # replacing replicas after a spec change
+    download: Job | None = None  # caching its hf:// source first (state `downloading`)
+    failure: str = ""  # why it could not be cached or sized
 
     def free_replica_id(self) -> str:
         """The first `<name>-<n>` no current replica has: a rollout's new replica runs beside
@@ -67,10 +74,23 @@ class ModelEntry:
     def state(self) -> ModelState:
         if self.removing:
             return ModelState.DRAINING
+        if self.failure:
+            return ModelState.FAILED
+        if self.download is not None:
+            return ModelState.DOWNLOADING
         return aggregate([r.state for r in self.replicas])
 
     @property
+    def sized(self) -> MemoryEstimate:
+        assert self.estimate is not None, "replicas exist only once the model is sized up"
+        return self.estimate
+
+    @property
     def reason(self) -> str:
+        if self.failure:
+            return self.failure
+        if self.download is not None:
+            return self.download.describe()
         # The reason of the replica that decides the aggregate state says most.
         for replica in self.replicas:
             if replica.state.value == self.state.value:
@@ -84,7 +104,8 @@ class ModelEntry:
             "reason": self.reason,
             "spec": self.spec.model_dump(),
             "origin": self.origin,
-            "estimate": self.estimate.to_json(),
+            "estimate": self.estimate.to_json() if self.estimate else None,
+            "download": self.download.to_json() if self.download else None,
             "replicas": [r.snapshot() for r in self.replicas],
         }
 
@@ -153,6 +174,7 @@ class Manager:
         timing: ReplicaTiming | None = None,
         scheduling: SchedulerSettings | None = None,
         store: Store | None = None,
+        cache: ModelCache | None = None,
     ) -> None:
         self._settings = settings
         self._store = store or Store(None)
@@ -173,6 +195,8 @@ class Manager:
         self._replan = asyncio.Event()
         self._scheduler: asyncio.Task[None] | None = None
         self._reloading = asyncio.Lock()
+        self.cache = cache  # if set, hf:// sources not cached yet are downloaded first
+        self._downloads: set[asyncio.Task[None]] = set()
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -267,6 +291,8 @@ class Manager:
             except SupervisorError as exc:
                 self._events.emit("model_invalid", spec.name, exc.message)
                 continue
+            if entry.download is not None:
+                continue  # not cached: no engine can have run from it
             for record in [r for r in records if r.model == spec.name]:
                 if len(entry.replicas) == spec.replicas:
                     break
@@ -314,6 +340,10 @@ class Manager:
         if self._scheduler is not None:
             self._replan.set()
             await self._scheduler
+        for task in self._downloads:
+            task.cancel()  # the cache's own jobs end in its aclose()
+        if self._downloads:
+            await asyncio.gather(*self._downloads, return_exceptions=True)
         for entry in list(self._models.values()):
             self._begin_removal(entry, drain_timeout)  # the desired state stays as it is
         if self._removals:
@@ -352,7 +382,7 @@ class Manager:
         requests = [
             Request(
                 replica_id=r.id,
-                need=entries[r.id].estimate.per_device,
+                need=entries[r.id].sized.per_device,
                 devices=entries[r.id].spec.tensor_parallel,
                 priority=entries[r.id].spec.priority,
                 seq=r.seq,
@@ -392,28 +422,66 @@ class Manager:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _prepare(self, spec: ModelSpec) -> tuple[str, MemoryEstimate]:
-        """The engine's model folder and the memory a replica needs; InvalidSpec if none."""
-        model_dir = local_model_dir(spec)
-        return str(model_dir), size_up(spec, model_dir, self._devices)
+    def _prepare(self, spec: ModelSpec) -> Prepared:
+        """The engine's model folder and the memory a replica needs, or the download that must
+        come first (an hf:// source not cached yet); InvalidSpec if neither can be had."""
+        if self.cache is None:
+            located: Path | Job = local_model_dir(spec)
+        else:
+            located = self.cache.prepare(Source.parse(spec.source))
+        if isinstance(located, Job):
+            return located
+        return str(located), size_up(spec, located, self._devices)
 
     def _create(
-        self,
-        spec: ModelSpec,
-        origin: Origin,
-        prepared: tuple[str, MemoryEstimate],
-        replicas: int | None = None,
+        self, spec: ModelSpec, origin: Origin, prepared: Prepared, replicas: int | None = None
     ) -> ModelEntry:
-        """A new model entry with `replicas` pending replicas (default: as the spec says)."""
+        """A new model entry with `replicas` pending replicas (default: as the spec says), or
+        `downloading` until its files are cached."""
+        if isinstance(prepared, Job):
+            entry = ModelEntry(spec, model_ref="", estimate=None, origin=origin, download=prepared)
+            self._models[spec.name] = entry
+            self._events.emit("model_downloading", spec.name, f"caching {spec.source} first")
+            task = asyncio.create_task(self._after_download(entry), name=f"cache-{spec.name}")
+            self._downloads.add(task)
+            task.add_done_callback(self._downloads.discard)
+            self._publish()
+            return entry
         model_ref, need = prepared
         entry = ModelEntry(spec=spec, model_ref=model_ref, estimate=need, origin=origin)
         self._models[spec.name] = entry
-        self._events.emit(
-            "model_added", spec.name,
-            f"added from {spec.source}; needs {need.per_device / 2**30:.2f} GiB per device",
-        )  # fmt: skip
-        self._add_replicas(entry, spec.replicas if replicas is None else replicas)
+        self._admit(entry, replicas)
         return entry
+
+    async def _after_download(self, entry: ModelEntry) -> None:
+        """Once the files are cached: size the model up and place its replicas."""
+        assert entry.download is not None
+        name = entry.spec.name
+        try:
+            path = await entry.download.wait()
+            entry.estimate = size_up(entry.spec, path, self._devices)
+            entry.model_ref = str(path)
+        except SupervisorError as exc:
+            entry.failure = exc.message
+            self._events.emit("model_failed", name, exc.message)
+            self._publish()
+            return
+        finally:
+            entry.download = None
+        if self._models.get(name) is not entry or entry.removing or self._stopping:
+            return
+        assert self.cache is not None
+        self.cache.touch(Source.parse(entry.spec.source))
+        self._admit(entry)
+
+    def _admit(self, entry: ModelEntry, replicas: int | None = None) -> None:
+        """A sized-up model joins the pending queue with `replicas` (default: the spec's)."""
+        self._events.emit(
+            "model_added", entry.spec.name,
+            f"added from {entry.spec.source};"
+            f" needs {entry.sized.per_device / 2**30:.2f} GiB per device",
+        )  # fmt: skip
+        self._add_replicas(entry, replicas)
 
     def _add_replicas(self, entry: ModelEntry, upto: int | None = None) -> None:
         """New pending replicas until the model has `upto` (default: as the spec says)."""
@@ -424,28 +492,31 @@ class Manager:
         self._replan.set()
 
     def _reconfigure(
-        self,
-        entry: ModelEntry,
-        spec: ModelSpec,
-        prepared: tuple[str, MemoryEstimate],
-        drain_timeout: float,
+        self, entry: ModelEntry, spec: ModelSpec, prepared: Prepared, drain_timeout: float
     ) -> None:
-        entry.spec, (entry.model_ref, entry.estimate), entry.origin = spec, prepared, "config"
         self._events.emit("model_changed", spec.name, f"new spec; {spec.replicas} replica(s)")
+        entry.origin = "config"
         if entry.rollout is not None:
             entry.rollout.cancel()
         entry.rollout = asyncio.create_task(
-            self._roll_out(entry, drain_timeout), name=f"rollout-{spec.name}"
+            self._roll_out(entry, spec, prepared, drain_timeout), name=f"rollout-{spec.name}"
         )
 
-    async def _roll_out(self, entry: ModelEntry, drain_timeout: float) -> None:
-        """Bring the replicas in line with the spec, one at a time: extras drained first; then
-        each replica from an older spec gets a successor, which starts (beside it if memory
-        allows, else once it is gone) while the old one drains; the next waits until that
-        successor is ready, so a model with 2+ replicas keeps serving. Then missing ones."""
-        digest = spec_digest(entry.spec)
+    async def _roll_out(
+        self, entry: ModelEntry, spec: ModelSpec, prepared: Prepared, drain_timeout: float
+    ) -> None:
+        """Bring the replicas in line with a new spec (its files cached first if need be), one
+        at a time: extras drained first; then each replica from an older spec gets a successor,
+        which starts (beside it if memory allows, else once it is gone) while the old one
+        drains; the next waits until that successor is ready, so a model with 2+ replicas keeps
+        serving. Then missing ones."""
+        if isinstance(prepared, Job):
+            path = await prepared.wait()
+            prepared = str(path), size_up(spec, path, self._devices)
+        entry.spec, (entry.model_ref, entry.estimate) = spec, prepared
+        digest = spec_digest(spec)
         live = [r for r in entry.replicas if not r.done]
-        extras = live[entry.spec.replicas :]
+        extras = live[spec.replicas :]
         await asyncio.gather(*(r.stop(drain_timeout) for r in extras))
         for old in [r for r in live if r not in extras and r.digest != digest]:
             new = self._new_replica(entry, entry.free_replica_id())
@@ -504,7 +575,7 @@ class Manager:
 
     def _new_replica(self, entry: ModelEntry, replica_id: str) -> Replica:
         # A replica keeps the spec it was made for, restarts included: a rollout replaces it.
-        spec, model_ref, need = entry.spec, entry.model_ref, entry.estimate
+        spec, model_ref, need = entry.spec, entry.model_ref, entry.sized
         settings = self._settings
 
         def make_plan(placement: Placement | None) -> LaunchPlan:

@@ -42,3 +42,11 @@ def parse_duration(text: str | float) -> float:
 
 def format_size(num_bytes: int | float) -> str:
     return f"{num_bytes / GiB:.1f} GiB"
+
+
+def human(num_bytes: float) -> str:
+    """1.20 GiB, 12.00 MiB, 3.00 KiB, 512 B."""
+    for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(num_bytes) >= factor:
+            return f"{num_bytes / factor:.2f} {unit}"
+    return f"{int(num_bytes)} B"
