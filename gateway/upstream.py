@@ -138,6 +138,7 @@ class Exchange:
         self._conn: _Connection | None = None
         self._chunks: list[bytes] = []
         self._buffered = 0
+        self._high_water: float = _HIGH_WATER
         self._done = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -199,6 +200,9 @@ class Exchange:
 
     async def read(self) -> bytes:
         """The whole body."""
+        self._high_water = float("inf")  # the caller wants it all: no reason to hold the engine
+        if self._conn is not None:
+            self._conn.resume()
         while not self._done:
             await self._wait()
         body = b"".join(self._chunks)
@@ -243,7 +247,7 @@ class Exchange:
     def feed(self, body: bytes) -> None:
         self._chunks.append(body)
         self._buffered += len(body)
-        if self._buffered > _HIGH_WATER and self._conn is not None:
+        if self._buffered > self._high_water and self._conn is not None:
             self._conn.pause()
         self._wake()
 

@@ -134,6 +134,26 @@ async def test_chunked_and_until_close_bodies(pool):
         assert engine.connections == 1
 
 
+async def test_large_bodies_whole_or_in_pieces(pool):
+    big = bytes(range(256)) * 8192  # 2 MiB: more than the pool reads ahead of a slow caller
+
+    async def send_big(reader, writer):
+        while True:
+            await read_request(reader)
+            writer.write(answer(big))
+            await writer.drain()
+
+    async with Engine(send_big) as engine:
+        assert await post(pool, engine.url) == (200, big)
+        async with pool.post(engine.url, "/v1/completions", b"{}") as exchange:
+            pieces = []
+            async for piece in exchange:
+                await asyncio.sleep(0.001)  # a slow reader
+                pieces.append(piece)
+        assert b"".join(pieces) == big
+        assert engine.connections == 1
+
+
 async def test_error_statuses_come_with_their_body(pool):
     async def refuse(reader, writer):
         await read_request(reader)
