@@ -339,6 +339,8 @@ class UpstreamPool:
 
     def put_idle(self, conn: _Connection) -> None:
         idle = self._idle.setdefault(conn.key, deque())
+        if len(idle) >= self.max_idle:  # drop the ones the engine closed meanwhile, if any
+            idle = self._idle[conn.key] = deque(c for c in idle if not c.closed)
         if len(idle) >= self.max_idle:
             conn.close()
             return

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from unittest.mock import Mock
 
 import pytest
 
-from gateway.upstream import EngineDisconnected, UpstreamPool
+from gateway.upstream import EngineDisconnected, UpstreamPool, _Connection
 from gateway.usage import StreamTally, completion_tokens
 
 # One connection's life: reads the requests from `reader`, answers on `writer`.
@@ -107,6 +108,19 @@ async def test_an_idle_connection_closed_by_the_engine_is_not_used(pool):
         await asyncio.sleep(0.05)  # the close reaches the pool
         assert pool.idle_count(engine.url) == 0
         assert await post(pool, engine.url, b"b") == (200, b"b")
+
+
+async def test_connections_the_engine_closed_do_not_count_against_the_idle_limit(pool):
+    pool.max_idle = 2
+    dead = [_Connection(pool, "127.0.0.1:9") for _ in range(2)]
+    for conn in dead:
+        pool.put_idle(conn)
+        conn.closed = True  # the engine closed them while idle
+    live = _Connection(pool, "127.0.0.1:9")
+    live.connection_made(Mock(is_closing=Mock(return_value=False)))
+    pool.put_idle(live)
+    assert pool.idle_count("http://127.0.0.1:9") == 1
+    assert pool.idle("127.0.0.1:9") is live
 
 
 async def test_a_fresh_connection_that_fails_is_not_retried(pool):
