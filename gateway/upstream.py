@@ -302,6 +302,7 @@ class UpstreamPool:
         self._idle: dict[str, deque[_Connection]] = {}
         self._targets: dict[str, _Target] = {}
         self._open: set[_Connection] = set()  # every connection not closed yet, idle or busy
+        self._closed = False
 
     def post(self, base_url: str, path: str, body: bytes) -> Exchange:
         return Exchange(self, base_url, path, body)
@@ -323,6 +324,8 @@ class UpstreamPool:
         return None
 
     async def connect(self, target: _Target) -> _Connection:
+        if self._closed:
+            raise EngineDisconnected("the upstream pool is closed (the gateway is stopping)")
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
@@ -338,6 +341,9 @@ class UpstreamPool:
         return conn
 
     def put_idle(self, conn: _Connection) -> None:
+        if self._closed:  # an exchange that finished while the pool was being closed
+            conn.close()
+            return
         idle = self._idle.setdefault(conn.key, deque())
         if len(idle) >= self.max_idle:  # drop the ones the engine closed meanwhile, if any
             idle = self._idle[conn.key] = deque(c for c in idle if not c.closed)
@@ -355,6 +361,7 @@ class UpstreamPool:
 
     async def close(self) -> None:
         """Close every connection still open, idle or busy."""
+        self._closed = True
         for conn in list(self._open):
             conn.close()
         self._idle.clear()

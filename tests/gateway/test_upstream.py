@@ -88,6 +88,23 @@ async def test_keep_alive_connections_are_reused(pool):
         assert pool.idle_count(engine.url) == 1
 
 
+async def test_closing_the_pool_closes_idle_connections_and_those_that_finish_later(pool):
+    async def slow_answer(reader, writer):
+        while True:
+            await read_request(reader)
+            await asyncio.sleep(0.1)
+            writer.write(answer(b"late"))
+
+    async with Engine(slow_answer) as engine:
+        assert await post(pool, engine.url) == (200, b"late")
+        busy = asyncio.ensure_future(post(pool, engine.url))
+        await asyncio.sleep(0.02)
+        await pool.close()  # the busy one is closed too: its caller gets a disconnect
+        with pytest.raises(EngineDisconnected):
+            await busy
+        assert pool.idle_count(engine.url) == 0
+
+
 async def test_a_connection_the_engine_closed_is_replaced_transparently(pool):
     async def one_answer_then_close_on_the_next(reader, writer):
         writer.write(answer(await read_request(reader)))
