@@ -152,6 +152,13 @@ def cpu_seconds(proc: psutil.Process) -> float:
     return times.user + times.system
 
 
+def core_busy_seconds(core: int) -> float:
+    """CPU time spent on one core by everything (the gateway's core is shared with whatever else
+    runs on the machine: what the gateway did not use of it was taken by others)."""
+    times = psutil.cpu_times(percpu=True)[core]
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
 def describe(r: Result) -> str:
     rps = r.done / r.elapsed if r.elapsed else 0
     p50, p99 = r.pct(r.latencies, 50), r.pct(r.latencies, 99)
@@ -162,7 +169,7 @@ def describe(r: Result) -> str:
 
 
 def report(name: str, concurrency: int, stream: bool, direct: Result, through: Result,
-           cpu_used: float) -> None:  # fmt: skip
+           cpu_used: float, others: float | None) -> None:  # fmt: skip
     kind = "stream of 64 chunks 5 ms apart" if stream else "non-stream"
     print(f"\n[{name}] c={concurrency} {kind}")
     print(f"  direct   {describe(direct)}")
@@ -176,6 +183,8 @@ def report(name: str, concurrency: int, stream: bool, direct: Result, through: R
         added = through.pct(through.latencies, 50) - direct.pct(direct.latencies, 50)
         extra, unit = f"added p50 {added:+.3f} ms", f"{per * 1e6:.0f} us per request"
     print(f"  ratio to direct {ratio:.2f}, {extra}; gateway CPU {unit}", flush=True)
+    if others is not None:  # a ratio is only meaningful when the gateway had its core
+        print(f"  other processes used {others:.0%} of the gateway's core meanwhile", flush=True)
 
 
 async def main() -> int:
@@ -212,9 +221,11 @@ async def main() -> int:
             duration = max(args.duration, 30) if stream else args.duration
             await load(gateway_url, min(concurrency, 8), stream, 1.0, 50)  # warm up
             direct = await load(direct_url, concurrency, stream, duration, total)
-            before = cpu_seconds(gw)
+            before, core_before = cpu_seconds(gw), core_busy_seconds(1) if pin else 0.0
             through = await load(gateway_url, concurrency, stream, duration, total)
-            report(name, concurrency, stream, direct, through, cpu_seconds(gw) - before)
+            used = cpu_seconds(gw) - before
+            others = (core_busy_seconds(1) - core_before - used) / through.elapsed if pin else None
+            report(name, concurrency, stream, direct, through, used, others)
     finally:
         gateway.terminate()
         await gateway.wait()

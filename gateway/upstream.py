@@ -138,6 +138,7 @@ class Exchange:
         self._conn: _Connection | None = None
         self._chunks: list[bytes] = []
         self._buffered = 0
+        self._high_water: float = _HIGH_WATER
         self._done = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -199,6 +200,9 @@ class Exchange:
 
     async def read(self) -> bytes:
         """The whole body."""
+        self._high_water = float("inf")  # the caller wants it all: no reason to hold the engine
+        if self._conn is not None:
+            self._conn.resume()
         while not self._done:
             await self._wait()
         body = b"".join(self._chunks)
@@ -243,7 +247,7 @@ class Exchange:
     def feed(self, body: bytes) -> None:
         self._chunks.append(body)
         self._buffered += len(body)
-        if self._buffered > _HIGH_WATER and self._conn is not None:
+        if self._buffered > self._high_water and self._conn is not None:
             self._conn.pause()
         self._wake()
 
@@ -298,6 +302,7 @@ class UpstreamPool:
         self._idle: dict[str, deque[_Connection]] = {}
         self._targets: dict[str, _Target] = {}
         self._open: set[_Connection] = set()  # every connection not closed yet, idle or busy
+        self._closed = False
 
     def post(self, base_url: str, path: str, body: bytes) -> Exchange:
         return Exchange(self, base_url, path, body)
@@ -319,6 +324,8 @@ class UpstreamPool:
         return None
 
     async def connect(self, target: _Target) -> _Connection:
+        if self._closed:
+            raise EngineDisconnected("the upstream pool is closed (the gateway is stopping)")
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
@@ -334,7 +341,12 @@ class UpstreamPool:
         return conn
 
     def put_idle(self, conn: _Connection) -> None:
+        if self._closed:  # an exchange that finished while the pool was being closed
+            conn.close()
+            return
         idle = self._idle.setdefault(conn.key, deque())
+        if len(idle) >= self.max_idle:  # drop the ones the engine closed meanwhile, if any
+            idle = self._idle[conn.key] = deque(c for c in idle if not c.closed)
         if len(idle) >= self.max_idle:
             conn.close()
             return
@@ -349,6 +361,7 @@ class UpstreamPool:
 
     async def close(self) -> None:
         """Close every connection still open, idle or busy."""
+        self._closed = True
         for conn in list(self._open):
             conn.close()
         self._idle.clear()

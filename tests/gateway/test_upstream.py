@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from unittest.mock import Mock
 
 import pytest
 
-from gateway.upstream import EngineDisconnected, UpstreamPool
+from gateway.upstream import EngineDisconnected, UpstreamPool, _Connection
 from gateway.usage import StreamTally, completion_tokens
 
 # One connection's life: reads the requests from `reader`, answers on `writer`.
@@ -87,6 +88,23 @@ async def test_keep_alive_connections_are_reused(pool):
         assert pool.idle_count(engine.url) == 1
 
 
+async def test_closing_the_pool_closes_idle_connections_and_those_that_finish_later(pool):
+    async def slow_answer(reader, writer):
+        while True:
+            await read_request(reader)
+            await asyncio.sleep(0.1)
+            writer.write(answer(b"late"))
+
+    async with Engine(slow_answer) as engine:
+        assert await post(pool, engine.url) == (200, b"late")
+        busy = asyncio.ensure_future(post(pool, engine.url))
+        await asyncio.sleep(0.02)
+        await pool.close()  # the busy one is closed too: its caller gets a disconnect
+        with pytest.raises(EngineDisconnected):
+            await busy
+        assert pool.idle_count(engine.url) == 0
+
+
 async def test_a_connection_the_engine_closed_is_replaced_transparently(pool):
     async def one_answer_then_close_on_the_next(reader, writer):
         writer.write(answer(await read_request(reader)))
@@ -107,6 +125,19 @@ async def test_an_idle_connection_closed_by_the_engine_is_not_used(pool):
         await asyncio.sleep(0.05)  # the close reaches the pool
         assert pool.idle_count(engine.url) == 0
         assert await post(pool, engine.url, b"b") == (200, b"b")
+
+
+async def test_connections_the_engine_closed_do_not_count_against_the_idle_limit(pool):
+    pool.max_idle = 2
+    dead = [_Connection(pool, "127.0.0.1:9") for _ in range(2)]
+    for conn in dead:
+        pool.put_idle(conn)
+        conn.closed = True  # the engine closed them while idle
+    live = _Connection(pool, "127.0.0.1:9")
+    live.connection_made(Mock(is_closing=Mock(return_value=False)))
+    pool.put_idle(live)
+    assert pool.idle_count("http://127.0.0.1:9") == 1
+    assert pool.idle("127.0.0.1:9") is live
 
 
 async def test_a_fresh_connection_that_fails_is_not_retried(pool):
@@ -131,6 +162,26 @@ async def test_chunked_and_until_close_bodies(pool):
     async with Engine(chunked_then_until_close) as engine:
         assert await post(pool, engine.url) == (200, b"hello world")
         assert await post(pool, engine.url) == (201, b"until the end")
+        assert engine.connections == 1
+
+
+async def test_large_bodies_whole_or_in_pieces(pool):
+    big = bytes(range(256)) * 8192  # 2 MiB: more than the pool reads ahead of a slow caller
+
+    async def send_big(reader, writer):
+        while True:
+            await read_request(reader)
+            writer.write(answer(big))
+            await writer.drain()
+
+    async with Engine(send_big) as engine:
+        assert await post(pool, engine.url) == (200, big)
+        async with pool.post(engine.url, "/v1/completions", b"{}") as exchange:
+            pieces = []
+            async for piece in exchange:
+                await asyncio.sleep(0.001)  # a slow reader
+                pieces.append(piece)
+        assert b"".join(pieces) == big
         assert engine.connections == 1
 
 
