@@ -193,12 +193,13 @@ async def admitted(
         replica = await admission.acquire(model, priority)
         obs.admitted()
         failures = 0
-        rid = request_id(request)
+        rid = ""  # made up on the first failure (the logs need it only then)
         while True:
             try:
                 return await call(replica, obs)
             except UpstreamError as exc:  # not a timeout: a hung engine is the supervisor's to kill
                 failures += 1
+                rid = rid or request_id(request)
                 admission.suspect(replica.url or "", budget.suspect_for)
                 if failures >= budget.max_attempts:
                     raise give_up(rid, budget, model, route, body, failures, exc) from None
