@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx2
 from huggingface_hub import HfApi, constants, get_token
@@ -325,7 +326,7 @@ class HubClient:
                         out.truncate(0)
                         resume = 0
                     http_get(
-                        file.url, out, resume_size=resume, headers=build_hf_headers(),
+                        file.url, out, resume_size=resume, headers=self._headers_for(file.url),
                         expected_size=file.size, displayed_filename=file.path,
                         tqdm_class=_counter(on_bytes, cancelled),
                     )  # fmt: skip
@@ -335,6 +336,14 @@ class HubClient:
         if not pointer.is_symlink() or os.readlink(pointer) != target:
             pointer.unlink(missing_ok=True)
             os.symlink(target, pointer)
+
+    def _headers_for(self, url: str) -> dict[str, str]:
+        """The hub's headers (token included) for the hub itself; none of the token for a CDN
+        it redirected to (as huggingface_hub does)."""
+        headers = build_hf_headers()
+        if urlsplit(url).netloc != urlsplit(self.endpoint).netloc:
+            headers.pop("authorization", None)
+        return headers
 
     def finish(self, plan: Plan) -> Path:
         """Every file is in: record the ref and the manifest (which makes it `cached`)."""
