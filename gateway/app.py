@@ -29,13 +29,14 @@ from gateway.proxy import (
     engine_call,
     engine_errors,
     engine_json,
+    fail_stream,
     relay,
     sse,
     sse_events,
 )
 from gateway.routes import RouteWatcher
 from gateway.state import ADMISSION, METRICS, UPSTREAM, WATCHER
-from gateway.upstream import UpstreamPool
+from gateway.upstream import EngineDisconnected, UpstreamPool
 from sem.routes import ReplicaRoute
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -128,16 +129,19 @@ async def generate_stream(
                 check_answer(upstream.status, await upstream.read(), replica)
             response = web.StreamResponse(headers=SSE_HEADERS)
             await response.prepare(request)
-            async for event in sse_events(upstream):
-                for choice in event.get("choices", []):
-                    delta: dict[str, Any] = {"text": choice.get("text", "")}
-                    if choice.get("finish_reason"):
-                        delta["finish_reason"] = choice["finish_reason"]
-                    await response.write(sse(delta))
-                    obs.first_token()
-                    obs.tokens += 1
-            await response.write(sse("[DONE]"))
-            await response.write_eof()
+            try:
+                async for event in sse_events(upstream):
+                    for choice in event.get("choices", []):
+                        delta: dict[str, Any] = {"text": choice.get("text", "")}
+                        if choice.get("finish_reason"):
+                            delta["finish_reason"] = choice["finish_reason"]
+                        await response.write(sse(delta))
+                        obs.first_token()
+                        obs.tokens += 1
+                await response.write(sse("[DONE]"))
+                await response.write_eof()
+            except (EngineDisconnected, TimeoutError, GatewayError) as exc:
+                await fail_stream(response, exc, replica, obs)
             return response
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.errors import BadRequest, UpstreamError, UpstreamTimeout
+from gateway.errors import BadRequest, GatewayError, UpstreamError, UpstreamTimeout, error_body
 from gateway.metrics import Observation
 from gateway.state import UPSTREAM
 from gateway.upstream import EngineDisconnected, Exchange
@@ -24,8 +24,20 @@ from sem.routes import ReplicaRoute
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
+def gateway_error(exc: BaseException, replica: ReplicaRoute) -> GatewayError | None:
+    """`exc` as the gateway's typed error: network failures and timeouts of an engine call become
+    502 and 504; gateway errors stay as they are; anything else is None."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, EngineDisconnected):
+        return UpstreamError(f"engine {replica.id} unreachable: {exc}")
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout(f"engine {replica.id} did not answer in time")
+    return None
+
+
 class engine_errors:  # used like a function: `with engine_errors(replica):`
-    """Network failures and timeouts of an engine call, as the gateway's typed errors."""
+    """Network failures and timeouts of an engine call, raised as the gateway's typed errors."""
 
     __slots__ = ("_replica",)
 
@@ -41,12 +53,26 @@ class engine_errors:  # used like a function: `with engine_errors(replica):`
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc_type is None:
-            return
-        if issubclass(exc_type, EngineDisconnected):
-            raise UpstreamError(f"engine {self._replica.id} unreachable: {exc}") from None
-        if issubclass(exc_type, TimeoutError):
-            raise UpstreamTimeout(f"engine {self._replica.id} did not answer in time") from None
+        error = None if exc is None else gateway_error(exc, self._replica)
+        if error is not None and error is not exc:
+            raise error from None
+
+
+async def fail_stream(
+    response: web.StreamResponse, exc: BaseException, replica: ReplicaRoute, obs: Observation
+) -> None:
+    """Once the headers went out, an error can only travel in the stream: one event in the
+    OpenAI error shape (as vLLM sends its own), then the end of the response, without
+    `data: [DONE]`. Anything but an engine or gateway failure is raised again."""
+    error = gateway_error(exc, replica)
+    if error is None:
+        raise exc
+    obs.outcome = error.type
+    try:
+        await response.write(sse(error_body(error)))
+        await response.write_eof()
+    except ConnectionResetError:  # the client is gone too
+        pass
 
 
 def engine_call(request: web.Request, replica: ReplicaRoute, path: str, body: bytes) -> Exchange:
@@ -107,6 +133,8 @@ async def relay(
                 await response.write_eof()
             except ConnectionResetError:  # the client went away (before its handler was cancelled)
                 obs.outcome = "client_gone"
+            except (EngineDisconnected, TimeoutError) as exc:
+                await fail_stream(response, exc, replica, obs)
             obs.tokens += tally.tokens()
             return response
 
