@@ -7,6 +7,7 @@ Bodies are {"error": {"type", "message", ...}}: sem's shape, which is also OpenA
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from aiohttp import web
 
@@ -91,9 +92,13 @@ class UpstreamTimeout(GatewayError):
     type = "upstream_timeout"
 
 
-def error_response(exc: GatewayError) -> web.Response:
-    body = {"error": {"type": exc.type, "message": exc.message, "param": exc.param,
+def error_body(exc: GatewayError) -> dict[str, Any]:
+    return {"error": {"type": exc.type, "message": exc.message, "param": exc.param,
                       "code": exc.status}}  # fmt: skip
+
+
+def error_response(exc: GatewayError) -> web.Response:
+    body = error_body(exc)
     headers = {}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))

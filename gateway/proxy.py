@@ -8,13 +8,13 @@ gateway.usage).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 from aiohttp import web
 
-from gateway.errors import BadRequest, GatewayError, UpstreamError, UpstreamTimeout
+from gateway.errors import BadRequest, GatewayError, UpstreamError, UpstreamTimeout, error_body
 from gateway.metrics import Observation
 from gateway.resume import Partial, Splice, StreamLog, continuation, events, finish_events
 from gateway.state import UPSTREAM
@@ -25,8 +25,20 @@ from sem.routes import ReplicaRoute
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
+def gateway_error(exc: BaseException, replica: ReplicaRoute) -> GatewayError | None:
+    """`exc` as the gateway's typed error: network failures and timeouts of an engine call become
+    502 and 504; gateway errors stay as they are; anything else is None."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, EngineDisconnected):
+        return UpstreamError(f"engine {replica.id} unreachable: {exc}")
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout(f"engine {replica.id} did not answer in time")
+    return None
+
+
 class engine_errors:  # used like a function: `with engine_errors(replica):`
-    """Network failures and timeouts of an engine call, as the gateway's typed errors."""
+    """Network failures and timeouts of an engine call, raised as the gateway's typed errors."""
 
     __slots__ = ("_replica",)
 
@@ -42,12 +54,9 @@ class engine_errors:  # used like a function: `with engine_errors(replica):`
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc_type is None:
-            return
-        if issubclass(exc_type, EngineDisconnected):
-            raise UpstreamError(f"engine {self._replica.id} unreachable: {exc}") from None
-        if issubclass(exc_type, TimeoutError):
-            raise UpstreamTimeout(f"engine {self._replica.id} did not answer in time") from None
+        error = None if exc is None else gateway_error(exc, self._replica)
+        if error is not None and error is not exc:
+            raise error from None
 
 
 def engine_call(request: web.Request, replica: ReplicaRoute, path: str, body: bytes) -> Exchange:
@@ -95,26 +104,6 @@ async def relay(
     check_answer(upstream.status, raw, replica)
     obs.tokens += completion_tokens(raw) or 0
     return web.Response(body=raw, content_type="application/json")
-
-
-async def sse_events(upstream: Exchange) -> AsyncIterator[dict[str, Any]]:
-    """The JSON events of an engine's SSE stream, until `data: [DONE]`."""
-    buffer = b""
-    async for chunk in upstream:
-        buffer += chunk
-        while b"\n\n" in buffer:
-            event, buffer = buffer.split(b"\n\n", 1)
-            for line in event.split(b"\n"):
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    return
-                parsed = json.loads(data)
-                if isinstance(parsed, dict) and "error" in parsed:
-                    message = parsed["error"].get("message", "engine error")
-                    raise UpstreamError(f"engine failed mid-stream: {message}")
-                yield parsed
 
 
 def sse(data: dict[str, Any] | str) -> bytes:
@@ -214,5 +203,4 @@ class StreamRelay:
 
     async def give_up(self, error: GatewayError) -> web.StreamResponse:
         """The stream cannot go on: end it with an error event (its status was sent long ago)."""
-        body = {"error": {"type": error.type, "message": error.message}}
-        return await self.finish(sse(body) + sse("[DONE]"))
+        return await self.finish(sse(error_body(error)) + sse("[DONE]"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -30,8 +31,18 @@ async def failing_engine() -> web.Application:
         await asyncio.sleep(10)
         return web.json_response({})
 
+    async def dies_mid_stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": [{"text": "a"}]}\n\n')
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.abort()  # the engine process died
+        return response
+
     app = web.Application()
     app.router.add_post("/v1/completions", boom)
+    app.router.add_post("/dies/v1/completions", dies_mid_stream)
     app.router.add_post("/v1/chat/completions", refuse)
     app.router.add_post("/hang/v1/chat/completions", hang)
     return app
@@ -57,6 +68,9 @@ async def gateway() -> AsyncIterator[tuple[TestClient, RouteWatcher]]:
                     )),
                     "broken": ModelRoute("broken", "ready", "", (
                         ReplicaRoute("b-0", "ready", str(broken.make_url("")).rstrip("/"), 8),
+                    )),
+                    "dies": ModelRoute("dies", "ready", "", (
+                        ReplicaRoute("d-0", "ready", str(broken.make_url("/dies")), 8),
                     )),
                     "hangs": ModelRoute("hangs", "ready", "", (
                         ReplicaRoute("h-0", "ready", str(broken.make_url("/hang")), 8),
@@ -95,7 +109,8 @@ async def test_unknown_model_is_404_naming_known_ones(gateway):
     assert response.status == 404
     error = (await response.json())["error"]
     assert (
-        error["type"] == "model_not_found" and "known: broken, hangs, m, slow" in error["message"]
+        error["type"] == "model_not_found"
+        and "known: broken, dies, hangs, m, slow" in error["message"]
     )
 
 
@@ -154,6 +169,23 @@ async def test_engine_errors_are_relayed_in_openai_shape(gateway, stream):
     assert error["code"] == 400 and "max_tokens is too large" in error["message"]
 
 
+@pytest.mark.parametrize("route", ["/v1/completions", "/generate"])
+async def test_an_engine_that_always_dies_mid_stream_ends_the_stream_with_an_error_event(
+    gateway, route
+):
+    client, _ = gateway
+    response = await client.post(route, json={"model": "dies", "prompt": "hi", "stream": True})
+    assert response.status == 200  # the headers went out before the engine died
+    events = [e for e in (await response.read()).decode().split("\n\n") if e]
+    assert len(events) == 3 + 2, "a chunk from each of 3 attempts (resumed twice), error, [DONE]"
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["type"] == "upstream_error" and "d-0 unreachable" in error["message"]
+    assert "failed on engines 3 times" in error["message"]
+    metrics = await (await client.get("/metrics")).text()
+    assert f'model="dies",outcome="upstream_error",route="{route}"}} 1.0' in metrics
+
+
 async def test_an_engine_that_does_not_answer_in_time_is_504(gateway):
     client, _ = gateway
     client.app[UPSTREAM].timeout = 0.2
@@ -173,9 +205,9 @@ async def test_unknown_route_is_json_404(gateway):
 async def test_models_and_health(gateway):
     client, _ = gateway
     models = await (await client.get("/v1/models")).json()
-    assert [m["id"] for m in models["data"]] == ["broken", "hangs", "m", "slow"]
+    assert [m["id"] for m in models["data"]] == ["broken", "dies", "hangs", "m", "slow"]
     health = await (await client.get("/health")).json()
-    assert health["ready_models"] == ["broken", "hangs", "m"]
+    assert health["ready_models"] == ["broken", "dies", "hangs", "m"]
 
 
 def test_static_routes_parse_and_refuse_garbage():
