@@ -111,18 +111,23 @@ def sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {body}\n\n".encode()
 
 
-def in_band_error(chunk: bytes) -> str | None:
-    """The message of an error event in `chunk` (vLLM's way to fail a stream that already
-    answered 200), else None. Cheap when there is none: one substring search."""
-    if b'"error"' not in chunk:
+def in_band_error(out: bytes) -> tuple[int, str] | None:
+    """Where an error event starts in `out` (complete events) and its message: vLLM's way to
+    fail a stream that already answered 200. Cheap when there is none: one substring search."""
+    if b'"error"' not in out:
         return None
-    for data in events(chunk):
-        try:
-            parsed = json.loads(data)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-            return str(parsed["error"].get("message", "engine error"))
+    start = 0
+    while start < len(out):
+        end = out.find(b"\n\n", start)
+        end = len(out) if end < 0 else end + 2
+        for data in events(out[start:end]):
+            try:
+                parsed = json.loads(data)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+                return start, str(parsed["error"].get("message", "engine error"))
+        start = end
     return None
 
 
@@ -174,24 +179,33 @@ class StreamRelay:
                 tally = StreamTally()
                 try:
                     async for chunk in upstream:
-                        if (message := in_band_error(chunk)) is not None:
-                            raise UpstreamError(f"engine {replica.id} failed mid-stream: {message}")
                         out = self.log.complete(chunk)
-                        if splice is not None and out:
-                            out = b"".join(e for d in events(out) if (e := splice.event(d)))
-                        if self.convert is not None and out:
-                            out = self.convert(out)
-                        if out:
-                            await self.response.write(out)
-                            obs.first_token()
-                            tally.feed(out)
+                        if out and (error := in_band_error(out)) is not None:
+                            cut, message = error
+                            del self.log.sent[len(self.log.sent) - (len(out) - cut) :]
+                            await self._write(out[:cut], splice, obs, tally)  # what came before
+                            raise UpstreamError(f"engine {replica.id} failed mid-stream: {message}")
+                        await self._write(out, splice, obs, tally)
                     await self.response.write_eof()
-                except (
-                    ConnectionResetError
-                ):  # the client went away (before its handler was cancelled)
+                except ConnectionResetError:  # the client went away (before its handler noticed)
                     obs.outcome = "client_gone"
                 obs.tokens += tally.tokens()
                 return self.response
+
+    async def _write(
+        self, out: bytes, splice: Splice | None, obs: Observation, tally: StreamTally
+    ) -> None:
+        """Complete engine events to the client: spliced into the stream (a continuation),
+        converted (/generate), written."""
+        if splice is not None and out:
+            out = b"".join(e for d in events(out) if (e := splice.event(d)))
+        if self.convert is not None and out:
+            out = self.convert(out)
+        if out:
+            assert self.response is not None
+            await self.response.write(out)
+            obs.first_token()
+            tally.feed(out)
 
     async def finish(self, tail: bytes) -> web.StreamResponse:
         """End the client's stream with `tail` (already in the client's format)."""

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import aiohttp
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import create_app
@@ -170,3 +171,35 @@ async def test_an_engine_that_failed_gets_no_new_requests_for_a_while():
         await asyncio.sleep(0.6)  # the suspicion lapses: it is tried again
         await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(4)))
         assert len(dying.requests) > 1
+
+
+async def test_an_error_event_split_across_reads_is_caught_and_what_came_before_it_is_kept():
+    async def broken_stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        tokens = [
+            {"id": "cmpl-x", "created": 1, "choices": [{"index": 0, "text": t}]}
+            for t in (" 2", " 3")
+        ]
+        first = "".join(f"data: {json.dumps(t)}\n\n" for t in tokens) + 'data: {"err'
+        await response.write(first.encode())
+        await asyncio.sleep(0.05)
+        await response.write(
+            b'or": {"message": "EngineCore died", "code": 500}}\n\ndata: [DONE]\n\n'
+        )
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", broken_stream)
+    broken = TestServer(app)
+    await broken.start_server()
+    healthy = engine()
+    async with gateway(healthy) as (client, watcher):
+        urls = [str(broken.make_url("")).rstrip("/"), watcher.table.models["m"].replicas[0].url]
+        watcher.update(table(2, [u for u in urls if u]))
+        body = {"model": "m", "prompt": "count 1", "max_tokens": 5, "stream": True}
+        events = await read_stream(await client.post("/v1/completions", json=body))
+        assert stream_text(events) == " 2 3 4 5 6"
+        assert not any(isinstance(e, dict) and "error" in e for e in events)
+        assert healthy.requests[0]["prompt"] == "count 1 2 3"
+    await broken.close()
