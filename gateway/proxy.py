@@ -163,7 +163,7 @@ class StreamRelay:
         splice: Splice | None = None
         payload = self.raw
         if self.response is not None:  # resuming
-            partial = Partial.of(bytes(self.log.sent))
+            partial = Partial.of(self.log.sent)
             follow = None if partial.finished else continuation(self.path, self.body, partial)
             if follow is None:  # nothing left to generate, or cannot be resumed
                 return await self.finish(finish_events(partial, self.chat))
@@ -178,14 +178,23 @@ class StreamRelay:
                     await self.response.prepare(request)
                 tally = StreamTally()
                 try:
+                    plain = splice is None and self.convert is None
+                    response = self.response
                     async for chunk in upstream:
                         out = self.log.complete(chunk)
-                        if out and (error := in_band_error(out)) is not None:
+                        if not out:
+                            continue
+                        if b'"error"' in out and (error := in_band_error(out)) is not None:
                             cut, message = error
-                            del self.log.sent[len(self.log.sent) - (len(out) - cut) :]
+                            self.log.unsend(cut)
                             await self._write(out[:cut], splice, obs, tally)  # what came before
                             raise UpstreamError(f"engine {replica.id} failed mid-stream: {message}")
-                        await self._write(out, splice, obs, tally)
+                        if plain:  # the hot path: bytes as they came
+                            await response.write(out)
+                            obs.first_token()
+                            tally.feed(out)
+                        else:
+                            await self._write(out, splice, obs, tally)
                     await self.response.write_eof()
                 except ConnectionResetError:  # the client went away (before its handler noticed)
                     obs.outcome = "client_gone"

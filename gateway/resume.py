@@ -29,22 +29,35 @@ VLLM_DEFAULT_MAX_TOKENS = 16  # vLLM's default for /v1/completions without max_t
 
 
 class StreamLog:
-    """The complete SSE events relayed so far; `complete(chunk)` holds back a partial event."""
+    """The complete SSE events relayed so far; `complete(chunk)` holds back a partial event.
+
+    The pieces are kept as they are (no copy on the hot path); `sent` joins them when needed."""
 
     def __init__(self) -> None:
-        self.sent = bytearray()
+        self.parts: list[bytes] = []
         self._tail = b""
+
+    @property
+    def sent(self) -> bytes:
+        return b"".join(self.parts)
 
     def complete(self, chunk: bytes) -> bytes:
         """The part of `tail + chunk` that ends an event: safe to forward; it is logged."""
+        if not self._tail and chunk.endswith(b"\n\n"):  # the usual case: whole events
+            self.parts.append(chunk)
+            return chunk
         data = self._tail + chunk if self._tail else chunk
         end = data.rfind(b"\n\n") + 2
         if end == 1:  # no event boundary yet
             self._tail = data
             return b""
         ready, self._tail = data[:end], data[end:]
-        self.sent += ready
+        self.parts.append(ready)
         return ready
+
+    def unsend(self, keep: int) -> None:
+        """Only the first `keep` bytes of the last piece went to the client."""
+        self.parts[-1] = self.parts[-1][:keep]
 
 
 def events(raw: bytes) -> list[bytes]:

@@ -27,7 +27,7 @@ def test_the_log_forwards_whole_events_only_and_keeps_them():
     first = sse(completion_chunk(" a"))
     assert log.complete(first[:10]) == b""
     assert log.complete(first[10:] + sse(completion_chunk(" b"))[:5]) == first
-    assert bytes(log.sent) == first
+    assert log.sent == first
 
 
 def test_partial_reads_back_text_tokens_and_identity():
