@@ -196,13 +196,8 @@ async def _serve(args: argparse.Namespace, config: SemConfig, store: Store) -> i
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
 
-    try:
-        diff = await manager.restore(config.models, args.drain_timeout)
-    except SupervisorError as exc:  # an invalid model in the file: start with the stored state
-        log.error("%s", exc.message)
-        events.emit("model_invalid", "models.yaml", exc.message)
-    else:
-        log.info("models: %s", diff)
+    diff = await manager.restore(config.models, args.drain_timeout)  # invalid models: events
+    log.info("models: %s", diff)
     manager.start()
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     serve_task = asyncio.create_task(server.serve(sockets=[sock]), name="admin-api")

@@ -307,19 +307,34 @@ class Manager:
             self._add_replicas(entry)
         leftovers = [r for r in records if r.replica not in adopted]
         await asyncio.gather(*(self._retire(record) for record in leftovers))
-        return await self.reload(config, drain_timeout)
+        return await self.reload(config, drain_timeout, strict=False)
 
-    async def reload(self, config: list[ModelSpec], drain_timeout: float) -> ConfigDiff:
+    async def reload(
+        self, config: list[ModelSpec], drain_timeout: float, strict: bool = True
+    ) -> ConfigDiff:
         """Apply models.yaml's changes since it was last applied: new models are added, models
         no longer listed are drained and stopped, changed ones are rolled replica by replica.
 
         Every added or changed model is checked before anything changes: if one is invalid,
-        InvalidSpec says which and why, and what runs is untouched.
+        InvalidSpec says which and why, and what runs is untouched. Not `strict` (at start):
+        an invalid model is skipped with a `model_invalid` event, the others go ahead, and the
+        skipped one is tried again at the next reload.
         """
         async with self._reloading:
             diff = diff_config(self._store.applied_config(), config)
-            prepared = {spec.name: self._prepare(spec) for spec in diff.added + diff.changed}
+            prepared: dict[str, Prepared] = {}
             for spec in diff.added + diff.changed:
+                try:
+                    prepared[spec.name] = self._prepare(spec)
+                except SupervisorError as exc:
+                    if strict:
+                        raise
+                    self._events.emit("model_invalid", spec.name, exc.message)
+                    log.error("%s", exc.message)
+            skipped = {s.name for s in diff.added + diff.changed} - set(prepared)
+            for spec in diff.added + diff.changed:
+                if spec.name in skipped:
+                    continue
                 entry = self._models.get(spec.name)
                 if entry is None or entry.removing:
                     self._create(spec, "config", prepared[spec.name])
@@ -330,7 +345,7 @@ class Manager:
                 entry = self._models.get(name)
                 if entry is not None and entry.origin == "config" and not entry.removing:
                     self.remove(name, drain_timeout)
-            self._store.set_applied_config(config)
+            self._store.set_applied_config([s for s in config if s.name not in skipped])
             self._events.emit("reloaded", "models.yaml", str(diff))
             return diff
 

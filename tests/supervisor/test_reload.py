@@ -124,3 +124,16 @@ async def test_removal_drains_then_stops_and_releases(
     assert manager.routes.models["a"].state == "draining"
     await replica.wait_for_state({ReplicaState.STOPPED})
     await wait_until(lambda: "a" not in manager.routes.models)
+
+
+async def test_at_start_an_invalid_model_is_skipped_and_the_others_start(
+    make_manager: ManagerFactory, model_dir: Path, tmp_path: Path
+):
+    store = Store(None)
+    manager = make_manager(store=store)
+    config = [spec(model_dir, "a"), spec(tmp_path / "nowhere", "b")]
+    await manager.restore(config, drain_timeout=1)
+    await wait_until(lambda: ready(manager, "a"))
+    assert [e.spec.name for e in manager.entries()] == ["a"]
+    assert [e.subject for e in manager._events.recent() if e.kind == "model_invalid"] == ["b"]
+    assert list(store.applied_config()) == ["a"], "b is tried again at the next reload"
