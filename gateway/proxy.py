@@ -156,7 +156,6 @@ class StreamRelay:
         self.chat = path.endswith("/chat/completions")
         self.response: web.StreamResponse | None = None  # prepared: bytes reached the client
         self.log = StreamLog()
-        self.resumed = 0
 
     async def attempt(self, replica: ReplicaRoute, obs: Observation) -> web.StreamResponse:
         request = self.request
@@ -168,7 +167,6 @@ class StreamRelay:
             if follow is None:  # nothing left to generate, or cannot be resumed
                 return await self.finish(finish_events(partial, self.chat))
             payload, splice = json.dumps(follow).encode(), Splice(partial, self.chat)
-            self.resumed += 1
         with engine_errors(replica):
             async with engine_call(request, replica, self.path, payload) as upstream:
                 if upstream.status >= 400:

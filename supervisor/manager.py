@@ -331,10 +331,9 @@ class Manager:
                         raise
                     self._events.emit("model_invalid", spec.name, exc.message)
                     log.error("%s", exc.message)
-            skipped = {s.name for s in diff.added + diff.changed} - set(prepared)
             for spec in diff.added + diff.changed:
-                if spec.name in skipped:
-                    continue
+                if spec.name not in prepared:
+                    continue  # invalid, skipped (not strict)
                 entry = self._models.get(spec.name)
                 if entry is None or entry.removing:
                     self._create(spec, "config", prepared[spec.name])
@@ -345,7 +344,8 @@ class Manager:
                 entry = self._models.get(name)
                 if entry is not None and entry.origin == "config" and not entry.removing:
                     self.remove(name, drain_timeout)
-            self._store.set_applied_config([s for s in config if s.name not in skipped])
+            invalid = {s.name for s in diff.added + diff.changed} - set(prepared)
+            self._store.set_applied_config([s for s in config if s.name not in invalid])
             self._events.emit("reloaded", "models.yaml", str(diff))
             return diff
 

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,15 +111,19 @@ class SemRun:
         models = httpx.get(f"{self.supervisor}/models", timeout=5).json()["models"]
         return {r["id"]: r["pid"] for m in models for r in m["replicas"] if r["pid"]}
 
+    def model_states(self) -> dict[str, str]:
+        """Model name -> state, as the supervisor reports them."""
+        models = httpx.get(f"{self.supervisor}/models", timeout=10).json()["models"]
+        return {m["name"]: m["state"] for m in models}
+
     def wait_supervisor(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def answers() -> bool:
             try:
-                if httpx.get(f"{self.supervisor}/health", timeout=1).status_code == 200:
-                    return
+                return httpx.get(f"{self.supervisor}/health", timeout=1).status_code == 200
             except httpx.HTTPError:
-                time.sleep(0.2)
-        raise AssertionError(f"supervisor not back in {timeout}s:\n{self.output()[-3000:]}")
+                return False
+
+        poll(answers, timeout, f"the supervisor to answer:\n{self.output()[-3000:]}")
 
     def leftovers(self) -> list[int]:
         return pids_with_env(INSTANCE_ENV, self.instance)
@@ -131,27 +136,44 @@ class SemRun:
         kill_marked(INSTANCE_ENV, self.instance)
 
 
+# One request of a load worker: (client, worker, n) -> what is wrong with the answer, or None.
+Send = Callable[[httpx.Client, int, int], str | None]
+
+
+def posting(body: dict[str, Any], path: str = "/generate") -> Send:
+    """Each request POSTs `body`; ok with HTTP 200 and a non-empty completion."""
+
+    def send(client: httpx.Client, worker: int, n: int) -> str | None:
+        response = client.post(path, json=body)
+        if response.status_code == 200 and response.json().get("text"):
+            return None
+        return f"{response.status_code} {response.text[:300]}"
+
+    return send
+
+
 @dataclass
 class Load:
-    """Closed-loop load through the gateway from threads; every answer is kept.
-
-    A request counts as ok only with HTTP 200 and a non-empty completion.
-    """
+    """Closed-loop load through the gateway from threads; every answer is checked and kept."""
 
     url: str
-    body: dict[str, Any]
+    send: Send
     workers: int = 4
-    path: str = "/generate"
     pause: float = 0.0  # between one worker's requests: leaves CPU to engines starting beside
+    timeout: float = 120.0
     ok: int = 0
     failures: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
+    @property
+    def sent(self) -> int:
+        return self.ok + len(self.failures)
+
     def start(self) -> Load:
-        for _ in range(self.workers):
-            thread = threading.Thread(target=self._work, daemon=True)
+        for worker in range(self.workers):
+            thread = threading.Thread(target=self._work, args=(worker,), daemon=True)
             thread.start()
             self._threads.append(thread)
         return self
@@ -159,26 +181,35 @@ class Load:
     def stop(self) -> Load:
         self._stop.set()
         for thread in self._threads:
-            thread.join(timeout=120)
+            thread.join(timeout=self.timeout)
         return self
 
     def wait_for(self, requests: int, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
-        while self.ok + len(self.failures) < requests and time.monotonic() < deadline:
+        while self.sent < requests and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    def _work(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=120) as client:
+    def _work(self, worker: int) -> None:
+        n = 0
+        with httpx.Client(base_url=self.url, timeout=self.timeout) as client:
             while not self._stop.is_set():
+                n += 1
                 try:
-                    response = client.post(self.path, json=self.body)
-                    good = response.status_code == 200 and bool(response.json().get("text"))
-                    outcome = None if good else f"{response.status_code} {response.text[:300]}"
+                    problem = self.send(client, worker, n)
                 except (httpx.HTTPError, ValueError) as exc:
-                    outcome = f"{type(exc).__name__}: {exc}"
+                    problem = f"{type(exc).__name__}: {exc}"
                 with self._lock:
-                    if outcome is None:
+                    if problem is None:
                         self.ok += 1
                     else:
-                        self.failures.append(outcome)
+                        self.failures.append(problem)
                 self._stop.wait(self.pause)
+
+
+def poll(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> float:
+    """Wait until `predicate()` holds; the seconds it took (AssertionError after `timeout`)."""
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout, f"timed out after {timeout}s: {what}"
+        time.sleep(interval)
+    return time.monotonic() - started

@@ -9,10 +9,8 @@ import json
 import os
 import re
 import signal
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ import psutil
 import pytest
 
 from tests.conftest import REPO
-from tests.e2e.helpers import ENGINE_PYTHON, SemRun
+from tests.e2e.helpers import ENGINE_PYTHON, Load, SemRun, poll
 
 CONFIG = """\
 models:
@@ -75,43 +73,12 @@ def complete(path: str, stream: bool, response: httpx.Response) -> str | None:
     return None if len(finished) == 1 else f"stream without one finish: {response.text[-200:]}"
 
 
-@dataclass
-class ChaosLoad:
-    url: str
-    workers: int = 32
-    sent: int = 0
-    failures: list[str] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _threads: list[threading.Thread] = field(default_factory=list)
-
-    def start(self) -> ChaosLoad:
-        for i in range(self.workers):
-            thread = threading.Thread(target=self._work, args=(i,), daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=300)
-
-    def _work(self, worker: int) -> None:
-        path, model, stream = KINDS[worker % len(KINDS)]
-        n = 0
-        with httpx.Client(base_url=self.url, timeout=300) as client:
-            while not self._stop.is_set():
-                n += 1
-                body = request_body(path, model, stream, worker * 1000 + n)
-                try:
-                    problem = complete(path, stream, client.post(path, json=body))
-                except httpx.HTTPError as exc:
-                    problem = f"{type(exc).__name__}: {exc}"
-                with self._lock:
-                    self.sent += 1
-                    if problem:
-                        self.failures.append(f"{path} {model} stream={stream}: {problem}")
+def chaos_request(client: httpx.Client, worker: int, n: int) -> str | None:
+    """One request of a worker's kind (route, model, streaming); what is wrong, or None."""
+    path, model, stream = KINDS[worker % len(KINDS)]
+    body = request_body(path, model, stream, worker * 1000 + n)
+    problem = complete(path, stream, client.post(path, json=body))
+    return problem and f"{path} {model} stream={stream}: {problem}"
 
 
 def replica(run: SemRun, model: str) -> dict[str, Any]:
@@ -119,14 +86,14 @@ def replica(run: SemRun, model: str) -> dict[str, Any]:
     return dict(data["replicas"][0])
 
 
-def wait_ready_again(run: SemRun, model: str, old_pid: int, timeout: float) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
+def restarted(run: SemRun, model: str, old_pid: int) -> Callable[[], bool]:
+    """Is the model's replica ready again, on a new engine process?"""
+
+    def check() -> bool:
         r = replica(run, model)
-        if r["state"] == "ready" and r["pid"] != old_pid:
-            return time.monotonic() - started
-        time.sleep(0.5)
-    raise AssertionError(f"{model} not ready again in {timeout}s:\n{run.output()[-3000:]}")
+        return r["state"] == "ready" and r["pid"] != old_pid
+
+    return check
 
 
 def retries(run: SemRun) -> dict[str, float]:
@@ -175,12 +142,13 @@ def test_chaos_every_request_completes(sem_chaos: SemRun):
     run.wait_ready(["base", "chat"], timeout=400)
     report = []
     for what, model, inject in FAULTS:
-        load = ChaosLoad(run.gateway).start()
+        load = Load(run.gateway, chaos_request, workers=32, timeout=300).start()
         time.sleep(3)  # the load is in full swing, streams half-way
         before = retries(run)
         pid = replica(run, model)["pid"]
         inject(pid)
-        recovery = wait_ready_again(run, model, pid, timeout=300)
+        waiting_for = f"{model} ready again:\n{run.output()[-3000:]}"
+        recovery = poll(restarted(run, model, pid), 300, waiting_for, interval=0.5)
         time.sleep(3)  # some requests on the restarted engine too
         load.stop()
         after = retries(run)

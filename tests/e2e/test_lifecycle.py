@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.helpers import Load, SemRun
+from tests.e2e.helpers import Load, SemRun, poll, posting
 
 CONFIG = """\
 models:
@@ -41,20 +41,8 @@ def sem(tmp_path: Path, model_dir: Path) -> Iterator[SemRun]:
         run.kill_all()
 
 
-def models(run: SemRun) -> dict[str, str]:
-    data = httpx.get(f"{run.supervisor}/models", timeout=5).json()["models"]
-    return {m["name"]: m["state"] for m in data}
-
-
-def wait(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def test_supervisor_kill_9_under_load_engines_are_re_adopted(sem: SemRun):
-    load = Load(sem.gateway, {"model": "a", "prompt": "one two", "max_tokens": 8}).start()
+    load = Load(sem.gateway, posting({"model": "a", "prompt": "one two", "max_tokens": 8})).start()
     load.wait_for(20)
     before = sem.engine_pids()
     supervisor = sem.child_pid("supervisor")
@@ -64,7 +52,7 @@ def test_supervisor_kill_9_under_load_engines_are_re_adopted(sem: SemRun):
     time.sleep(1)
     sem.wait_supervisor(timeout=30)
     assert sem.child_pid("supervisor") != supervisor
-    wait(lambda: models(sem) == {"a": "ready", "b": "ready"}, 30, "a and b ready again")
+    poll(lambda: sem.model_states() == {"a": "ready", "b": "ready"}, 30, "a and b ready again")
     after = sem.engine_pids()
     assert {k: after[k] for k in ("a-0", "a-1")} == {k: before[k] for k in ("a-0", "a-1")}
     assert after["b-0"] != b_engine, "the dead engine was started again"
@@ -83,7 +71,7 @@ def test_sighup_applies_models_yaml_and_a_broken_file_changes_nothing(sem: SemRu
     sem.config.write_text(CONFIG.format(model=model_dir).replace("  - name: b\n", "  - name: c\n"))
     a_pids = {k: v for k, v in sem.engine_pids().items() if k.startswith("a-")}
     sem.proc.send_signal(signal.SIGHUP)
-    wait(lambda: models(sem) == {"a": "ready", "c": "ready"}, 30, "c added, b removed")
+    poll(lambda: sem.model_states() == {"a": "ready", "c": "ready"}, 30, "c added, b removed")
     assert {k: v for k, v in sem.engine_pids().items() if k.startswith("a-")} == a_pids
 
     sem.config.write_text("models:\n  - name: a\n    replicas: many\n")
@@ -93,13 +81,13 @@ def test_sighup_applies_models_yaml_and_a_broken_file_changes_nothing(sem: SemRu
     assert "models.yaml:3: models[0].replicas" in message, message
     sem.proc.send_signal(signal.SIGHUP)
     time.sleep(1)
-    assert models(sem) == {"a": "ready", "c": "ready"}
+    assert sem.model_states() == {"a": "ready", "c": "ready"}
     assert "models.yaml not reloaded" in sem.output()
 
 
 def test_removal_under_load_finishes_in_flight_and_refuses_new_requests(sem: SemRun):
     slow = {"model": "a", "prompt": "one two", "max_tokens": 100}  # ~1 s each
-    load = Load(sem.gateway, slow, workers=6).start()
+    load = Load(sem.gateway, posting(slow), workers=6).start()
     time.sleep(0.5)
     removed = httpx.delete(f"{sem.supervisor}/models/a", params={"timeout": 20}, timeout=5)
     assert removed.status_code == 202
@@ -109,11 +97,11 @@ def test_removal_under_load_finishes_in_flight_and_refuses_new_requests(sem: Sem
         return next((m["sem_state"] for m in listed if m["id"] == "a"), None)
 
     # Requests that reach the gateway before the new route table does are still served.
-    wait(lambda: gateway_state() != "ready", 10, "the gateway to see the removal")
+    poll(lambda: gateway_state() != "ready", 10, "the gateway to see the removal")
     response = httpx.post(f"{sem.gateway}/generate", json=slow, timeout=30)
     assert response.status_code == 404
     assert "being removed" in response.json()["error"]["message"]
-    wait(lambda: "a" not in models(sem), 30, "a gone")
+    poll(lambda: "a" not in sem.model_states(), 30, "a gone")
     load.stop()
     finished = [f for f in load.failures if not f.startswith("404")]
     assert finished == [], "requests in flight at removal completed"
@@ -122,7 +110,7 @@ def test_removal_under_load_finishes_in_flight_and_refuses_new_requests(sem: Sem
 
 def test_sigterm_lets_in_flight_requests_finish_then_exits_clean(sem: SemRun):
     slow = {"model": "a", "prompt": "one two", "max_tokens": 150}  # ~1.5 s each
-    load = Load(sem.gateway, slow, workers=4).start()
+    load = Load(sem.gateway, posting(slow), workers=4).start()
     time.sleep(0.7)  # all four in flight
     code, seconds = sem.stop()
     load.stop()

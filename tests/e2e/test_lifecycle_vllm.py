@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO
-from tests.e2e.helpers import ENGINE_PYTHON, Load, SemRun
+from tests.e2e.helpers import ENGINE_PYTHON, Load, SemRun, poll, posting
 
 MODEL = """\
   - name: {name}
@@ -28,16 +28,11 @@ MODEL = """\
 BASE, CHAT = REPO / "models" / "tiny-llama-base", REPO / "models" / "tiny-llama-chat"
 
 
-def ready_models(run: SemRun) -> set[str]:
-    models = httpx.get(f"{run.supervisor}/models", timeout=10).json()["models"]
-    return {m["name"] for m in models if m["state"] == "ready"}
-
-
 def wait_ready(run: SemRun, names: set[str], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not names <= ready_models(run):
-        assert time.monotonic() < deadline, f"{names} not ready:\n{run.output()[-3000:]}"
-        time.sleep(1)
+    def ready() -> bool:
+        return names <= {n for n, state in run.model_states().items() if state == "ready"}
+
+    poll(ready, timeout, f"{names} ready:\n{run.output()[-3000:]}", interval=1)
 
 
 @pytest.fixture
@@ -60,7 +55,7 @@ def test_add_reload_supervisor_kill_and_removal_under_load(sem_a: SemRun):
     run.wait_ready(["a"], timeout=400)
     body = {"model": "a", "prompt": "Hello", "max_tokens": 8, "temperature": 0}
     # Continuous but not saturating: two engines start beside A on the same 2 cores.
-    load = Load(run.gateway, body, workers=2, pause=0.1).start()
+    load = Load(run.gateway, posting(body), workers=2, pause=0.1).start()
     load.wait_for(10)
 
     # B by the API, C by editing models.yaml and `sem reload`.
@@ -91,14 +86,11 @@ def test_add_reload_supervisor_kill_and_removal_under_load(sem_a: SemRun):
     assert load.ok > served, "A served while the supervisor was away and after"
 
     # Remove C while it serves: its in-flight requests finish, then it is gone.
-    c_load = Load(run.gateway, dict(body, model="c", max_tokens=64), workers=2).start()
+    c_load = Load(run.gateway, posting(dict(body, model="c", max_tokens=64)), workers=2).start()
     c_load.wait_for(4)
     removed = httpx.delete(f"{run.supervisor}/models/c", params={"timeout": 30}, timeout=10)
     assert removed.status_code == 202
-    deadline = time.monotonic() + 60
-    while "c" in {m["name"] for m in httpx.get(f"{run.supervisor}/models").json()["models"]}:
-        assert time.monotonic() < deadline, "c not removed"
-        time.sleep(0.5)
+    poll(lambda: "c" not in run.model_states(), 60, "c removed", interval=0.5)
     c_load.stop()
     assert [f for f in c_load.failures if not f.startswith("404")] == []
 
