@@ -23,9 +23,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+from contract import defaults
+from contract.routes import ReplicaRoute
 from gateway.errors import ModelFailed, ModelNotFound, ModelNotReady, QueueFull, QueueTimeout
 from gateway.routes import RouteWatcher
-from sem.routes import ReplicaRoute
 
 
 @dataclass(order=True)
@@ -37,7 +38,10 @@ class _Waiter:
 
 class Admission:
     def __init__(
-        self, watcher: RouteWatcher, max_queue: int = 1024, queue_timeout: float = 60.0
+        self,
+        watcher: RouteWatcher,
+        max_queue: int = defaults.MAX_QUEUE,
+        queue_timeout: float = defaults.QUEUE_TIMEOUT,
     ) -> None:
         self._watcher = watcher
         self.max_queue = max_queue

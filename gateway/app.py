@@ -22,6 +22,8 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from contract import defaults
+from contract.routes import ReplicaRoute
 from gateway.admission import Admission
 from gateway.errors import (
     BadRequest,
@@ -39,7 +41,6 @@ from gateway.retry import RetryBudget
 from gateway.routes import RouteWatcher
 from gateway.state import ADMISSION, METRICS, RETRY, UPSTREAM, WATCHER
 from gateway.upstream import UpstreamPool
-from sem.routes import ReplicaRoute
 
 log = logging.getLogger("sem.gateway")
 Call = Callable[[ReplicaRoute, Observation], Awaitable[web.StreamResponse]]
@@ -281,7 +282,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 def create_app(
     watcher: RouteWatcher,
     admission: Admission | None = None,
-    upstream_timeout: float = 600.0,
+    upstream_timeout: float = defaults.UPSTREAM_TIMEOUT,
     retry: RetryBudget | None = None,
 ) -> web.Application:
     """The gateway app; it owns its pool of engine connections (closed at the app's cleanup)."""

@@ -12,11 +12,12 @@ import signal
 import aiohttp
 from aiohttp import web
 
+from contract import defaults
+from contract.routes import ModelRoute, ReplicaRoute, RouteTable
 from gateway.admission import Admission
 from gateway.app import create_app
 from gateway.retry import RetryBudget
 from gateway.routes import RouteWatcher
-from sem.routes import ModelRoute, ReplicaRoute, RouteTable
 
 log = logging.getLogger("sem.gateway")
 
@@ -24,22 +25,24 @@ log = logging.getLogger("sem.gateway")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--supervisor", default="http://127.0.0.1:8001")
+    p.add_argument("--port", type=int, default=defaults.GATEWAY_PORT)
+    p.add_argument("--supervisor", default=defaults.SUPERVISOR_URL)
     p.add_argument("--route", action="append", default=[], metavar="MODEL=URL[@SLOTS]",
                    help="serve MODEL from an engine at URL, without a supervisor"
                    " (repeatable; SLOTS: requests in flight, default 4096)")  # fmt: skip
     p.add_argument("--shutdown-timeout", type=float, default=10.0)
-    p.add_argument("--max-queue", type=int, default=1024, help="waiting requests per model")
-    p.add_argument("--queue-timeout", type=float, default=60.0,
+    p.add_argument(
+        "--max-queue", type=int, default=defaults.MAX_QUEUE, help="waiting requests per model"
+    )
+    p.add_argument("--queue-timeout", type=float, default=defaults.QUEUE_TIMEOUT,
                    help="longest wait for a slot or for the model to be ready")  # fmt: skip
-    p.add_argument("--upstream-timeout", type=float, default=600.0,
+    p.add_argument("--upstream-timeout", type=float, default=defaults.UPSTREAM_TIMEOUT,
                    help="longest a single engine call may take")  # fmt: skip
     p.add_argument("--max-attempts", type=int, default=3,
                    help="engine failures one request may meet before it is refused")  # fmt: skip
-    p.add_argument("--replay-timeout", type=float, default=180.0,
+    p.add_argument("--replay-timeout", type=float, default=defaults.REPLAY_TIMEOUT,
                    help="how long a failed request waits for a ready replica")  # fmt: skip
-    p.add_argument("--quarantine", type=float, default=600.0,
+    p.add_argument("--quarantine", type=float, default=defaults.QUARANTINE,
                    help="seconds a request that used all its attempts is refused")  # fmt: skip
     return p.parse_args(argv)
 

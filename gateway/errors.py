@@ -11,6 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
+from contract.errors import error_body as wire_error
+
 
 class GatewayError(Exception):
     status = 500
@@ -93,8 +95,7 @@ class UpstreamTimeout(GatewayError):
 
 
 def error_body(exc: GatewayError) -> dict[str, Any]:
-    return {"error": {"type": exc.type, "message": exc.message, "param": exc.param,
-                      "code": exc.status}}  # fmt: skip
+    return wire_error(exc.type, exc.message, exc.status, exc.param)
 
 
 def error_response(exc: GatewayError) -> web.Response:

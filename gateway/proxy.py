@@ -14,13 +14,13 @@ from typing import Any
 
 from aiohttp import web
 
+from contract.routes import ReplicaRoute
 from gateway.errors import BadRequest, GatewayError, UpstreamError, UpstreamTimeout, error_body
 from gateway.metrics import Observation
 from gateway.resume import Partial, Splice, StreamLog, continuation, events, finish_events
 from gateway.state import UPSTREAM
 from gateway.upstream import EngineDisconnected, Exchange
 from gateway.usage import StreamTally, completion_tokens
-from sem.routes import ReplicaRoute
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 

@@ -14,12 +14,16 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 
+from contract import defaults
+
 
 @dataclass
 class RetryBudget:
     max_attempts: int = 3  # engine failures one request may meet
-    quarantine: float = 600.0
-    replay_timeout: float = 180.0  # how long a retry waits for a ready replica (covers a restart)
+    quarantine: float = defaults.QUARANTINE
+    replay_timeout: float = (
+        defaults.REPLAY_TIMEOUT
+    )  # how long a retry waits for a ready replica (covers a restart)
     suspect_for: float = 10.0  # an engine that failed a request gets nothing new this long
     _quarantined: dict[bytes, float] = field(default_factory=dict)  # digest -> until
 

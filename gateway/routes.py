@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import aiohttp
 
-from sem.routes import RouteTable
+from contract.routes import RouteTable
 
 log = logging.getLogger("sem.gateway.routes")
 

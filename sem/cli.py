@@ -12,10 +12,11 @@ from typing import Any
 
 import httpx
 
+from contract import defaults
 from sem import cachecmd
 from sem.launcher import RunOptions, run
 
-DEFAULT_ADMIN = os.environ.get("SEM_ADMIN_URL", "http://127.0.0.1:8001")
+DEFAULT_ADMIN = os.environ.get("SEM_ADMIN_URL", defaults.SUPERVISOR_URL)
 
 
 class CliError(Exception):
@@ -157,13 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run supervisor and gateway in the foreground")
     p.add_argument("--config", type=Path, default=Path("models.yaml"))
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--gateway-port", type=int, default=8000)
-    p.add_argument("--supervisor-port", type=int, default=8001)
+    p.add_argument("--gateway-port", type=int, default=defaults.GATEWAY_PORT)
+    p.add_argument("--supervisor-port", type=int, default=defaults.SUPERVISOR_PORT)
     p.add_argument("--state-dir", type=Path, default=Path(".sem"))
     p.add_argument("--engine-python", default=os.environ.get("SEM_ENGINE_PYTHON"))
     p.add_argument("--engine-module", default=os.environ.get("SEM_ENGINE_MODULE"))
     p.add_argument(
-        "--queue-timeout", type=float, default=60.0,
+        "--queue-timeout", type=float, default=defaults.QUEUE_TIMEOUT,
         help="seconds a request may wait for a ready replica (say, an engine restart)",
     )  # fmt: skip
     p.set_defaults(func=cmd_run)
@@ -186,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rm", help="drain and remove a model")
     p.add_argument("name")
-    p.add_argument("--timeout", type=float, default=30.0, help="drain deadline in seconds")
+    p.add_argument(
+        "--timeout", type=float, default=defaults.DRAIN_TIMEOUT, help="drain deadline in seconds"
+    )
     p.set_defaults(func=cmd_rm)
 
     p = sub.add_parser("reload", help="apply models.yaml's changes (added, removed, changed)")

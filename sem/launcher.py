@@ -25,22 +25,25 @@ from pathlib import Path
 
 import httpx
 
-from sem.procgroup import INSTANCE_ENV, kill_marked
+from contract import defaults
+from supervisor.procgroup import INSTANCE_ENV, kill_marked
 
 
 @dataclass(frozen=True)
 class RunOptions:
     config: Path
     host: str = "127.0.0.1"
-    gateway_port: int = 8000
-    supervisor_port: int = 8001
+    gateway_port: int = defaults.GATEWAY_PORT
+    supervisor_port: int = defaults.SUPERVISOR_PORT
     state_dir: Path = Path(".sem")
     engine_python: str | None = None
     engine_module: str | None = None
     stop_timeout: float = 25.0  # both children gone within this, else SIGKILL
     token: str | None = None
     max_restarts: int = 5  # per child and minute
-    queue_timeout: float = 60.0  # the gateway's: how long a request waits for a ready replica
+    queue_timeout: float = (
+        defaults.QUEUE_TIMEOUT
+    )  # the gateway's: how long a request waits for a ready replica
 
     @property
     def gateway_url(self) -> str:

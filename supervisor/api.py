@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from contract.errors import error_body
 from supervisor.cache import ModelCache
 from supervisor.cache_api import cache_router
 from supervisor.config import ModelSpec, format_loc
@@ -21,10 +22,6 @@ from supervisor.manager import Manager
 from supervisor.reconcile import ConfigDiff
 
 Reload = Callable[[], Awaitable[ConfigDiff]]
-
-
-def error_body(type_: str, message: str) -> dict[str, Any]:
-    return {"error": {"type": type_, "message": message}}
 
 
 def create_app(
@@ -49,16 +46,21 @@ def create_app(
 
     @app.exception_handler(SupervisorError)
     async def _supervisor_error(_: Request, exc: SupervisorError) -> JSONResponse:
-        return JSONResponse(error_body(exc.type, exc.message), status_code=exc.status)
+        return JSONResponse(error_body(exc.type, exc.message, exc.status), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         problems = [f"{format_loc(tuple(e['loc']))}: {e['msg']}" for e in exc.errors()]
-        return JSONResponse(error_body("invalid_request", "; ".join(problems)), status_code=422)
+        return JSONResponse(
+            error_body("invalid_request", "; ".join(problems), 422), status_code=422
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body("http_error", str(exc.detail)), status_code=exc.status_code)
+        return JSONResponse(
+            error_body("http_error", str(exc.detail), exc.status_code),
+            status_code=exc.status_code,
+        )
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

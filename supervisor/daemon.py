@@ -23,7 +23,7 @@ from pathlib import Path
 
 import uvicorn
 
-from sem.procgroup import signal_group
+from contract import defaults
 from supervisor.api import create_app
 from supervisor.cache import CacheSettings, ModelCache
 from supervisor.config import ConfigError, SemConfig, load_config
@@ -32,6 +32,7 @@ from supervisor.errors import InvalidConfig, SupervisorError
 from supervisor.events import EventLog
 from supervisor.manager import EngineSettings, Manager, SchedulerSettings
 from supervisor.probe import EngineProbe
+from supervisor.procgroup import signal_group
 from supervisor.reconcile import ConfigDiff
 from supervisor.replica import ReplicaTiming
 from supervisor.resources import describe, detect
@@ -51,11 +52,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m supervisor", description=__doc__)
     p.add_argument("--config", type=Path, default=Path("models.yaml"))
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--port", type=int, default=defaults.SUPERVISOR_PORT)
     p.add_argument("--state-dir", type=Path, default=Path(".sem"))
     p.add_argument("--engine-python", default=os.environ.get("SEM_ENGINE_PYTHON"))
     p.add_argument("--engine-module", default=os.environ.get("SEM_ENGINE_MODULE"))
-    p.add_argument("--drain-timeout", type=float, default=10.0, help="on shutdown, per model")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=defaults.SHUTDOWN_DRAIN,
+        help="on shutdown, per model",
+    )
     p.add_argument("--stop-grace", type=float, default=10.0, help="SIGTERM to SIGKILL, per engine")
     p.add_argument("--start-timeout", type=float, default=600.0)
     p.add_argument("--token", default=os.environ.get("SEM_ADMIN_TOKEN"))

@@ -16,8 +16,8 @@ from typing import Protocol
 
 import psutil
 
-from sem.procgroup import INSTANCE_ENV, stop_group
 from supervisor.config import EngineArg
+from supervisor.procgroup import INSTANCE_ENV, stop_group
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sem.routes import ModelRoute, ReplicaRoute, RouteTable
+from contract.routes import ModelRoute, ReplicaRoute, RouteTable
 from supervisor.adoption import adopted_engine, is_our_engine, why_not_adoptable
 from supervisor.cache import Job, ModelCache
 from supervisor.config import ModelSpec, Source

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from sem.procgroup import INSTANCE_ENV, pids_with_env
 from supervisor.engine import EngineCommand
 from supervisor.events import EventLog
 from supervisor.manager import EngineSettings, Manager, SchedulerSettings
 from supervisor.probe import EngineProbe
+from supervisor.procgroup import INSTANCE_ENV, pids_with_env
 from supervisor.replica import ReplicaTiming
 from supervisor.resources import Inventory, StaticInventory
 from supervisor.restart import RestartPolicy

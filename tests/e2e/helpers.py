@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import psutil
 
-from sem.procgroup import INSTANCE_ENV, kill_marked, pids_with_env
 from supervisor.engine import free_port
+from supervisor.procgroup import INSTANCE_ENV, kill_marked, pids_with_env
 from tests.conftest import REPO
 
 ENGINE_PYTHON = os.environ.get("SEM_ENGINE_PYTHON", str(REPO / ".venv-engine" / "bin" / "python"))

@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from sem.procgroup import group_members
+from supervisor.procgroup import group_members
 from tests.conftest import REPO
 from tests.e2e.helpers import ENGINE_PYTHON, SemRun
 

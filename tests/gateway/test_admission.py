@@ -7,10 +7,10 @@ import asyncio
 import aiohttp
 import pytest
 
+from contract.routes import ModelRoute, ReplicaRoute, RouteTable
 from gateway.admission import Admission
 from gateway.errors import ModelFailed, ModelNotFound, ModelNotReady, QueueFull, QueueTimeout
 from gateway.routes import RouteWatcher
-from sem.routes import ModelRoute, ReplicaRoute, RouteTable
 from tests.conftest import wait_until
 
 

@@ -12,10 +12,10 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from contract.routes import ModelRoute, ReplicaRoute, RouteTable
 from gateway.app import create_app
 from gateway.retry import RetryBudget
 from gateway.routes import RouteWatcher
-from sem.routes import ModelRoute, ReplicaRoute, RouteTable
 from tests.fake_engine import FakeEngine, make_app
 
 FAST = RetryBudget(max_attempts=3, quarantine=60, replay_timeout=5, suspect_for=0.5)

@@ -11,12 +11,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from contract.routes import ModelRoute, ReplicaRoute, RouteTable
 from gateway.admission import Admission
 from gateway.app import create_app
 from gateway.retry import RetryBudget
 from gateway.routes import RouteWatcher
 from gateway.state import ADMISSION, UPSTREAM
-from sem.routes import ModelRoute, ReplicaRoute, RouteTable
 from tests.fake_engine import FakeEngine, make_app
 
 

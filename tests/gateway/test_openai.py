@@ -14,10 +14,10 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from contract.routes import ModelRoute, ReplicaRoute, RouteTable
 from gateway.app import create_app
 from gateway.routes import RouteWatcher
 from gateway.state import ADMISSION
-from sem.routes import ModelRoute, ReplicaRoute, RouteTable
 from tests.conftest import wait_until
 from tests.fake_engine import FakeEngine, make_app
 

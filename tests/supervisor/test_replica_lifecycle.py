@@ -7,8 +7,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sem.procgroup import group_members
 from supervisor.config import ModelSpec
+from supervisor.procgroup import group_members
 from supervisor.states import ReplicaState
 from tests.conftest import ManagerFactory, fake_engine_command, wait_until
 
