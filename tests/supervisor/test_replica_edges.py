@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -201,6 +201,31 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[Callable[..., Rig]]:
         assert all(e.returncode is not None for e in rig.launcher.engines), "engine left running"
 
 
+async def started_rig(
+    make_rig: Callable[..., Rig], healthy: bool = False, **kwargs: Any
+) -> tuple[Rig, FakeEngine]:
+    """A rig whose replica was placed, with its first engine launched."""
+    rig = make_rig(**kwargs)
+    rig.probe.health = healthy
+    rig.start()
+    return rig, await rig.launcher.engine(1)
+
+
+async def ready_rig(make_rig: Callable[..., Rig], **kwargs: Any) -> tuple[Rig, FakeEngine]:
+    rig, engine = await started_rig(make_rig, healthy=True, **kwargs)
+    await rig.reach(S.READY)
+    return rig, engine
+
+
+async def restarting_rig(make_rig: Callable[..., Rig], backoff: float) -> Rig:
+    """A rig whose first engine died before it was ready: restarting, after `backoff` s."""
+    policy = RestartPolicy(backoff_base=backoff, max_failures=3, window=60)
+    rig, engine = await started_rig(make_rig, policy=policy)
+    engine.exit(1)
+    await rig.reach(S.RESTARTING)
+    return rig
+
+
 # -- pending -----------------------------------------------------------------------------------
 
 
@@ -256,9 +281,7 @@ async def test_starting_to_ready_when_health_answers(make_rig):
 
 @covers(S.STARTING, S.RESTARTING)
 async def test_starting_to_restarting_when_exit_before_ready(make_rig):
-    rig = make_rig()
-    rig.start()
-    engine = await rig.launcher.engine(1)
+    rig, engine = await started_rig(make_rig)
     since = time.time()
     engine.exit(1)
     await rig.reach(S.RESTARTING)
@@ -273,7 +296,7 @@ async def test_starting_to_restarting_when_exit_before_ready(make_rig):
 
 @covers(S.STARTING, S.RESTARTING)
 async def test_starting_to_restarting_when_no_health_within_start_timeout(make_rig):
-    rig = make_rig(timing=ReplicaTiming(**{**TIMING.__dict__, "start_timeout": 0.1}))
+    rig = make_rig(timing=replace(TIMING, start_timeout=0.1))
     since = time.time()
     rig.start()
     engine = await rig.launcher.engine(1)
@@ -312,9 +335,7 @@ async def test_starting_to_failed_after_max_failures_in_window(make_rig):
 
 @covers(S.STARTING, S.DRAINING)
 async def test_starting_to_draining_on_stop(make_rig):
-    rig = make_rig()
-    rig.start()
-    engine = await rig.launcher.engine(1)
+    rig, engine = await started_rig(make_rig)
     since = time.time()
     stopping = asyncio.create_task(rig.replica.stop(drain_timeout=1))
     await rig.reach(S.DRAINING)
@@ -324,14 +345,6 @@ async def test_starting_to_draining_on_stop(make_rig):
 
 
 # -- ready -------------------------------------------------------------------------------------
-
-
-async def ready_rig(make_rig: Callable[..., Rig], **kwargs: Any) -> tuple[Rig, FakeEngine]:
-    rig = make_rig(**kwargs)
-    rig.probe.health = True
-    rig.start()
-    await rig.reach(S.READY)
-    return rig, await rig.launcher.engine(1)
 
 
 @covers(S.READY, S.DRAINING)
@@ -383,10 +396,7 @@ async def test_ready_to_failed_after_max_failures_in_window(make_rig):
 
 @covers(S.RESTARTING, S.STARTING)
 async def test_restarting_to_starting_after_the_backoff(make_rig):
-    rig = make_rig(policy=RestartPolicy(backoff_base=0.2, max_failures=3, window=60))
-    rig.start()
-    (await rig.launcher.engine(1)).exit(1)
-    await rig.reach(S.RESTARTING)
+    rig = await restarting_rig(make_rig, backoff=0.2)
     restarting = rig.transitions()[-1]
     await rig.reach(S.STARTING)
     starting = rig.assert_edge(S.RESTARTING, S.STARTING, "spawning engine on port 9001",
@@ -397,10 +407,7 @@ async def test_restarting_to_starting_after_the_backoff(make_rig):
 
 @covers(S.RESTARTING, S.STOPPED)
 async def test_restarting_to_stopped_when_stopped_during_the_backoff(make_rig):
-    rig = make_rig(policy=RestartPolicy(backoff_base=30, max_failures=3, window=60))
-    rig.start()
-    (await rig.launcher.engine(1)).exit(1)
-    await rig.reach(S.RESTARTING)
+    rig = await restarting_rig(make_rig, backoff=30)
     since = time.time()
     await rig.replica.stop(drain_timeout=1)  # does not wait out the 30 s backoff
     rig.assert_edge(S.RESTARTING, S.STOPPED, "removed while restarting", since)
@@ -409,10 +416,7 @@ async def test_restarting_to_stopped_when_stopped_during_the_backoff(make_rig):
 
 async def broken_while_restarting(make_rig: Callable[..., Rig]) -> Rig:
     """A replica whose next launch plan cannot be made, caught while it restarts."""
-    rig = make_rig(policy=RestartPolicy(backoff_base=0.1, max_failures=3, window=60))
-    rig.start()
-    (await rig.launcher.engine(1)).exit(1)
-    await rig.reach(S.RESTARTING)
+    rig = await restarting_rig(make_rig, backoff=0.1)
     rig.broken_plan = ValueError("port range exhausted")
     return rig
 
