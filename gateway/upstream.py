@@ -3,7 +3,7 @@ plain asyncio protocols, responses parsed by httptools (llhttp, in C).
 
 It does only what the hot path needs: POST a JSON body, then the status, then the body, whole or
 piece by piece as it arrives. Measured against aiohttp's ClientSession it costs a fraction of the
-CPU per request (see README, Benchmarks). Deliberately left out, because the engines are local
+CPU per request (see docs/benchmarks.md). Deliberately left out, because the engines are local
 vLLM servers that need none of it:
 
 - plain `http://host:port[/prefix]` only: no TLS (an `https` URL is refused), no proxies (the
