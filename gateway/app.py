@@ -19,14 +19,17 @@ from pydantic import ValidationError
 
 from contract import defaults
 from gateway.admission import Admission
-from gateway.errors import BadRequest, GatewayError, InvalidField, InvalidRequest, error_response
+from gateway.body import read_object
+from gateway.errors import GatewayError, InvalidField, InvalidRequest, error_response
+from gateway.frontdoor import FrontDoor, middleware_for
 from gateway.generate import ENGINE_PATH, GenerateAnswer, GenerateRequest, generate_events
 from gateway.journey import Journeys
+from gateway.limits import Limits
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.proxy import JsonRelay, Relay, StreamRelay
 from gateway.retry import RetryBudget
 from gateway.routes import RouteWatcher
-from gateway.state import ADMISSION, JOURNEYS, METRICS, RETRY, UPSTREAM, WATCHER
+from gateway.state import ADMISSION, DOOR, JOURNEYS, METRICS, RETRY, UPSTREAM, WATCHER
 from gateway.upstream import UpstreamPool
 
 REQUEST_ID = "X-Request-Id"  # the client's name for a request, used in the logs
@@ -45,16 +48,9 @@ def priority_of(request: web.Request) -> int:
         ) from None
 
 
-async def read_json_object(request: web.Request) -> tuple[dict[str, Any], bytes]:
-    """The body parsed (to route and validate it) and as the bytes that came (to forward)."""
-    raw = await request.read()
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise BadRequest(f"body must be a JSON object, got {type(body).__name__}")
-    return body, raw
+def read_json_object(request: web.Request) -> Awaitable[tuple[dict[str, Any], bytes]]:
+    """The body parsed and as it came, within the front door's limits (see gateway.body)."""
+    return read_object(request, request.app[DOOR].limits)
 
 
 def validation_error(exc: ValidationError) -> InvalidField:
@@ -94,11 +90,21 @@ async def openai_route(request: web.Request) -> web.StreamResponse:
         raise InvalidField("model: a model name is required", param="model")
     pool = request.app[UPSTREAM]
     relay: Relay
-    if body.get("stream"):
+    if stream_of(body):
         relay = StreamRelay(pool, request, request.path, body, raw)
     else:
         relay = JsonRelay(pool, request.path, raw)
     return await hand_over(request, relay, model, raw)
+
+
+def stream_of(body: dict[str, Any]) -> bool:
+    """`stream`: a JSON boolean (or null), never a string: `"false"` is not false."""
+    stream = body.get("stream")
+    if stream is None or isinstance(stream, bool):
+        return bool(stream)
+    raise InvalidField(
+        f"stream: expected true or false, got {json.dumps(stream)[:40]}", param="stream"
+    )
 
 
 def hand_over(
@@ -148,14 +154,21 @@ def create_app(
     admission: Admission | None = None,
     upstream_timeout: float = defaults.UPSTREAM_TIMEOUT,
     retry: RetryBudget | None = None,
+    limits: Limits | None = None,
 ) -> web.Application:
-    """The gateway app; it owns its pool of engine connections (closed at the app's cleanup)."""
-    app = web.Application(middlewares=[errors_middleware], client_max_size=32 * 1024**2)
+    """The gateway app; it owns its pool of engine connections (closed at the app's cleanup)
+    and its front door (gateway.frontdoor: serve it with `app[DOOR].listen`)."""
+    door = FrontDoor(limits or Limits())
+    app = web.Application(
+        middlewares=[errors_middleware, middleware_for(door)], client_max_size=door.limits.max_body
+    )
+    app[DOOR] = door
     app[WATCHER] = watcher
     app[RETRY] = retry or RetryBudget()
     app[UPSTREAM] = UpstreamPool(timeout=upstream_timeout)
     app[ADMISSION] = admission or Admission(watcher)
     app[METRICS] = GatewayMetrics(watcher, app[ADMISSION])
+    app[METRICS].registry.register(door.collector())
     app[JOURNEYS] = Journeys(watcher, app[ADMISSION], app[RETRY], app[METRICS])
     app.router.add_post("/generate", generate)
     app.router.add_post("/v1/completions", openai_route)

@@ -16,8 +16,10 @@ from contract import defaults
 from contract.routes import ModelRoute, ReplicaRoute, RouteTable
 from gateway.admission import Admission
 from gateway.app import create_app
+from gateway.limits import Limits
 from gateway.retry import RetryBudget
 from gateway.routes import RouteWatcher
+from gateway.state import DOOR
 
 log = logging.getLogger("sem.gateway")
 
@@ -44,7 +46,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="how long a failed request waits for a ready replica")  # fmt: skip
     p.add_argument("--quarantine", type=float, default=defaults.QUARANTINE,
                    help="seconds a request that used all its attempts is refused")  # fmt: skip
+    add_limits(p)
     return p.parse_args(argv)
+
+
+def add_limits(p: argparse.ArgumentParser) -> None:
+    """The front door's options (gateway.limits), each defaulting to Limits' default."""
+    d = Limits()
+    g = p.add_argument_group("front door limits")
+    g.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                   help="s from accept to a connection's first request headers")  # fmt: skip
+    g.add_argument("--body-timeout", type=float, default=d.body_timeout,
+                   help="s between two reads of a request body (408 past it)")  # fmt: skip
+    g.add_argument("--client-write-timeout", type=float, default=d.client_write_timeout,
+                   help="s a client may leave its answer unread before it loses the"
+                   " connection (its engine request is cancelled)")  # fmt: skip
+    g.add_argument("--keepalive-timeout", type=float, default=d.keepalive_timeout,
+                   help="s an idle client connection is kept")  # fmt: skip
+    g.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help="open client connections; more are closed at accept"
+                   " (0: half of `ulimit -n`)")  # fmt: skip
+    g.add_argument("--max-body", type=int, default=d.max_body,
+                   help="bytes of one request body (413 past it)")  # fmt: skip
+    g.add_argument("--max-body-memory", type=int, default=d.max_body_memory,
+                   help="bytes of request bodies held at once (503 past it)")  # fmt: skip
+    g.add_argument("--max-json-depth", type=int, default=d.max_json_depth,
+                   help="nesting of arrays and objects in a body (400 past it)")  # fmt: skip
+
+
+def limits_of(args: argparse.Namespace) -> Limits:
+    return Limits(
+        header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+        client_write_timeout=args.client_write_timeout,
+        keepalive_timeout=args.keepalive_timeout, max_connections=args.max_connections,
+        max_body=args.max_body, max_body_memory=args.max_body_memory,
+        max_json_depth=args.max_json_depth,
+    )  # fmt: skip
 
 
 def static_routes(specs: list[str]) -> RouteTable:
@@ -79,21 +116,25 @@ async def serve(args: argparse.Namespace) -> int:
         max_attempts=args.max_attempts, quarantine=args.quarantine,
         replay_timeout=args.replay_timeout,
     )  # fmt: skip
-    app = create_app(watcher, admission, upstream_timeout=args.upstream_timeout, retry=retry)
+    app = create_app(
+        watcher, admission, upstream_timeout=args.upstream_timeout, retry=retry,
+        limits=limits_of(args),
+    )  # fmt: skip
     # handler_cancellation: a client that disconnects cancels its handler, which closes the
     # upstream request, and vLLM aborts the generation (freeing its slot).
     runner = web.AppRunner(
-        app, access_log=None, shutdown_timeout=args.shutdown_timeout, handler_cancellation=True
-    )
+        app, access_log=None, shutdown_timeout=args.shutdown_timeout, handler_cancellation=True,
+        keepalive_timeout=args.keepalive_timeout,
+    )  # fmt: skip
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    listener: asyncio.Server | None = None
     try:
         await runner.setup()
-        site = web.TCPSite(runner, args.host, args.port, backlog=4096, reuse_address=True)
         try:
-            await site.start()
+            listener = await app[DOOR].listen(runner, args.host, args.port)
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", args.host, args.port, exc.strerror)
             return 2
@@ -102,6 +143,8 @@ async def serve(args: argparse.Namespace) -> int:
         await stopping.wait()
         log.info("stopping: no new connections; finishing in-flight requests")
     finally:
+        if listener is not None:
+            listener.close()  # no new connections
         await runner.cleanup()  # stops listening, waits for handlers up to shutdown_timeout
         if watch_task is not None:
             watch_task.cancel()

@@ -12,6 +12,7 @@ gateway.upstream; their failures come out of here as the gateway's typed errors.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Protocol
@@ -26,6 +27,7 @@ from gateway.sse import events, sse
 from gateway.upstream import EngineDisconnected, Exchange, UpstreamPool
 from gateway.usage import StreamTally, completion_tokens
 
+log = logging.getLogger("sem.gateway")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
@@ -50,8 +52,9 @@ def gateway_error(exc: BaseException, replica: ReplicaRoute) -> GatewayError | N
     502 and 504; gateway errors stay as they are; anything else is None."""
     if isinstance(exc, GatewayError):
         return exc
-    if isinstance(exc, EngineDisconnected):
-        return UpstreamError(f"engine {replica.id} unreachable: {exc}")
+    if isinstance(exc, EngineDisconnected):  # its address goes to the log, not to the client
+        log.warning("engine %s (%s): %s", replica.id, replica.url, exc)
+        return UpstreamError(f"engine {replica.id} unreachable")
     if isinstance(exc, TimeoutError):
         return UpstreamTimeout(f"engine {replica.id} did not answer in time")
     return None

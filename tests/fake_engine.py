@@ -68,6 +68,7 @@ class FakeEngine:
         self.crash_on = crash_on
         self.tokens_sent = 0
         self.requests: list[dict[str, object]] = []
+        self.aborted = 0  # generations whose client (the gateway) went away before the end
         self.exit_process = False  # set when it runs as its own process
 
     def _die(self, request: web.Request) -> web.StreamResponse:
@@ -128,6 +129,9 @@ class FakeEngine:
             for _ in tokens:
                 await asyncio.sleep(self.token_delay)
                 self._count(request)
+        except asyncio.CancelledError:  # vLLM aborts a request whose connection closed
+            self.aborted += 1
+            raise
         finally:
             self.running -= 1
         text = "".join(tokens)
