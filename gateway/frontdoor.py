@@ -27,6 +27,7 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from typing import cast
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -121,7 +122,7 @@ class Connection(asyncio.Protocol):
         self._write_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         if not self._door.admit(self):
             transport.abort()
             return

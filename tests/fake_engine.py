@@ -173,7 +173,7 @@ class FakeEngine:
 
 
 def make_app(engine: FakeEngine) -> web.Application:
-    app = web.Application()
+    app = web.Application(client_max_size=64 * 1024**2)  # long contexts, like vLLM
     app.router.add_get("/health", engine.health)
     app.router.add_get("/v1/models", engine.models)
     app.router.add_get("/metrics", engine.metrics)

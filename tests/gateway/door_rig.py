@@ -11,7 +11,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from contract.routes import RouteTable
@@ -74,6 +76,12 @@ def post_head(path: str, body: bytes | None, extra: str = "") -> bytes:
         f"POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n{length}{extra}\r\n"
     )
     return head.encode() + (body or b"")
+
+
+async def post(url: str, body: bytes) -> tuple[int, Any]:
+    """POST `body` on a connection of its own: the status and the parsed JSON answer."""
+    async with aiohttp.ClientSession() as session, session.post(url, data=body) as answer:
+        return answer.status, await answer.json()
 
 
 def completion(max_tokens: int, stream: bool = False, **more: object) -> bytes:
