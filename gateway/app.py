@@ -1,7 +1,8 @@
 """The gateway's HTTP app: its routes and their wiring (aiohttp's server).
 
 POST /generate (sem's own format, see gateway.generate), POST /v1/completions and
-/v1/chat/completions (OpenAI, streaming included), GET /v1/models, /health, /metrics.
+/v1/chat/completions (OpenAI, streaming included), GET /v1/models, /health, /metrics, and the
+API's description: /openapi.json and /docs (gateway.openapi).
 
 A request goes one way, each layer calling only the next: a handler here parses and validates
 it, picks its relay and hands it over -> its journey (gateway.journey: admission, attempts,
@@ -26,6 +27,8 @@ from gateway.generate import ENGINE_PATH, GenerateAnswer, GenerateRequest, gener
 from gateway.journey import Journeys
 from gateway.limits import Limits
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from gateway.openai_requests import REQUESTS
+from gateway.openapi import add_routes
 from gateway.proxy import JsonRelay, Relay, StreamRelay
 from gateway.retry import RetryBudget
 from gateway.routes import RouteWatcher
@@ -83,28 +86,20 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 
 async def openai_route(request: web.Request) -> web.StreamResponse:
-    """/v1/completions and /v1/chat/completions: routed by `model`, the body passed through."""
+    """/v1/completions and /v1/chat/completions: the fields sem reads validated (see
+    gateway.openai_requests), routed by `model`, the body passed through as it came."""
     body, raw = await read_json_object(request)
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidField("model: a model name is required", param="model")
+    try:
+        REQUESTS[request.path].model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
     pool = request.app[UPSTREAM]
     relay: Relay
-    if stream_of(body):
+    if body.get("stream") is True:
         relay = StreamRelay(pool, request, request.path, body, raw)
     else:
         relay = JsonRelay(pool, request.path, raw)
-    return await hand_over(request, relay, model, raw)
-
-
-def stream_of(body: dict[str, Any]) -> bool:
-    """`stream`: a JSON boolean (or null), never a string: `"false"` is not false."""
-    stream = body.get("stream")
-    if stream is None or isinstance(stream, bool):
-        return bool(stream)
-    raise InvalidField(
-        f"stream: expected true or false, got {json.dumps(stream)[:40]}", param="stream"
-    )
+    return await hand_over(request, relay, body["model"], raw)
 
 
 def hand_over(
@@ -176,6 +171,7 @@ def create_app(
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    add_routes(app)
     app.on_cleanup.append(close_upstream)
     return app
 
