@@ -12,6 +12,9 @@ Fault knobs, from the environment:
   FAKE_TOKEN_DELAY=S      seconds between streamed tokens (and per token when not streaming)
   FAKE_DIE_AFTER=N        exit (connections cut) once N tokens have been generated in all
   FAKE_CRASH_ON=WORD      exit at once on a prompt containing WORD (a "poison" request)
+
+Like vLLM, `--api-key KEY` (or VLLM_API_KEY) makes every /v1 route demand `Authorization: Bearer
+KEY` (401 `{"error": "Unauthorized"}` otherwise); /health and /metrics stay open.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import sys
 import time
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 
 def engine_core() -> None:
@@ -168,8 +172,21 @@ class FakeEngine:
         return response
 
 
-def make_app(engine: FakeEngine) -> web.Application:
-    app = web.Application()
+def require_key(api_key: str) -> Middleware:
+    """vLLM's check: /v1 routes need the bearer key."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        wanted = f"Bearer {api_key}"
+        if request.path.startswith("/v1") and request.headers.get("Authorization") != wanted:
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        return await handler(request)
+
+    return check
+
+
+def make_app(engine: FakeEngine, api_key: str | None = None) -> web.Application:
+    app = web.Application(middlewares=[require_key(api_key)] if api_key else [])
     app.router.add_get("/health", engine.health)
     app.router.add_get("/v1/models", engine.models)
     app.router.add_get("/metrics", engine.metrics)
@@ -184,6 +201,7 @@ async def main() -> None:
     parser.add_argument("--served-model-name", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"))
     args, _unknown = parser.parse_known_args()
 
     if os.environ.get("FAKE_IGNORE_SIGTERM") == "1":
@@ -204,7 +222,7 @@ async def main() -> None:
         crash_on=os.environ.get("FAKE_CRASH_ON"),
     )
     engine.exit_process = True
-    app = make_app(engine)
+    app = make_app(engine, args.api_key)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
