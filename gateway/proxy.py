@@ -63,7 +63,7 @@ def engine_call(request: web.Request, replica: ReplicaRoute, path: str, body: by
     """POST `body` to the engine: `async with engine_call(...) as upstream` (inside
     `engine_errors`)."""
     assert replica.url is not None  # ready replicas have one
-    return request.app[UPSTREAM].post(replica.url, path, body)
+    return request.app[UPSTREAM].post(replica.url, path, body, replica.api_key)
 
 
 def check_answer(status: int, raw: bytes, replica: ReplicaRoute) -> None:

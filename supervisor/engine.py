@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -261,6 +261,10 @@ async def spawn_engine(
             start_new_session=True,  # its own group: stopped as a whole, survives our exit
         )
     return EngineProcess(port=plan.port, log_path=plan.log_path, proc=proc)
+
+
+# How a replica's engine is started: `spawn_engine` on one box, a node agent on a Ray cluster.
+Spawn = Callable[[EngineCommand, LaunchPlan, str, Mapping[str, str]], Awaitable[EngineHandle]]
 
 
 def free_port() -> int:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from supervisor.engine import (
     EngineCommand,
     EngineHandle,
     LaunchPlan,
+    Spawn,
     free_port,
     spawn_engine,
     start_time,
@@ -118,6 +120,7 @@ class EngineSettings:
     state_dir: Path
     instance: str
     parent_env: Mapping[str, str]
+    spawn: Spawn = spawn_engine  # a Ray cluster's node agents: supervisor/cluster/
 
 
 @dataclass(frozen=True)
@@ -366,6 +369,26 @@ class Manager:
         self._closed = True  # long-polls answer at once from now on
         self._publish()
 
+    def nodes_changed(self, lost: set[str]) -> None:
+        """Cluster nodes joined or left: a replica on a lost node is gone with it, so it is
+        stopped (nothing is left to drain) and a new pending one takes its place on a node that
+        is left. Joined nodes: a re-plan, for replicas that wait for room."""
+        for entry in self._models.values():
+            for replica in entry.replicas:
+                if replica.plan is not None and replica.plan.node in lost and not replica.done:
+                    self._events.emit("node_lost", replica.id, "its node left; replacing it")
+                    task = asyncio.create_task(self._replace(entry, replica), name=replica.id)
+                    self._removals.add(task)
+                    task.add_done_callback(self._removals.discard)
+        self._replan.set()
+
+    async def _replace(self, entry: ModelEntry, replica: Replica) -> None:
+        await replica.stop(0.0)
+        if replica in entry.replicas:
+            entry.replicas.remove(replica)
+        if not entry.removing and not self._stopping:
+            self._add_replicas(entry)
+
     # -- scheduling --------------------------------------------------------------------------
 
     async def _schedule_loop(self) -> None:
@@ -402,6 +425,12 @@ class Manager:
                 priority=entries[r.id].spec.priority,
                 seq=r.seq,
                 waited=now - r.pending_since,
+                group=entries[r.id].spec.name,
+                avoid_nodes=frozenset(
+                    s.plan.node
+                    for s in entries[r.id].replicas
+                    if s.holds_reservation and s.plan is not None and s.plan.node
+                ),
             )
             for r in pending
         ]
@@ -428,7 +457,9 @@ class Manager:
                     if replica.state is ReplicaState.STARTING:
                         starting[device_id] = True
         return [
-            DeviceView(d.id, d.label, d.total, d.free, reserved[d.id], starting[d.id], d.kind)
+            DeviceView(
+                d.id, d.label, d.total, d.free, reserved[d.id], starting[d.id], d.kind, d.node
+            )
             for d in devices
         ]
 
@@ -597,10 +628,11 @@ class Manager:
             devices = {d.id: d for d in self._devices}
             gpu_ids: tuple[int, ...] = ()
             utilization = None
+            on = devices[placement.device_ids[0]] if placement else Device("", "cpu", "", 0, 0)
             if placement is not None and all(
                 devices[i].kind == "gpu" for i in placement.device_ids
             ):
-                gpu_ids = tuple(int(i) for i in placement.device_ids)
+                gpu_ids = tuple(devices[i].index or 0 for i in placement.device_ids)
                 total = min(devices[i].total for i in placement.device_ids)
                 utilization = min(0.98, placement.per_device / total)
             return LaunchPlan(
@@ -617,10 +649,14 @@ class Manager:
                 cpu_kv_cache_gib=None if gpu_ids else cpu_kv_cache_gib(need.kv_cache),
                 engine_args=spec.engine_args,
                 env=spec.env,
+                host=on.host,
+                node=on.node or None,
+                # On a cluster an engine listens on its node's address: only the gateway may use it.
+                api_key=secrets.token_urlsafe(24) if on.node else None,
             )
 
         async def launch(plan: LaunchPlan) -> EngineHandle:
-            engine = await spawn_engine(
+            engine = await settings.spawn(
                 settings.command, plan, settings.instance, settings.parent_env
             )
             placement = replica.placement
@@ -666,6 +702,7 @@ class Manager:
                         state=ReplicaState.DRAINING.value if entry.removing else r.state.value,
                         url=r.url,
                         max_num_seqs=r.max_num_seqs,
+                        api_key=r.plan.api_key if r.plan else None,
                     )
                     for r in entry.replicas
                     if not r.done
