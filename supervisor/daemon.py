@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -35,9 +36,12 @@ from supervisor.probe import EngineProbe
 from supervisor.procgroup import signal_group
 from supervisor.reconcile import ConfigDiff
 from supervisor.replica import ReplicaTiming
-from supervisor.resources import describe, detect
+from supervisor.resources import Inventory, describe, detect
 from supervisor.store import Store, StoreError
 from supervisor.units import parse_size
+
+if TYPE_CHECKING:
+    from supervisor.cluster.backend import RayCluster
 
 log = logging.getLogger("sem.supervisor")
 
@@ -67,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--token", default=os.environ.get("SEM_ADMIN_TOKEN"))
     p.add_argument("--cache-dir", type=Path, help="hf:// models go here (default: models.yaml's"
                    " cache.dir, else HF_HUB_CACHE)")  # fmt: skip
+    p.add_argument("--cluster-address", help="a Ray cluster's head (host:port): place models on"
+                   " its nodes (overrides models.yaml's cluster.address)")  # fmt: skip
     p.add_argument(
         "--instance", default=os.environ.get("SEM_INSTANCE"),
         help="marker on every engine process (default: the one kept in the state folder)",
@@ -87,7 +93,21 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-_RESTART_ONLY = ("devices", "cpu_memory_budget", "recheck_interval")
+_RESTART_ONLY = ("devices", "cpu_memory_budget", "recheck_interval", "cluster")
+
+
+async def join_cluster(args: argparse.Namespace, config: SemConfig) -> RayCluster | None:
+    """The Ray cluster to place models on (docs/cluster.md), None for this machine alone.
+    Ray is imported only here: a single box needs none."""
+    address = args.cluster_address or (config.cluster.address if config.cluster else None)
+    if address is None:
+        return None
+    from supervisor.cluster.backend import RayCluster
+
+    cluster = RayCluster(address)
+    await asyncio.to_thread(cluster.connect)
+    log.info("Ray cluster at %s: %d node(s)", address, len(cluster.nodes()))
+    return cluster
 
 
 class _QuietServer(uvicorn.Server):
@@ -118,22 +138,26 @@ async def _serve(args: argparse.Namespace, config: SemConfig, store: Store) -> i
         python=args.engine_python or default_engine_python(),
         **({"module": args.engine_module} if args.engine_module else {}),
     )
-    settings = EngineSettings(
-        command=command,
-        state_dir=args.state_dir.resolve(),
-        instance=instance,
-        parent_env=dict(os.environ),
-    )
     try:
-        inventory = await asyncio.to_thread(detect, config.devices, config.cpu_memory_budget)
+        cluster = await join_cluster(args, config)
+        inventory: Inventory = cluster or await asyncio.to_thread(
+            detect, config.devices, config.cpu_memory_budget
+        )
         sock = listen_socket(args.host, args.port)
-    except RuntimeError as exc:
+    except (RuntimeError, ConnectionError) as exc:
         log.error("%s", exc)
         return 2
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", args.host, args.port, exc.strerror)
         return 2
 
+    settings = EngineSettings(
+        command=command,
+        state_dir=args.state_dir.resolve(),
+        instance=instance,
+        parent_env=dict(os.environ),
+        **({"spawn": cluster.spawn} if cluster else {}),
+    )
     cache_config = config.cache
     cache = ModelCache(
         CacheSettings(
@@ -181,7 +205,7 @@ async def _serve(args: argparse.Namespace, config: SemConfig, store: Store) -> i
         signals_seen += 1
         log.info("got %s (%s)", sig.name, "stopping" if signals_seen == 1 else "forcing")
         stopping.set()
-        if signals_seen > 1:
+        if signals_seen > 1 and cluster is None:  # a cluster's engines are not our processes
             for entry in manager.entries():
                 for replica in entry.replicas:
                     if replica.process is not None:
@@ -205,6 +229,8 @@ async def _serve(args: argparse.Namespace, config: SemConfig, store: Store) -> i
     diff = await manager.restore(config.models, args.drain_timeout)  # invalid models: events
     log.info("models: %s", diff)
     manager.start()
+    if cluster is not None:
+        cluster.watch(lambda joined, lost: manager.nodes_changed(lost))
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     serve_task = asyncio.create_task(server.serve(sockets=[sock]), name="admin-api")
     try:
@@ -222,6 +248,8 @@ async def _serve(args: argparse.Namespace, config: SemConfig, store: Store) -> i
         server.should_exit = True
         await serve_task
         await probe.aclose()
+        if cluster is not None:
+            await cluster.close()
         sock.close()
     log.info("supervisor stopped; no engine left")
     return 0

@@ -144,10 +144,15 @@ class RayCluster:
                 log.info("nodes: %d joined, %d lost", len(joined), len(lost))
                 on_change(joined, lost)
 
-    async def close(self) -> None:
-        """Stop watching and leave the cluster. The agents stay, with any engine they own."""
+    async def stop_watching(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
+            self._watch = None
+
+    async def close(self) -> None:
+        """Stop watching and leave the cluster. The agents stay, with any engine they own."""
+        await self.stop_watching()
+        self._agents.clear()  # handles of this connection only
         await asyncio.to_thread(ray.shutdown)

@@ -1,0 +1,104 @@
+"""A Ray cluster of a few nodes on this machine, started and torn down by the tests.
+
+Each node is its own `ray start` (its own temp dir, GPUs declared with `--num-gpus` and their
+memory with the `sem_gpu_gib` resource) and carries a marker in its environment, which its
+raylet's workers inherit: so one node can be killed alone (a lost machine: its raylet, workers
+and engines), and teardown can prove nothing is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from supervisor.cluster import GPU_MEMORY_RESOURCE, NODE_ENV
+from supervisor.engine import free_port
+from supervisor.procgroup import kill_marked, pids_with_env
+from tests.conftest import REPO
+
+RAY = str(Path(sys.executable).with_name("ray"))
+MARK = "SEM_TEST_RAY_NODE"
+
+
+@dataclass
+class LocalRay:
+    root: Path
+    run: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    port: int = field(default_factory=free_port)
+    node_ids: dict[str, str] = field(default_factory=dict)  # name -> Ray node id
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _mark(self, name: str) -> str:
+        return f"{self.run}-{name}"
+
+    def start(self, names: list[str], gpus: int = 2, gpu_gib: int = 24) -> None:
+        """Start nodes: the first of a fresh cluster is its head, the others join side by side."""
+        if not self.node_ids:
+            self._check(self._ray_start(names[0], gpus, gpu_gib, head=True))
+            self.node_ids[names[0]] = self._node_id(names[0])
+            names = names[1:]
+        for proc in [self._ray_start(name, gpus, gpu_gib, head=False) for name in names]:
+            self._check(proc)
+        for name in names:
+            self.node_ids[name] = self._node_id(name)
+
+    def _ray_start(self, name: str, gpus: int, gpu_gib: int, head: bool) -> subprocess.Popen[str]:
+        argv = [RAY, "start", "--num-cpus", "1", "--num-gpus", str(gpus),
+                "--resources", json.dumps({GPU_MEMORY_RESOURCE: gpu_gib}),
+                "--temp-dir", str(self.root / name), "--disable-usage-stats"]  # fmt: skip
+        if head:
+            argv += ["--head", "--port", str(self.port), "--include-dashboard=false"]
+        else:
+            argv += ["--address", self.address]
+        env = {**os.environ, "PYTHONPATH": str(REPO), MARK: self._mark(name),
+               "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
+        return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)  # fmt: skip
+
+    @staticmethod
+    def _check(proc: subprocess.Popen[str]) -> None:
+        out, _ = proc.communicate(timeout=180)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ray start failed:\n{out[-2000:]}")
+
+    def _node_id(self, name: str) -> str:
+        """From its raylet's command line (`--node_id=`)."""
+        for pid in pids_with_env(MARK, self._mark(name)):
+            try:
+                for arg in psutil.Process(pid).cmdline():
+                    if arg.startswith("--node_id="):
+                        return arg.split("=", 1)[1]
+            except psutil.Error:
+                continue
+        raise RuntimeError(f"no raylet found for node {name}")
+
+    def kill(self, name: str) -> None:
+        """The node is lost: SIGKILL its raylet and everything under it, and its engines."""
+        kill_marked(MARK, self._mark(name))
+        kill_marked(NODE_ENV, self.node_ids[name])
+
+    def leftovers(self) -> list[int]:
+        pids = []
+        for name, node_id in self.node_ids.items():
+            pids += pids_with_env(MARK, self._mark(name)) + pids_with_env(NODE_ENV, node_id)
+        return pids
+
+    def stop(self, timeout: float = 30) -> list[int]:
+        """Kill every node (workers before the head); the pids still alive after `timeout`."""
+        for name in reversed(list(self.node_ids)):
+            self.kill(name)
+        deadline = time.monotonic() + timeout
+        while (left := self.leftovers()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return left
