@@ -28,7 +28,7 @@ from contract import defaults
 from supervisor.api import create_app
 from supervisor.cache import CacheSettings, ModelCache
 from supervisor.config import ConfigError, SemConfig, load_config
-from supervisor.engine import EngineCommand
+from supervisor.engine import EngineCommand, spawn_engine
 from supervisor.errors import InvalidConfig, SupervisorError
 from supervisor.events import EventLog
 from supervisor.manager import EngineSettings, Manager, SchedulerSettings
@@ -140,8 +140,10 @@ async def _serve(args: argparse.Namespace, config: SemConfig, store: Store) -> i
     )
     try:
         cluster = await join_cluster(args, config)
-        inventory: Inventory = cluster or await asyncio.to_thread(
-            detect, config.devices, config.cpu_memory_budget
+        inventory: Inventory = (
+            cluster
+            if cluster is not None
+            else await asyncio.to_thread(detect, config.devices, config.cpu_memory_budget)
         )
         sock = listen_socket(args.host, args.port)
     except (RuntimeError, ConnectionError) as exc:
@@ -156,7 +158,8 @@ async def _serve(args: argparse.Namespace, config: SemConfig, store: Store) -> i
         state_dir=args.state_dir.resolve(),
         instance=instance,
         parent_env=dict(os.environ),
-        **({"spawn": cluster.spawn} if cluster else {}),
+        spawn=spawn_engine if cluster is None else cluster.spawn,
+        adopt=None if cluster is None else cluster.adopt,
     )
     cache_config = config.cache
     cache = ModelCache(

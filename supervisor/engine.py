@@ -267,6 +267,16 @@ async def spawn_engine(
 Spawn = Callable[[EngineCommand, LaunchPlan, str, Mapping[str, str]], Awaitable[EngineHandle]]
 
 
+class RemoteEngine(EngineHandle, Protocol):
+    """An engine on a cluster node, found again after a supervisor restart, with its key."""
+
+    api_key: str | None
+
+
+# After a supervisor restart: the engines a cluster's nodes still run, by replica id.
+Adopt = Callable[[], Awaitable[Mapping[str, RemoteEngine]]]
+
+
 def free_port() -> int:
     """A loopback port nobody listens on now (the engine binds it moments later)."""
     with socket.socket() as sock:

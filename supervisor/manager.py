@@ -18,7 +18,7 @@ import logging
 import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,11 @@ from supervisor.adoption import adopted_engine, is_our_engine, why_not_adoptable
 from supervisor.cache import Job, ModelCache
 from supervisor.config import ModelSpec, Source
 from supervisor.engine import (
+    Adopt,
     EngineCommand,
     EngineHandle,
     LaunchPlan,
+    RemoteEngine,
     Spawn,
     free_port,
     spawn_engine,
@@ -121,6 +123,7 @@ class EngineSettings:
     instance: str
     parent_env: Mapping[str, str]
     spawn: Spawn = spawn_engine  # a Ray cluster's node agents: supervisor/cluster/
+    adopt: Adopt | None = None  # a cluster's engines after a restart (None: this machine's pids)
 
 
 @dataclass(frozen=True)
@@ -286,6 +289,7 @@ class Manager:
         gateway sees already has the re-adopted engines.
         """
         records = self._store.engines()
+        remote = await self._settings.adopt() if self._settings.adopt else None
         adopted: set[str] = set()
         for desired in self._store.desired():
             spec = desired.spec
@@ -299,17 +303,22 @@ class Manager:
             for record in [r for r in records if r.model == spec.name]:
                 if len(entry.replicas) == spec.replicas:
                     break
-                if why := await why_not_adoptable(record, spec, self._probe):
+                if why := await self._why_not_adoptable(record, spec, remote):
                     self._events.emit("not_adopted", record.replica, f"{why}; starting afresh")
                     continue
                 replica = self._new_replica(entry, record.replica)
                 placement = Placement(replica.id, record.devices, record.reserved, "re-adopted")
-                replica.adopt(placement, adopted_engine(record))
+                if remote is None:
+                    replica.adopt(placement, adopted_engine(record))
+                else:  # on a cluster node: with the key its engine demands
+                    replica.adopt(placement, remote[record.replica])
+                    assert replica.plan is not None
+                    replica.plan = replace(replica.plan, api_key=remote[record.replica].api_key)
                 entry.replicas.append(replica)
                 adopted.add(replica.id)
             self._add_replicas(entry)
         leftovers = [r for r in records if r.replica not in adopted]
-        await asyncio.gather(*(self._retire(record) for record in leftovers))
+        await asyncio.gather(*(self._retire(record, remote) for record in leftovers))
         return await self.reload(config, drain_timeout, strict=False)
 
     async def reload(
@@ -591,9 +600,26 @@ class Manager:
         task.add_done_callback(self._removals.discard)
         self._publish()
 
-    async def _retire(self, record: EngineRecord) -> None:
+    async def _why_not_adoptable(
+        self, record: EngineRecord, spec: ModelSpec, remote: Mapping[str, RemoteEngine] | None
+    ) -> str | None:
+        if remote is None:
+            return await why_not_adoptable(record, spec, self._probe)
+        if record.replica not in remote:
+            return "its engine runs on no node of the cluster"
+        if record.spec_digest != spec_digest(spec):
+            return f"its engine was started from another spec of {spec.name}"
+        return None
+
+    async def _retire(
+        self, record: EngineRecord, remote: Mapping[str, RemoteEngine] | None
+    ) -> None:
         """An engine of an earlier run that has no place now: stop it, forget it."""
-        if await asyncio.to_thread(is_our_engine, record):
+        if remote is not None:
+            if (engine := remote.get(record.replica)) is not None:
+                self._events.emit("retired", record.replica, "stopping its engine on its node")
+                await engine.stop(self._timing.stop_grace)
+        elif await asyncio.to_thread(is_our_engine, record):
             self._events.emit("retired", record.replica, f"stopping engine pid {record.pid}")
             await adopted_engine(record).stop(self._timing.stop_grace)
         self._store.drop_engine(record.replica)

@@ -29,6 +29,7 @@ class NodeAgent:
     def __init__(self, node: NodeInfo) -> None:
         self._node = node
         self._engines: dict[str, EngineProcess] = {}
+        self._keys: dict[str, str | None] = {}  # replica id -> its engine's api key
 
     async def devices(self) -> list[Device]:
         """What this node has now: declared GPUs if it declared their memory, else NVML or
@@ -46,6 +47,7 @@ class NodeAgent:
         marked = replace(plan, env={**plan.env, NODE_ENV: self._node.node_id})
         engine = await spawn_engine(command, marked, instance, dict(os.environ))
         self._engines[plan.replica_id] = engine
+        self._keys[plan.replica_id] = plan.api_key
         return engine.pid
 
     async def wait(self, replica_id: str) -> int:
@@ -64,6 +66,7 @@ class NodeAgent:
             replica_id: {
                 "pid": engine.pid, "port": engine.port, "log_path": str(engine.log_path),
                 "returncode": engine.returncode, "create_time": start_time(engine.pid),
+                "api_key": self._keys.get(replica_id),
             }
             for replica_id, engine in self._engines.items()
         }  # fmt: skip

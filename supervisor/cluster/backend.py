@@ -102,7 +102,7 @@ class RayCluster:
             pid = int(await agent.start.remote(command, plan, instance))
         except RayError as exc:
             raise NodeLost(f"node {node.short}: {type(exc).__name__}") from exc
-        return RayEngine(plan.port, plan.log_path, pid, plan.replica_id, agent)
+        return RayEngine(plan.port, plan.log_path, pid, plan.replica_id, agent, plan.api_key)
 
     async def adopt(self) -> dict[str, RayEngine]:
         """The live engines the agents of alive nodes own, by replica id: what a restarted
@@ -118,7 +118,7 @@ class RayCluster:
                 if info["returncode"] is None:
                     found[replica_id] = RayEngine(
                         int(info["port"]), Path(info["log_path"]), int(info["pid"]), replica_id,
-                        agent,
+                        agent, api_key=info["api_key"],
                     )  # fmt: skip
         return found
 

@@ -22,6 +22,7 @@ class RayEngine:
     pid: int  # on the engine's node
     replica_id: str
     agent: Any  # the node agent's ActorHandle
+    api_key: str | None = None  # the one it demands (re-adoption carries it to the gateway)
     _returncode: int | None = None
     _exit: asyncio.Future[Any] | None = field(default=None, repr=False)
 
@@ -37,6 +38,8 @@ class RayEngine:
         """Until the engine exits, or its node is lost (-1)."""
         if self._exit is None:
             self._exit = asyncio.wrap_future(self.agent.wait.remote(self.replica_id).future())
+            # Read at once, so an answer that comes after every waiter gave up is not reported.
+            self._exit.add_done_callback(lambda f: f.cancelled() or f.exception())
         if self._returncode is None:
             try:
                 self._returncode = int(await asyncio.shield(self._exit))

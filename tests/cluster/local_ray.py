@@ -8,6 +8,7 @@ and engines), and teardown can prove nothing is left.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -28,12 +29,21 @@ RAY = str(Path(sys.executable).with_name("ray"))
 MARK = "SEM_TEST_RAY_NODE"
 
 
+def alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 @dataclass
 class LocalRay:
     root: Path
     run: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     port: int = field(default_factory=free_port)
     node_ids: dict[str, str] = field(default_factory=dict)  # name -> Ray node id
+    _groups: dict[str, int] = field(default_factory=dict)  # name -> its `ray start` group
+    _killed: list[psutil.Process] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -72,26 +82,44 @@ class LocalRay:
         if proc.returncode != 0:
             raise RuntimeError(f"ray start failed:\n{out[-2000:]}")
 
-    def _node_id(self, name: str) -> str:
-        """From its raylet's command line (`--node_id=`)."""
+    def _raylet(self, name: str) -> psutil.Process:
         for pid in pids_with_env(MARK, self._mark(name)):
-            try:
-                for arg in psutil.Process(pid).cmdline():
-                    if arg.startswith("--node_id="):
-                        return arg.split("=", 1)[1]
-            except psutil.Error:
-                continue
+            with contextlib.suppress(psutil.Error):
+                process = psutil.Process(pid)
+                if any(arg.startswith("--node_id=") for arg in process.cmdline()):
+                    return process
         raise RuntimeError(f"no raylet found for node {name}")
 
+    def _node_id(self, name: str) -> str:
+        """From its raylet's command line (`--node_id=`); its process group noted too."""
+        raylet = self._raylet(name)
+        self._groups[name] = os.getpgid(raylet.pid)
+        return next(a.split("=", 1)[1] for a in raylet.cmdline() if a.startswith("--node_id="))
+
+    def _processes(self, name: str) -> list[psutil.Process]:
+        """The node's processes: its `ray start` group (GCS, raylet, agents: `ray::` processes
+        overwrite their environment with their title, so a marker there cannot find them) and
+        everything under its raylet (workers, each in a group of its own)."""
+        found = []
+        for process in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if os.getpgid(process.pid) == self._groups[name]:
+                    found += [process, *process.children(recursive=True)]
+        return found
+
     def kill(self, name: str) -> None:
-        """The node is lost: SIGKILL its raylet and everything under it, and its engines."""
-        kill_marked(MARK, self._mark(name))
+        """The node is lost: SIGKILL its processes and its engines (they die with a machine)."""
+        doomed = self._processes(name)
+        self._killed += doomed
+        for process in doomed:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
         kill_marked(NODE_ENV, self.node_ids[name])
 
     def leftovers(self) -> list[int]:
-        pids = []
-        for name, node_id in self.node_ids.items():
-            pids += pids_with_env(MARK, self._mark(name)) + pids_with_env(NODE_ENV, node_id)
+        pids = [p.pid for p in self._killed if alive(p)]
+        for node_id in self.node_ids.values():
+            pids += pids_with_env(NODE_ENV, node_id)
         return pids
 
     def stop(self, timeout: float = 30) -> list[int]:

@@ -25,6 +25,7 @@ from supervisor.events import EventLog
 from supervisor.manager import EngineSettings, Manager, SchedulerSettings
 from supervisor.probe import EngineProbe
 from supervisor.states import ReplicaState
+from supervisor.store import Store
 from supervisor.units import GiB
 from tests.cluster.local_ray import LocalRay
 from tests.conftest import FAST_POLICY, FAST_TIMING, fake_engine_command, wait_until
@@ -190,4 +191,53 @@ async def test_a_model_on_two_nodes_loses_one_under_load_with_no_failed_request(
         follow.cancel()
         await client.close()
         await session.close()
+        await probe.aclose()
+
+
+def cluster_manager(
+    cluster: RayCluster, tmp_path: Path, store: Store, probe: EngineProbe, instance: str
+) -> Manager:
+    settings = EngineSettings(
+        command=fake_engine_command(), state_dir=tmp_path, instance=instance, parent_env={},
+        spawn=cluster.spawn, adopt=cluster.adopt,
+    )  # fmt: skip
+    return Manager(
+        settings=settings, inventory=cluster, probe=probe, events=EventLog(), store=store,
+        policy=FAST_POLICY, timing=FAST_TIMING, scheduling=SchedulerSettings(recheck_interval=0.5),
+    )  # fmt: skip
+
+
+async def test_a_restarted_supervisor_re_adopts_its_replicas_with_their_keys(
+    ray_cluster: RayCluster, model_dir: Path, tmp_path: Path
+):
+    spec = ModelSpec(name="m", source=f"path:{model_dir}", memory="10GiB")
+    probe, instance = EngineProbe(timeout=2), uuid.uuid4().hex
+    first = cluster_manager(ray_cluster, tmp_path, Store(tmp_path / "sem.db"), probe, instance)
+    first.start()
+    await first.restore([spec], drain_timeout=1)
+    await wait_until(lambda: len(ready_nodes(first)) == 1, timeout=60, what="ready")
+    before = first.routes.models["m"].replicas[0]
+    pid = first.get("m").replicas[0].snapshot()["pid"]
+    # The supervisor process dies: its tasks end, stopping nothing; it leaves the cluster.
+    for task in [r._task for r in first.get("m").replicas] + [first._scheduler]:
+        assert task is not None
+        task.cancel()
+    await ray_cluster.close()
+    await asyncio.to_thread(ray_cluster.connect)
+
+    second = cluster_manager(ray_cluster, tmp_path, Store(tmp_path / "sem.db"), probe, instance)
+    second.start()
+    try:
+        await second.restore([spec], drain_timeout=1)
+        await wait_until(lambda: len(ready_nodes(second)) == 1, timeout=30, what="re-adopted")
+        replica = second.get("m").replicas[0]
+        assert (replica.id, replica.snapshot()["pid"]) == (before.id, pid)
+        route = second.routes.models["m"].replicas[0]
+        assert (route.url, route.api_key) == (before.url, before.api_key)
+        async with httpx.AsyncClient(trust_env=False) as client:
+            key = {"Authorization": f"Bearer {route.api_key}"}
+            answer = await client.get(f"{route.url}/v1/models", headers=key)
+            assert answer.status_code == 200
+    finally:
+        await second.shutdown(drain_timeout=1)
         await probe.aclose()
