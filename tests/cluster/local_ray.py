@@ -73,8 +73,9 @@ class LocalRay:
             argv += ["--address", self.address]
         env = {**os.environ, "PYTHONPATH": str(REPO), MARK: self._mark(name),
                "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
+        # Its own session: the node's processes form a group of their own, killed as one.
         return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)  # fmt: skip
+                                text=True, start_new_session=True)  # fmt: skip
 
     @staticmethod
     def _check(proc: subprocess.Popen[str]) -> None:
@@ -101,6 +102,7 @@ class LocalRay:
         overwrite their environment with their title, so a marker there cannot find them) and
         everything under its raylet (workers, each in a group of its own)."""
         found = []
+        assert self._groups[name] != os.getpgid(0), "a node in the tests' own process group"
         for process in psutil.process_iter():
             with contextlib.suppress(psutil.Error):
                 if os.getpgid(process.pid) == self._groups[name]:
@@ -130,3 +132,8 @@ class LocalRay:
         while (left := self.leftovers()) and time.monotonic() < deadline:
             time.sleep(0.2)
         return left
+
+
+def cluster_yaml(address: str, models: str) -> str:
+    """A models.yaml that places `models` (its `models:` entries) on the cluster at `address`."""
+    return f"cluster:\n  backend: ray\n  address: {address}\nmodels:\n{models}"

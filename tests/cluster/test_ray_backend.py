@@ -4,6 +4,7 @@ nodes joining, and a two-replica model that loses a node under load with 0 faile
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -20,15 +21,16 @@ from gateway.routes import RouteWatcher
 from supervisor.cluster import NODE_ENV
 from supervisor.cluster.backend import RayCluster
 from supervisor.config import ModelSpec
-from supervisor.engine import LaunchPlan, free_port
+from supervisor.engine import EngineCommand, LaunchPlan, free_port
 from supervisor.events import EventLog
 from supervisor.manager import EngineSettings, Manager, SchedulerSettings
 from supervisor.probe import EngineProbe
 from supervisor.states import ReplicaState
 from supervisor.store import Store
 from supervisor.units import GiB
-from tests.cluster.local_ray import LocalRay
+from tests.cluster.local_ray import LocalRay, cluster_yaml
 from tests.conftest import FAST_POLICY, FAST_TIMING, fake_engine_command, wait_until
+from tests.e2e.helpers import SemRun
 
 pytestmark = pytest.mark.ray
 
@@ -122,6 +124,22 @@ async def routes_to(watcher: RouteWatcher, manager: Manager) -> None:
         await manager.wait_routes(manager.routes.version, timeout=5)
 
 
+def cluster_manager(
+    cluster: RayCluster, tmp_path: Path, store: Store, probe: EngineProbe,
+    instance: str = "", command: EngineCommand | None = None,
+) -> Manager:  # fmt: skip
+    """A manager that places on the cluster's nodes and starts engines through their agents."""
+    settings = EngineSettings(
+        command=command or fake_engine_command(), state_dir=tmp_path,
+        instance=instance or uuid.uuid4().hex, parent_env={}, spawn=cluster.spawn,
+        adopt=cluster.adopt,
+    )  # fmt: skip
+    return Manager(
+        settings=settings, inventory=cluster, probe=probe, events=EventLog(), store=store,
+        policy=FAST_POLICY, timing=FAST_TIMING, scheduling=SchedulerSettings(recheck_interval=0.5),
+    )  # fmt: skip
+
+
 def ready_nodes(manager: Manager) -> dict[str, str]:
     """Ready replica id -> its node."""
     return {
@@ -134,16 +152,9 @@ def ready_nodes(manager: Manager) -> dict[str, str]:
 async def test_a_model_on_two_nodes_loses_one_under_load_with_no_failed_request(
     local_ray: LocalRay, ray_cluster: RayCluster, model_dir: Path, tmp_path: Path
 ):
-    settings = EngineSettings(
-        command=fake_engine_command(FAKE_TOKEN_DELAY="0.01"), state_dir=tmp_path,
-        instance=uuid.uuid4().hex, parent_env={}, spawn=ray_cluster.spawn,
-    )  # fmt: skip
     probe = EngineProbe(timeout=2)
-    manager = Manager(
-        settings=settings, inventory=ray_cluster, probe=probe, events=EventLog(),
-        policy=FAST_POLICY, timing=FAST_TIMING,
-        scheduling=SchedulerSettings(recheck_interval=0.5),
-    )  # fmt: skip
+    command = fake_engine_command(FAKE_TOKEN_DELAY="0.01")
+    manager = cluster_manager(ray_cluster, tmp_path, Store(None), probe, command=command)
     manager.start()
     ray_cluster.watch(lambda joined, lost: manager.nodes_changed(lost))
     session = aiohttp.ClientSession()
@@ -194,19 +205,6 @@ async def test_a_model_on_two_nodes_loses_one_under_load_with_no_failed_request(
         await probe.aclose()
 
 
-def cluster_manager(
-    cluster: RayCluster, tmp_path: Path, store: Store, probe: EngineProbe, instance: str
-) -> Manager:
-    settings = EngineSettings(
-        command=fake_engine_command(), state_dir=tmp_path, instance=instance, parent_env={},
-        spawn=cluster.spawn, adopt=cluster.adopt,
-    )  # fmt: skip
-    return Manager(
-        settings=settings, inventory=cluster, probe=probe, events=EventLog(), store=store,
-        policy=FAST_POLICY, timing=FAST_TIMING, scheduling=SchedulerSettings(recheck_interval=0.5),
-    )  # fmt: skip
-
-
 async def test_a_restarted_supervisor_re_adopts_its_replicas_with_their_keys(
     ray_cluster: RayCluster, model_dir: Path, tmp_path: Path
 ):
@@ -241,3 +239,27 @@ async def test_a_restarted_supervisor_re_adopts_its_replicas_with_their_keys(
     finally:
         await second.shutdown(drain_timeout=1)
         await probe.aclose()
+
+
+def test_sem_run_with_a_cluster_in_models_yaml_serves_from_engines_on_its_nodes(
+    local_ray: LocalRay, model_dir: Path, tmp_path: Path
+):
+    """The whole path: `sem run` joins the cluster from models.yaml, places two replicas on two
+    nodes, and its gateway (which alone has the engines' keys) answers; SIGTERM leaves nothing."""
+    config = tmp_path / "models.yaml"
+    model = f"  - name: m\n    source: path:{model_dir}\n    memory: 10GiB\n    replicas: 2\n"
+    config.write_text(cluster_yaml(local_ray.address, model))
+    run = SemRun(config=config, state_dir=tmp_path / "state", engine_python=sys.executable,
+                 engine_module="tests.fake_engine").start()  # fmt: skip
+    try:
+        run.wait_ready(["m"], timeout=90)
+        body = {"model": "m", "prompt": "count 1", "max_tokens": 3}
+        answer = httpx.post(f"{run.gateway}/v1/completions", json=body, timeout=30)
+        assert answer.json()["choices"][0]["text"] == " 2 3 4"
+        models = httpx.get(f"{run.supervisor}/models", timeout=5).json()["models"]
+        devices = [r["devices"][0] for r in models[0]["replicas"]]
+        assert len({d.split("/")[0] for d in devices}) == 2, f"not on two nodes: {devices}"
+        assert run.stop()[0] == 0
+        assert run.leftovers() == []
+    finally:
+        run.kill_all()
