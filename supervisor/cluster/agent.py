@@ -75,9 +75,3 @@ class NodeAgent:
         """The last lines of the engine's log, which is on this node's disk."""
         engine = self._engines.get(replica_id)
         return "" if engine is None else await asyncio.to_thread(log_tail, engine, lines)
-
-    async def stop_all(self, grace: float) -> int:
-        """Stop every engine (the cluster is being taken down); how many there were."""
-        ids = list(self._engines)
-        await asyncio.gather(*(self.stop(i, grace) for i in ids))
-        return len(ids)

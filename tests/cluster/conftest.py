@@ -3,31 +3,20 @@ and a supervisor-side connection to it; at the end every node process and engine
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("ray")
 
 from supervisor.cluster.backend import RayCluster
-from tests.cluster.local_ray import LocalRay
+from tests.cluster.local_ray import LocalRay, local_cluster
 
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[LocalRay]:
-    # Short: Ray's unix sockets live under the temp dir (a socket path has ~107 bytes at most).
-    root = Path(tempfile.mkdtemp(prefix="semray-", dir="/tmp"))
-    cluster = LocalRay(root)
-    try:
-        cluster.start(["head", "a"])
+    with local_cluster(["head", "a"]) as cluster:
         yield cluster
-    finally:
-        left = cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
-        assert left == [], f"processes left behind by the Ray cluster: {left}"
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,15 +56,25 @@ class LocalRay:
         return f"{self.run}-{name}"
 
     def start(self, names: list[str], gpus: int = 2, gpu_gib: int = 24) -> None:
-        """Start nodes: the first of a fresh cluster is its head, the others join side by side."""
-        if not self.node_ids:
-            self._check(self._ray_start(names[0], gpus, gpu_gib, head=True))
-            self.node_ids[names[0]] = self._node_id(names[0])
-            names = names[1:]
-        for proc in [self._ray_start(name, gpus, gpu_gib, head=False) for name in names]:
-            self._check(proc)
+        """Start nodes one by one; the first of a fresh cluster is its head."""
         for name in names:
+            self._start_node(name, gpus, gpu_gib, head=not self.node_ids)
             self.node_ids[name] = self._node_id(name)
+
+    def _start_node(self, name: str, gpus: int, gpu_gib: int, head: bool) -> None:
+        """`ray start`, tried twice: on a loaded machine a raylet can miss Ray's fixed 30 s to
+        register, and what that start left is killed before the second try."""
+        for attempt in (1, 2):
+            proc = self._ray_start(name, gpus, gpu_gib, head)
+            out, _ = proc.communicate(timeout=180)
+            if proc.returncode == 0:
+                return
+            self._killed += self._processes(proc.pid)
+            for process in self._killed:
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
+            if attempt == 2:
+                raise RuntimeError(f"ray start failed:\n{out[-2000:]}")
 
     def _ray_start(self, name: str, gpus: int, gpu_gib: int, head: bool) -> subprocess.Popen[str]:
         argv = [RAY, "start", "--num-cpus", "1", "--num-gpus", str(gpus),
@@ -73,15 +86,12 @@ class LocalRay:
             argv += ["--address", self.address]
         env = {**os.environ, "PYTHONPATH": str(REPO), MARK: self._mark(name),
                "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
-        # Its own session: the node's processes form a group of their own, killed as one.
-        return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        # Its own session: the node's processes form a group of their own (its id is this
+        # process's pid), killed as one.
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)  # fmt: skip
-
-    @staticmethod
-    def _check(proc: subprocess.Popen[str]) -> None:
-        out, _ = proc.communicate(timeout=180)
-        if proc.returncode != 0:
-            raise RuntimeError(f"ray start failed:\n{out[-2000:]}")
+        self._groups[name] = proc.pid
+        return proc
 
     def _raylet(self, name: str) -> psutil.Process:
         for pid in pids_with_env(MARK, self._mark(name)):
@@ -92,26 +102,25 @@ class LocalRay:
         raise RuntimeError(f"no raylet found for node {name}")
 
     def _node_id(self, name: str) -> str:
-        """From its raylet's command line (`--node_id=`); its process group noted too."""
+        """From its raylet's command line (`--node_id=`)."""
         raylet = self._raylet(name)
-        self._groups[name] = os.getpgid(raylet.pid)
         return next(a.split("=", 1)[1] for a in raylet.cmdline() if a.startswith("--node_id="))
 
-    def _processes(self, name: str) -> list[psutil.Process]:
+    def _processes(self, group: int) -> list[psutil.Process]:
         """The node's processes: its `ray start` group (GCS, raylet, agents: `ray::` processes
         overwrite their environment with their title, so a marker there cannot find them) and
         everything under its raylet (workers, each in a group of its own)."""
         found = []
-        assert self._groups[name] != os.getpgid(0), "a node in the tests' own process group"
+        assert group != os.getpgid(0), "a node in the tests' own process group"
         for process in psutil.process_iter():
             with contextlib.suppress(psutil.Error):
-                if os.getpgid(process.pid) == self._groups[name]:
+                if os.getpgid(process.pid) == group:
                     found += [process, *process.children(recursive=True)]
         return found
 
     def kill(self, name: str) -> None:
         """The node is lost: SIGKILL its processes and its engines (they die with a machine)."""
-        doomed = self._processes(name)
+        doomed = self._processes(self._groups[name])
         self._killed += doomed
         for process in doomed:
             with contextlib.suppress(psutil.Error):
@@ -132,6 +141,22 @@ class LocalRay:
         while (left := self.leftovers()) and time.monotonic() < deadline:
             time.sleep(0.2)
         return left
+
+
+@contextlib.contextmanager
+def local_cluster(names: list[str], gpus: int = 2, gpu_gib: int = 24) -> Iterator[LocalRay]:
+    """Nodes `names` (the first is the head) for the time of the block; after it, nothing of
+    theirs is left running (asserted)."""
+    # Short: Ray's unix sockets live under the temp dir (a socket path has ~107 bytes at most).
+    root = Path(tempfile.mkdtemp(prefix="semray-", dir="/tmp"))
+    cluster = LocalRay(root)
+    try:
+        cluster.start(names, gpus, gpu_gib)
+        yield cluster
+    finally:
+        left = cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        assert left == [], f"processes left behind by the Ray cluster: {left}"
 
 
 def cluster_yaml(address: str, models: str) -> str:

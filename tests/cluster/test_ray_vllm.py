@@ -7,15 +7,13 @@ The nodes declare no GPU memory, so each node agent measures its machine as a si
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.cluster.local_ray import LocalRay, cluster_yaml
+from tests.cluster.local_ray import LocalRay, cluster_yaml, local_cluster
 from tests.conftest import REPO
 from tests.e2e.helpers import ENGINE_PYTHON, SemRun
 
@@ -25,15 +23,8 @@ CHAT = REPO / "models" / "tiny-llama-chat"
 
 @pytest.fixture(scope="module")
 def measured_nodes() -> Iterator[LocalRay]:
-    root = Path(tempfile.mkdtemp(prefix="semray-", dir="/tmp"))
-    cluster = LocalRay(root)
-    try:
-        cluster.start(["head", "a"], gpus=0, gpu_gib=0)
+    with local_cluster(["head", "a"], gpus=0, gpu_gib=0) as cluster:
         yield cluster
-    finally:
-        left = cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
-        assert left == [], f"processes left behind by the Ray cluster: {left}"
 
 
 @pytest.mark.timeout(900)
