@@ -10,12 +10,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from supervisor.fence import EngineArg as EngineArg  # re-exported: engine.py's value type
+from supervisor.fence import check_engine_args, check_env
 from supervisor.units import parse_duration, parse_size
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _HF_SOURCE = re.compile(r"^hf://([\w.-]+/[\w.-]+)(?:@([\w./-]+))?$")
-
-EngineArg = str | int | float | bool
 
 
 class ConfigError(ValueError):
@@ -83,11 +83,13 @@ class ModelSpec(BaseModel):
     @field_validator("engine_args")
     @classmethod
     def _check_engine_args(cls, value: dict[str, EngineArg]) -> dict[str, EngineArg]:
-        reserved = {"model", "served-model-name", "host", "port", "tensor-parallel-size"}
-        for key in value:
-            flag = key.replace("_", "-")
-            if flag in reserved:
-                raise ValueError(f"engine_args.{key} is set by sem; use the spec's own field")
+        check_engine_args(value)  # what sem owns (fence.py)
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _check_env(cls, value: dict[str, str]) -> dict[str, str]:
+        check_env(value)
         return value
 
 
