@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from supervisor.fence import EngineArg as EngineArg  # re-exported: engine.py's value type
 from supervisor.fence import check_engine_args, check_env
+from supervisor.gpu_selection import check_device_list
 from supervisor.units import parse_duration, parse_size
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -116,11 +117,22 @@ class SemConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    devices: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: Literal["auto", "cpu", "gpu"] | list[int | str] = Field(
+        default="auto", description="auto, cpu, gpu, or GPU indexes (NVML's) / UUIDs: [0, 1]"
+    )
     cache: CacheConfig = Field(default_factory=CacheConfig)
     cpu_memory_budget: str = Field(default="auto", description="CPU mode: memory sem may use")
     recheck_interval: str | float = Field(default="10s")
     models: list[ModelSpec] = Field(default_factory=list)
+
+    @field_validator("devices")
+    @classmethod
+    def _check_devices(cls, value: str | list[int | str]) -> str | list[int | str]:
+        if isinstance(value, str):
+            return value
+        items = [int(v) if isinstance(v, str) and v.isdigit() else v for v in value]
+        check_device_list(items)
+        return items
 
     @field_validator("recheck_interval")
     @classmethod
