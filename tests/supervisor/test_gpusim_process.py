@@ -3,18 +3,21 @@ stand-in while it runs and after it is killed."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-from supervisor.engine import free_port
-from supervisor.gpu_budget import CONTEXT_COST
+from supervisor.engine import LaunchPlan, free_port, spawn_engine
+from supervisor.gpu_budget import CONTEXT_COST, utilization
 from supervisor.resources import detect
 from tests.checkpoints import llama2_7b
 from tests.conftest import REPO
+from tests.gpusim.box import SimBox
 from tests.gpusim.ledger import GiB, Ledger, SimGpu
 from tests.gpusim.nvml import SimNvml
 
@@ -99,3 +102,32 @@ def test_cuda_visible_devices_by_index_or_uuid_prefix(tmp_path: Path, gpus: str)
         "auto", "auto", environ={"CUDA_VISIBLE_DEVICES": gpus}, nvml=lambda: SimNvml(ledger.path)
     )
     assert [d.id for d in inventory.devices()] == ["0"]
+
+
+async def test_sem_spawns_the_sim_engine_with_vllms_flags_and_env(tmp_path: Path):
+    """engine.py's real command line and environment (CUDA_VISIBLE_DEVICES from the placement,
+    --gpu-memory-utilization from the reservation) start a simulated engine on GPU 1."""
+    sim = SimBox.create(tmp_path, [SimGpu(0, 24 * GiB), SimGpu(1, 24 * GiB)])
+    folder = llama2_7b(tmp_path / "m")
+    plan = LaunchPlan(
+        replica_id="m-0", served_name="m", model=str(folder), port=free_port(),
+        log_path=tmp_path / "m-0.log", max_num_seqs=8, max_model_len=4096, gpu_ids=(1,),
+        gpu_memory_utilization=utilization(int(18.05 * GiB), 24 * GiB),
+        engine_args={"enable_prefix_caching": True},
+    )  # fmt: skip
+    engine = await spawn_engine(sim.engine_command(SIM_LOAD_SECONDS="0.1"), plan, "t", {})
+    try:
+        async with aiohttp.ClientSession() as session:
+            while engine.returncode is None:
+                try:
+                    async with session.get(f"http://127.0.0.1:{plan.port}/health") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+        assert engine.returncode is None, plan.log_path.read_text()
+        (device,) = [d for d in sim.inventory().devices() if d.id == "1"]
+        assert 24 * GiB - device.free > 17 * GiB, "GPU 1 holds the engine's memory"
+        assert sim.ledger.processes(0) == []
+    finally:
+        await engine.stop(grace=5)
