@@ -103,11 +103,6 @@ def _tensors(model_dir: Path) -> list[tuple[str, int]]:
     return found
 
 
-def count_parameters(model_dir: Path) -> int:
-    """Elements over every *.safetensors file of the folder."""
-    return sum(elements for _, elements in _tensors(model_dir))
-
-
 def weight_bytes(model_dir: Path, float_bytes: int) -> int:
     """Bytes vLLM holds for the checkpoint: floating tensors at `float_bytes` each element,
     the others (packed int32, FP8, ...) as stored."""

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 from pydantic import ValidationError
 
+from supervisor.api import create_app
 from supervisor.config import ConfigError, ModelSpec, parse_config
 from supervisor.fence import FENCED_ENV, FENCED_FLAGS
+from tests.conftest import ManagerFactory
 
 
 def spec(**fields: object) -> ModelSpec:
@@ -94,3 +97,30 @@ def test_models_yaml_names_the_line_and_field():
     text = "models:\n  - name: a\n    source: 'path:/x'\n    engine_args: {hos: 127.0.0.2}\n"
     with pytest.raises(ConfigError, match=r"models.yaml:4: models\[0\]\.engine_args: .*--host"):
         parse_config(text)
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "says"),
+    [
+        ({"engine_args": {"hos": "127.0.0.2"}}, "body.engine_args", "--host"),
+        ({"engine_args": {"gpu_memory_utilization": 0.9}}, "body.engine_args", "reserved"),
+        ({"env": {"SEM_REPLICA_ID": "other-0"}}, "body.env", "restart"),
+        ({"env": {"LD_PRELOAD": "/tmp/x.so"}}, "body.env", "arbitrary code"),
+    ],
+)
+async def test_the_admin_api_answers_422_naming_the_field(
+    make_manager: ManagerFactory, body: dict[str, object], field: str, says: str
+):
+    manager = make_manager()
+    app = create_app(manager, manager._events, token="t")
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://sem") as client:
+        response = await client.post(
+            "/models",
+            json={"name": "m", "source": "path:/x", **body},
+            headers={"Authorization": "Bearer t"},
+        )
+    assert response.status_code == 422
+    message = response.json()["error"]["message"]
+    assert message.startswith(field) and says in message
+    assert manager.entries() == []
