@@ -95,6 +95,12 @@ def visible_gpus(ledger: Ledger, value: str) -> list[int]:
     return chosen
 
 
+def _kv_bytes(kv_cache_dtype: str, float_bytes: int) -> int:
+    if kv_cache_dtype == "auto":
+        return float_bytes
+    return 1 if kv_cache_dtype.startswith("fp8") or kv_cache_dtype == "int8" else 2
+
+
 def plan_startup(args: argparse.Namespace, ledger: Ledger) -> Startup:
     model_dir = Path(args.model)
     shape = model_shape(json.loads((model_dir / "config.json").read_text()))
@@ -102,12 +108,13 @@ def plan_startup(args: argparse.Namespace, ledger: Ledger) -> Startup:
     gpus = visible_gpus(ledger, os.environ.get("CUDA_VISIBLE_DEVICES", ""))
     if len(gpus) < tp:
         raise StartupError("RuntimeError", f"tensor_parallel_size {tp} > {len(gpus)} GPUs")
-    weights = weight_bytes(model_dir, 4 if args.dtype in ("float", "float32") else 2)
+    float_bytes = 4 if args.dtype in ("float", "float32") else 2
+    weights = weight_bytes(model_dir, float_bytes)
     return Startup(
         gpus=gpus[:tp],
         utilization=args.gpu_memory_utilization,
         weights_per_rank=int(weights * _knob("SIM_WEIGHTS_FACTOR", 1.0) / tp),
-        kv_per_token=kv_bytes_per_token(shape, tp, 2),
+        kv_per_token=kv_bytes_per_token(shape, tp, _kv_bytes(args.kv_cache_dtype, float_bytes)),
         max_model_len=args.max_model_len or shape.max_positions,
         context=int(_knob("SIM_CONTEXT_BYTES", 518 * MiB)),
         nccl=int(_knob("SIM_NCCL_BYTES", 512 * MiB)) if tp > 1 else 0,
@@ -229,6 +236,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--kv-cache-dtype", default="auto")
     args, _unknown = parser.parse_known_args(argv)
     return args
 
