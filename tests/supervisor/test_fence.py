@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from supervisor.api import create_app
 from supervisor.config import ConfigError, ModelSpec, parse_config
 from supervisor.fence import FENCED_ENV, FENCED_FLAGS
-from tests.conftest import ManagerFactory
+from tests.conftest import REPO, ManagerFactory
 
 
 def spec(**fields: object) -> ModelSpec:
@@ -124,3 +124,10 @@ async def test_the_admin_api_answers_422_naming_the_field(
     message = response.json()["error"]["message"]
     assert message.startswith(field) and says in message
     assert manager.entries() == []
+
+
+def test_the_configuration_page_lists_every_fenced_name():
+    page = (REPO / "docs" / "configuration.md").read_text()
+    missing = [f for f in FENCED_FLAGS if f"`{f.replace('-', '_')}" not in page]
+    missing += [key for key in FENCED_ENV if f"`{key}`" not in page]
+    assert missing == []
