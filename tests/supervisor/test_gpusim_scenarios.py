@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,6 +39,18 @@ async def test_reference_box_two_7b_one_per_gpu_third_starts_after_a_removal(
     assert third.replicas[0].placement.device_ids == first.replicas[0].placement.device_ids
 
 
+async def waits_rather_than_fails(entry: Any, log: Path, refusal: str) -> None:
+    """Until the replica either waits with a reason or its engine logs vLLM's `refusal`;
+    then that it waits."""
+    replica = entry.replicas[0]
+
+    def refused() -> bool:
+        return log.exists() and refusal in log.read_text()
+
+    await wait_until(lambda: replica.reason.startswith("needs") or refused(), what="either")
+    assert not refused() and replica.state.value == "pending"
+
+
 @pytest.mark.xfail(strict=True, reason="issue 12 point 1: placement.has_room not wired yet")
 async def test_a_gap_equal_to_the_reservation_waits_instead_of_failing_vllms_check(
     make_manager: ManagerFactory, tmp_path: Path
@@ -46,11 +59,20 @@ async def test_a_gap_equal_to_the_reservation_waits_instead_of_failing_vllms_che
     sim.ledger.allocate("foreign", 0, int(5.7 * GiB), "another user's job")  # 18.3 GiB free
     manager = make_manager(command=sim.engine_command(**FAST), inventory=sim.inventory())
     entry = add_7b(manager, llama2_7b(tmp_path / "llama2-7b"), "llama-a")  # reserves 18.05 GiB
-    replica = entry.replicas[0]
     log = tmp_path / "state" / "logs" / "llama-a-0.log"
+    await waits_rather_than_fails(entry, log, "ValueError: Free memory on device cuda:0")
 
-    def vllm_refused() -> bool:
-        return log.exists() and "ValueError: Free memory on device cuda:0" in log.read_text()
 
-    await wait_until(lambda: replica.reason.startswith("needs") or vllm_refused(), what="either")
-    assert not vllm_refused() and replica.state.value == "pending"
+@pytest.mark.xfail(strict=True, reason="issue 12 point 4: gpu_budget.tp_reservations not wired")
+async def test_tensor_parallel_over_unequal_gpus_reserves_u_x_total_on_the_larger(
+    make_manager: ManagerFactory, tmp_path: Path
+):
+    """9.78 GiB a rank on 24 + 48 GiB: u = 0.4075, so vLLM wants 19.56 GiB free on GPU1."""
+    sim = SimBox.create(tmp_path, [SimGpu(0, 24 * GiB), SimGpu(1, 48 * GiB)])
+    sim.ledger.allocate("foreign", 1, 28 * GiB, "another user's job")  # 20 GiB free on GPU1
+    manager = make_manager(command=sim.engine_command(**FAST), inventory=sim.inventory())
+    spec = ModelSpec(name="tp", source=f"path:{llama2_7b(tmp_path / 'm')}", max_model_len=4096,
+                     tensor_parallel=2)  # fmt: skip
+    entry = manager.add(spec)
+    log = tmp_path / "state" / "logs" / "tp-0.log"
+    await waits_rather_than_fails(entry, log, "ValueError: Free memory on device cuda:1")
