@@ -28,13 +28,13 @@ from supervisor.api import create_app
 from supervisor.cache import CacheSettings, ModelCache
 from supervisor.config import ConfigError, InvalidModel, ModelSpec, SemConfig, load_config
 from supervisor.engine import EngineCommand
-from supervisor.errors import ConfirmationRequired, InvalidConfig, SupervisorError
+from supervisor.errors import SupervisorError
 from supervisor.events import EventLog
 from supervisor.hosts import allowed_hosts, is_loopback
 from supervisor.manager import EngineSettings, Manager, SchedulerSettings
 from supervisor.probe import EngineProbe
 from supervisor.procgroup import signal_group
-from supervisor.reconcile import ConfigDiff
+from supervisor.reloader import Reloader
 from supervisor.replica import ReplicaTiming
 from supervisor.resources import describe, detect
 from supervisor.store import Store, StoreError, private_folder
@@ -93,9 +93,6 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-_RESTART_ONLY = ("devices", "cpu_memory_budget", "recheck_interval")
-
-
 class _QuietServer(uvicorn.Server):
     """uvicorn without its own signal handling: this daemon owns the signals."""
 
@@ -130,14 +127,6 @@ async def serve(args: argparse.Namespace) -> int:
         return await _serve(args, config, store, skipped)
     finally:
         store.close()
-
-
-def removes_every_model(manager: Manager, models: list[ModelSpec]) -> list[str]:
-    """The models from models.yaml that a reload to `models` would all remove when the file
-    lists none any more (an emptied or truncated file); [] otherwise."""
-    if models:
-        return []
-    return sorted(e.spec.name for e in manager.entries() if e.origin == "config" and not e.removing)
 
 
 def models_at_start(
@@ -201,23 +190,7 @@ async def _serve(
     log.info("devices: %s", describe(manager.devices))
     log.info("model cache: %s", cache.cache_dir)
 
-    async def reload(confirm_remove_all: bool = False) -> ConfigDiff:
-        try:
-            new = await asyncio.to_thread(load_config, args.config)
-        except ConfigError as exc:
-            raise InvalidConfig(f"models.yaml not reloaded: {exc}") from None
-        if not confirm_remove_all and (running := removes_every_model(manager, new.models)):
-            raise ConfirmationRequired(
-                f"{args.config} lists no models: reloading it would drain and stop"
-                f" {', '.join(running)}. Nothing was changed; to do it, POST"
-                " /reload?confirm_remove_all=true (`sem reload --yes`)"
-            )
-        if ignored := [k for k in _RESTART_ONLY if getattr(new, k) != getattr(config, k)]:
-            log.warning("reload applies models only; %s take effect at restart", ", ".join(ignored))
-        diff = await manager.reload(new.models, args.drain_timeout)
-        log.info("reloaded %s: %s", args.config, diff)
-        return diff
-
+    reload = Reloader(args.config, manager, config, args.drain_timeout)
     hosts = allowed_hosts(args.host, args.allowed_hosts.split(","))
     app = create_app(
         manager, events, token=args.token, reload=reload, cache=cache, allowed_hosts=hosts
