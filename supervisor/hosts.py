@@ -4,14 +4,17 @@ A web page the operator opens can make their browser send requests to 127.0.0.1:
 name it controls (DNS rebinding): the browser then sends that name in `Host`. Answering only
 requests whose Host is a loopback name, the address the API is bound to, or a name the operator
 added (`--allowed-hosts`) shuts that door; it is the check Django (ALLOWED_HOSTS) and the
-webpack/Vite dev servers make. The API sends no CORS headers, so no other origin may read an
-answer either.
+webpack/Vite dev servers make. A page may also post straight to 127.0.0.1 (cross-site request
+forgery: a form needs no CORS preflight); the browser then says where it comes from in `Origin`,
+which must name an allowed host too (the `sem` CLI and other programs send none). The API sends
+no CORS headers, so no other origin may read an answer either.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from urllib.parse import urlsplit
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -60,8 +63,28 @@ def host_allowed(header: str | None, allowed: frozenset[str]) -> bool:
     return name in allowed or is_loopback(name)
 
 
+def origin_allowed(header: str | None, allowed: frozenset[str]) -> bool:
+    """Pure decision: no `Origin` (not a browser), or one whose host may be answered."""
+    if header is None or ANY_HOST in allowed:
+        return True
+    host = urlsplit(header.strip()).hostname  # None for "null" (a sandboxed page, a file)
+    return host is not None and host_allowed(host, allowed)
+
+
+def refusal(
+    host: str | None, origin: str | None, allowed: frozenset[str]
+) -> tuple[str, str | None] | None:
+    """The header that makes a request unwelcome and its value, or None if it may be answered."""
+    if not host_allowed(host, allowed):
+        return "Host", host
+    if not origin_allowed(origin, allowed):
+        return "Origin", origin
+    return None
+
+
 class HostCheck:
-    """ASGI middleware: 403 in the API's error shape for a Host not in `allowed`."""
+    """ASGI middleware: 403 in the API's error shape for a Host, or a browser's Origin, that
+    names no allowed host."""
 
     def __init__(self, app: ASGIApp, allowed: frozenset[str]) -> None:
         self.app = app
@@ -69,15 +92,15 @@ class HostCheck:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            headers = dict(scope["headers"])
-            raw = headers.get(b"host")
-            header = raw.decode("latin-1") if raw is not None else None
-            if not host_allowed(header, self.allowed):
+            headers = {k: v.decode("latin-1") for k, v in scope["headers"]}
+            refused = refusal(headers.get(b"host"), headers.get(b"origin"), self.allowed)
+            if refused is not None:
+                name, value = refused
                 message = (
-                    f"Host {header!r} is not allowed: the admin API answers to"
+                    f"{name} {value!r} is not allowed: the admin API answers to"
                     f" {', '.join(sorted(self.allowed))}; add names with --allowed-hosts"
                 )
-                body = error_body("host_not_allowed", message, 403, param="Host")
+                body = error_body(f"{name.lower()}_not_allowed", message, 403, param=name)
                 await JSONResponse(body, status_code=403)(scope, receive, send)
                 return
         await self.app(scope, receive, send)

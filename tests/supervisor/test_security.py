@@ -22,7 +22,7 @@ from supervisor.config import SemConfig
 from supervisor.daemon import refuse_open_admin
 from supervisor.engine import free_port
 from supervisor.errors import ConfirmationRequired
-from supervisor.hosts import allowed_hosts, host_allowed
+from supervisor.hosts import allowed_hosts, host_allowed, origin_allowed
 from supervisor.manager import Manager
 from supervisor.reloader import Reloader
 from supervisor.store import Store
@@ -86,12 +86,23 @@ def test_host_header_decision(host: str | None, allowed: bool):
     assert host_allowed(host, allowed_hosts("10.0.0.5")) is allowed
 
 
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [(None, True), ("http://127.0.0.1:8001", True), ("http://localhost:3000", True),
+     ("https://evil.example", False), ("null", False), ("http://127.0.0.1.evil.example", False)],
+)  # fmt: skip
+def test_origin_header_decision(origin: str | None, allowed: bool):
+    assert origin_allowed(origin, allowed_hosts("127.0.0.1")) is allowed
+
+
 def test_extra_hosts_and_the_wildcard():
     assert host_allowed("sem.internal:8001", allowed_hosts("127.0.0.1", ["sem.internal"]))
     assert host_allowed("anything", allowed_hosts("127.0.0.1", ["*"]))
 
 
-async def test_a_dns_rebinding_host_is_403_and_loopback_is_served(make_manager: ManagerFactory):
+async def test_a_rebinding_host_or_a_foreign_origin_is_403_and_loopback_is_served(
+    make_manager: ManagerFactory,
+):
     manager = make_manager()
     app = create_app(manager, manager._events, allowed_hosts=allowed_hosts("127.0.0.1"))
     transport = httpx.ASGITransport(app=app)
@@ -104,6 +115,9 @@ async def test_a_dns_rebinding_host_is_403_and_loopback_is_served(make_manager: 
         error = rebound.json()["error"]
         assert error["type"] == "host_not_allowed" and "--allowed-hosts" in error["message"]
         assert "access-control-allow-origin" not in rebound.headers, "no CORS"
+        forged = await c.post("/reload", headers={"Origin": "https://evil.example"})
+        assert forged.status_code == 403
+        assert forged.json()["error"]["type"] == "origin_not_allowed"
     assert manager.entries() == []
 
 
