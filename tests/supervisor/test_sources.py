@@ -12,13 +12,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from supervisor.api import create_app
 from supervisor.cache import CacheSettings, ModelCache
 from supervisor.config import ConfigError, InvalidModel, Source, parse_config
 from supervisor.errors import InvalidSource
 from supervisor.hub import HubClient
 from supervisor.manager import Manager
 from tests.conftest import ManagerFactory
+from tests.supervisor.conftest import cache_admin
 
 REPO_ONLY_THE_HUB_REJECTS = ["hf://org/model..v2", "hf://a--b/c", "hf://org/m.git"]
 ESCAPING_REVISIONS = ["hf://org/m@../../x", "hf://org/m@a//b", "hf://org/m@.hidden",
@@ -46,14 +46,9 @@ def test_branch_tag_pr_and_commit_revisions_are_accepted(text: str, revision: st
 async def api(
     make_manager: ManagerFactory, tmp_path: Path
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Manager, ModelCache]]:
-    cache = ModelCache(CacheSettings(cache_dir=tmp_path / "hf", offline=True))
-    manager = make_manager()
-    manager.cache = cache
-    app = create_app(manager, manager._events, cache=cache)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://sem") as client:
+    cache, manager = ModelCache(CacheSettings(tmp_path / "hf", offline=True)), make_manager()
+    async with cache_admin(manager, cache) as client:
         yield client, manager, cache
-    await cache.aclose()
 
 
 @pytest.mark.parametrize("source", BAD_SOURCES)
