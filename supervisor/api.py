@@ -19,6 +19,8 @@ from supervisor.config import ModelSpec, format_loc
 from supervisor.errors import InvalidConfig, SupervisorError, Unauthorized
 from supervisor.events import EventLog
 from supervisor.manager import Manager
+from supervisor.metrics import SupervisorMetrics
+from supervisor.metrics_api import metrics_router
 from supervisor.reconcile import ConfigDiff
 
 Reload = Callable[[], Awaitable[ConfigDiff]]
@@ -30,6 +32,7 @@ def create_app(
     token: str | None = None,
     reload: Reload | None = None,
     cache: ModelCache | None = None,
+    metrics: SupervisorMetrics | None = None,
 ) -> FastAPI:
     app = FastAPI(title="sem supervisor", version="0.1.0")
     token = token or None  # an empty SEM_ADMIN_TOKEN= means no token, not the empty one
@@ -125,4 +128,6 @@ def create_app(
 
     if cache is not None:
         app.include_router(cache_router(manager, cache, mutating))
+    if metrics is not None:
+        app.include_router(metrics_router(metrics))
     return app

@@ -28,9 +28,11 @@ from supervisor.api import create_app
 from supervisor.cache import CacheSettings, ModelCache
 from supervisor.config import ConfigError, SemConfig, load_config
 from supervisor.engine import EngineCommand
+from supervisor.engine_metrics import EngineScraper
 from supervisor.errors import InvalidConfig, SupervisorError
 from supervisor.events import EventLog
 from supervisor.manager import EngineSettings, Manager, SchedulerSettings
+from supervisor.metrics import SupervisorMetrics
 from supervisor.probe import EngineProbe
 from supervisor.procgroup import signal_group
 from supervisor.reconcile import ConfigDiff
@@ -165,7 +167,9 @@ async def _serve(args: argparse.Namespace, config: SemConfig, store: Store) -> i
         log.info("reloaded %s: %s", args.config, diff)
         return diff
 
-    app = create_app(manager, events, token=args.token, reload=reload, cache=cache)
+    metrics = SupervisorMetrics(manager, events, EngineScraper())
+    await metrics.start()  # before restore(): its events count too
+    app = create_app(manager, events, token=args.token, reload=reload, cache=cache, metrics=metrics)
     server = _QuietServer(
         uvicorn.Config(
             app, log_level="warning", timeout_graceful_shutdown=1, lifespan="off",
@@ -221,6 +225,7 @@ async def _serve(args: argparse.Namespace, config: SemConfig, store: Store) -> i
         await cache.aclose()  # partial downloads stay on disk for the next run to resume
         server.should_exit = True
         await serve_task
+        await metrics.aclose()
         await probe.aclose()
         sock.close()
     log.info("supervisor stopped; no engine left")
