@@ -43,7 +43,7 @@ def scrape(**texts: tuple[Target, float, float]) -> Scrape:
         (
             "engine exited with code 1 while starting (log: boom); restart in 1s",
             Cause.EXITED_STARTING,
-        ),  # fmt: skip
+        ),
         ("/health failed 3 times in a row; restart in 2s", Cause.UNHEALTHY),
         ("no /health 200 within 600s; restart in 4s", Cause.START_TIMEOUT),
         ("cannot start engine: [Errno 2] No such file", Cause.CANNOT_START),
