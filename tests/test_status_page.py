@@ -144,3 +144,7 @@ def test_status_page_shows_models_follows_removal_and_says_why_one_waits(
 
     assert elsewhere == [], f"the page fetched from elsewhere: {elsewhere}"
     assert errors == [], errors
+    # The page's open event stream does not hold the supervisor up when sem stops.
+    code, seconds = run.stop(timeout=60)
+    assert code == 0, run.output()[-2000:]
+    assert seconds < 30 and run.leftovers() == []
