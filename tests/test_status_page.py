@@ -35,7 +35,7 @@ def chromium() -> Path:
     """Debian's chromium, installed once per session if missing."""
     if not CHROMIUM.exists():
         started = time.monotonic()
-        why_not = apt_install(["chromium"])
+        why_not = apt_install(["chromium", "fonts-liberation"])  # a font for the screenshots
         if why_not is not None:
             pytest.skip(f"no headless browser for the status page test: {why_not}")
         print(f"installed chromium in {time.monotonic() - started:.0f} s")

@@ -17,6 +17,7 @@ from supervisor.config import ModelSpec
 from supervisor.engine_metrics import EngineScraper
 from supervisor.manager import Manager
 from supervisor.metrics import SupervisorMetrics
+from supervisor.replica import Replica
 from supervisor.resources import StaticInventory
 from tests.conftest import ManagerFactory, fake_engine_command, wait_until
 
@@ -65,9 +66,20 @@ def spec(model_dir: Path, name: str, **fields: object) -> ModelSpec:
     return ModelSpec.model_validate({"name": name, "source": f"path:{model_dir}", **fields})
 
 
-async def ready(manager: Manager, *names: str) -> None:
-    for name in names:
-        await wait_until(lambda n=name: manager.get(n).state.value == "ready", what=f"{name} ready")
+async def serving(manager: Manager, model_dir: Path, name: str = "m", **fields: object) -> Replica:
+    """Add a one-replica model and wait until it is ready; its replica."""
+    manager.add(spec(model_dir, name, **fields))
+    await wait_until(lambda: manager.get(name).state.value == "ready", what=f"{name} ready")
+    return manager.get(name).replicas[0]
+
+
+async def complete(replica: Replica, requests: int, max_tokens: int) -> None:
+    """Completions straight to the replica's engine (the gateway is not part of these tests)."""
+    assert replica.url is not None
+    async with httpx.AsyncClient(base_url=replica.url) as engine:
+        for _ in range(requests):
+            body = {"model": replica.model, "prompt": "one two", "max_tokens": max_tokens}
+            assert (await engine.post("/v1/completions", json=body)).status_code == 200
 
 
 async def test_ready_model_states_memory_placements_and_engine_metrics(
@@ -75,13 +87,7 @@ async def test_ready_model_states_memory_placements_and_engine_metrics(
 ) -> None:
     manager = make_manager(inventory=StaticInventory.parse("cpu:4GiB"))
     async with metrics_api(manager) as (client, _):
-        manager.add(spec(model_dir, "m", memory="1GiB"))
-        await ready(manager, "m")
-        url = manager.get("m").replicas[0].url
-        async with httpx.AsyncClient(base_url=url) as engine:
-            for _ in range(3):
-                body = {"model": "m", "prompt": "one two", "max_tokens": 4}
-                assert (await engine.post("/v1/completions", json=body)).status_code == 200
+        await complete(await serving(manager, model_dir, memory="1GiB"), 3, max_tokens=4)
         samples = await scrape(client)
 
     assert value(samples, "sem_supervisor_model_state", model="m", state="ready") == 1
@@ -147,9 +153,7 @@ async def test_engine_killed_while_ready_counts_an_exit(
 ) -> None:
     manager = make_manager()
     async with metrics_api(manager) as (client, _):
-        manager.add(spec(model_dir, "m"))
-        await ready(manager, "m")
-        replica = manager.get("m").replicas[0]
+        replica = await serving(manager, model_dir)
         assert replica.process is not None
         os.kill(replica.process.pid, signal.SIGKILL)
         await wait_until(lambda: replica.restarts >= 1, what="a restart")
@@ -163,9 +167,7 @@ async def test_a_hung_engine_is_skipped_and_counted(
 ) -> None:
     manager = make_manager()
     async with metrics_api(manager, scrape_timeout=0.5) as (client, _):
-        manager.add(spec(model_dir, "m"))
-        await ready(manager, "m")
-        process = manager.get("m").replicas[0].process
+        process = (await serving(manager, model_dir)).process
         assert process is not None
         os.kill(process.pid, signal.SIGSTOP)  # its /metrics will not answer
         try:
@@ -184,15 +186,10 @@ async def test_throughput_is_requests_and_tokens_per_second_per_model(
 ) -> None:
     manager = make_manager()
     async with metrics_api(manager) as (client, _):
-        manager.add(spec(model_dir, "m"))
-        await ready(manager, "m")
+        replica = await serving(manager, model_dir)
         idle = (await client.get("/throughput")).json()
         assert idle["models"] == {"m": {"requests_per_s": 0.0, "tokens_per_s": 0.0}}
-        url = manager.get("m").replicas[0].url
-        async with httpx.AsyncClient(base_url=url) as engine:
-            for _ in range(4):
-                body = {"model": "m", "prompt": "a b", "max_tokens": 5}
-                assert (await engine.post("/v1/completions", json=body)).status_code == 200
+        await complete(replica, 4, max_tokens=5)
         busy = (await client.get("/throughput")).json()
     rate = busy["models"]["m"]
     assert rate["requests_per_s"] > 0
