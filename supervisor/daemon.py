@@ -31,13 +31,14 @@ from supervisor.engine import EngineCommand
 from supervisor.engine_metrics import EngineScraper
 from supervisor.errors import InvalidConfig, SupervisorError
 from supervisor.events import EventLog
+from supervisor.gpu_usage import NvmlProcessMemory
 from supervisor.manager import EngineSettings, Manager, SchedulerSettings
 from supervisor.metrics import SupervisorMetrics
 from supervisor.probe import EngineProbe
 from supervisor.procgroup import signal_group
 from supervisor.reconcile import ConfigDiff
 from supervisor.replica import ReplicaTiming
-from supervisor.resources import describe, detect
+from supervisor.resources import NvmlInventory, describe, detect
 from supervisor.store import Store, StoreError
 from supervisor.units import parse_size
 
@@ -167,7 +168,8 @@ async def _serve(args: argparse.Namespace, config: SemConfig, store: Store) -> i
         log.info("reloaded %s: %s", args.config, diff)
         return diff
 
-    metrics = SupervisorMetrics(manager, events, EngineScraper())
+    gpus = NvmlProcessMemory() if isinstance(inventory, NvmlInventory) else None
+    metrics = SupervisorMetrics(manager, events, EngineScraper(), gpus)
     await metrics.start()  # before restore(): its events count too
     app = create_app(manager, events, token=args.token, reload=reload, cache=cache, metrics=metrics)
     server = _QuietServer(

@@ -4,7 +4,8 @@ Two sources:
 - State, read at scrape time (`render`): model and replica states (one gauge per state, 1 for
   the current one), time pending and a bounded `reason_kind` (the reason's text stays in the
   API: it holds numbers and would make a new series at every change), memory per device
-  (total, measured free and used, reserved by sem and by which replica), downloads, and the
+  (total, measured free and used, reserved by sem and by which replica, used by which
+  replica where NVML tells per process: gpu_usage.py), downloads, and the
   engines' own `vllm:` metrics with `model` and `replica` labels (engine_metrics.py).
 - Counters derived from the event log, which this object follows: restarts and give-ups by
   cause, placement decisions by outcome. Nothing else in the supervisor updates a metric.
@@ -26,6 +27,7 @@ from prometheus_client.registry import Collector
 
 from supervisor.engine_metrics import EngineScraper, Rate, Relabelled, Scrape, Target, Throughput
 from supervisor.events import Event, EventLog
+from supervisor.gpu_usage import Attribution, ProcessMemory, attribute
 from supervisor.manager import Manager
 from supervisor.states import ModelState, ReplicaState
 
@@ -96,15 +98,24 @@ class Snapshot:
 
     devices: list[dict[str, Any]]
     engines: Scrape
+    used: Attribution | None  # GPU memory per replica, where measured per process
 
 
 class SupervisorMetrics:
-    """Owns the registry, the event-follower task and the engine scraper (`start`/`aclose`)."""
+    """Owns the registry, the event-follower task and the engine scraper (`start`/`aclose`).
+    `processes`: per-process GPU memory (NVML), if there are GPUs."""
 
-    def __init__(self, manager: Manager, events: EventLog, scraper: EngineScraper) -> None:
+    def __init__(
+        self,
+        manager: Manager,
+        events: EventLog,
+        scraper: EngineScraper,
+        processes: ProcessMemory | None = None,
+    ) -> None:
         self._manager = manager
         self._events = events
         self._scraper = scraper
+        self._processes = processes
         self.throughput = Throughput()
         self.registry = CollectorRegistry(auto_describe=True)
         self.restarts = Counter(
@@ -177,11 +188,26 @@ class SupervisorMetrics:
         await self.scrape_engines()
         return self.throughput.rates()
 
+    async def gpu_usage(self) -> Attribution | None:
+        """GPU memory used per replica (and by others), measured now; None without NVML."""
+        processes = self._processes
+        if processes is None:
+            return None
+        groups = {
+            r.process.pgid: r.id
+            for entry in self._manager.entries()
+            for r in entry.replicas
+            if r.process is not None
+        }
+        return await asyncio.to_thread(lambda: attribute(processes.usage(), groups))
+
     async def render(self) -> bytes:
         """The exposition text of everything, read now."""
-        devices, engines = await asyncio.gather(self._manager.resources(), self.scrape_engines())
+        devices, engines, used = await asyncio.gather(
+            self._manager.resources(), self.scrape_engines(), self.gpu_usage()
+        )
         now = CollectorRegistry(auto_describe=False)  # this scrape's state only
-        now.register(_StateCollector(self._manager, Snapshot(devices, engines)))
+        now.register(_StateCollector(self._manager, Snapshot(devices, engines, used)))
         now.register(Relabelled(engines))
         return generate_latest(self.registry) + generate_latest(now)
 
@@ -194,6 +220,8 @@ class _StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._models()
         yield from _devices(self._snapshot.devices)
+        if self._snapshot.used is not None:
+            yield from _used(self._snapshot.used)
         yield from self._downloads()
         up = GaugeMetricFamily(
             "sem_supervisor_engine_scrape_up",
@@ -289,3 +317,22 @@ def _devices(devices: list[dict[str, Any]]) -> Iterator[Metric]:
             by_replica.add_metric([device["id"], model_of(replica), replica], holder["reserved"])
     yield from families.values()
     yield by_replica
+
+
+def _used(used: Attribution) -> Iterator[Metric]:
+    """GPU memory used, process by process (NVML), summed per replica and for the rest."""
+    by_replica = GaugeMetricFamily(
+        "sem_supervisor_device_used_by_replica_bytes",
+        "GPU memory the processes of one replica's engine use (measured)",
+        labels=["device", "model", "replica"],
+    )  # fmt: skip
+    for (device, replica), value in sorted(used.by_replica.items()):
+        by_replica.add_metric([device, model_of(replica), replica], value)
+    others = GaugeMetricFamily(
+        "sem_supervisor_device_used_by_others_bytes",
+        "GPU memory used by processes of no sem replica (measured)", labels=["device"],
+    )  # fmt: skip
+    for device, value in sorted(used.others.items()):
+        others.add_metric([device], value)
+    yield by_replica
+    yield others

@@ -21,6 +21,7 @@ from supervisor.engine_metrics import EngineScraper, parse
 from supervisor.metrics import SupervisorMetrics
 from tests.conftest import REPO, ManagerFactory
 from tests.e2e.helpers import ENGINE_PYTHON
+from tests.supervisor.test_metrics import FakeProcessMemory
 
 DEPLOY = REPO / "deploy"
 _SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
@@ -99,7 +100,9 @@ async def test_dashboard_queries_name_only_metrics_that_exist(
     make_manager: ManagerFactory,
 ) -> None:
     manager = make_manager()
-    supervisor = SupervisorMetrics(manager, manager._events, EngineScraper())
+    gpus = FakeProcessMemory()  # so the per-process GPU families are rendered too
+    gpus.found = {"0": {1: 1}}
+    supervisor = SupervisorMetrics(manager, manager._events, EngineScraper(), gpus)
     await supervisor.start()
     try:
         exported = exported_names((await supervisor.render()).decode())

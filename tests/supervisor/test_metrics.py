@@ -10,11 +10,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor.api import create_app
 from supervisor.config import ModelSpec
 from supervisor.engine_metrics import EngineScraper
+from supervisor.gpu_usage import ProcessMemory, Usage
 from supervisor.manager import Manager
 from supervisor.metrics import SupervisorMetrics
 from supervisor.replica import Replica
@@ -24,11 +26,22 @@ from tests.conftest import ManagerFactory, fake_engine_command, wait_until
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
+class FakeProcessMemory:
+    """What NVML would say: bytes per pid per GPU, set by the test."""
+
+    def __init__(self) -> None:
+        self.found: Usage = {}
+
+    def usage(self) -> Usage:
+        return self.found
+
+
 @asynccontextmanager
 async def metrics_api(
-    manager: Manager, scrape_timeout: float = 2.0
+    manager: Manager, scrape_timeout: float = 2.0, processes: ProcessMemory | None = None
 ) -> AsyncIterator[tuple[httpx.AsyncClient, SupervisorMetrics]]:
-    metrics = SupervisorMetrics(manager, manager._events, EngineScraper(timeout=scrape_timeout))
+    scraper = EngineScraper(timeout=scrape_timeout)
+    metrics = SupervisorMetrics(manager, manager._events, scraper, processes)
     await metrics.start()
     app = create_app(manager, manager._events, metrics=metrics)
     try:
@@ -207,3 +220,24 @@ async def test_status_page_is_one_self_contained_file(make_manager: ManagerFacto
     assert "default-src 'none'" in policy and "connect-src 'self'" in policy
     assert "innerHTML" not in page.text and "src=" not in page.text.replace("default-src", "")
     assert "http://" not in page.text and "https://" not in page.text
+
+
+async def test_gpu_memory_used_by_each_replica_and_by_others(
+    make_manager: ManagerFactory, model_dir: Path
+) -> None:
+    gpus = FakeProcessMemory()
+    manager = make_manager(inventory=StaticInventory.parse("2x24GiB"))
+    async with metrics_api(manager, processes=gpus) as (client, _):
+        engine = (await serving(manager, model_dir, memory="4GiB")).process
+        assert engine is not None
+        core = psutil.Process(engine.pid).children()[0].pid  # its EngineCore, same group
+        stranger = 2**22 + 7  # above pid_max: a process of no replica (or of the host)
+        gpus.found = {"0": {engine.pid: 3 << 30, core: 1 << 30, stranger: 5 << 30}, "1": {}}
+        samples = await scrape(client)
+    replica = {"model": "m", "replica": "m-0"}
+    assert value(samples, "sem_supervisor_device_used_by_replica_bytes", device="0",
+                 **replica) == 4 << 30  # fmt: skip
+    assert value(samples, "sem_supervisor_device_used_by_others_bytes", device="0") == 5 << 30
+    assert value(samples, "sem_supervisor_device_used_by_others_bytes", device="1") == 0
+    assert value(samples, "sem_supervisor_device_reserved_by_replica_bytes", device="0",
+                 **replica) == 4 << 30  # fmt: skip

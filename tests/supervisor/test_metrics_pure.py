@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor.engine_metrics import Rate, Relabelled, Scrape, Target, Throughput, parse
+from supervisor.gpu_usage import attribute
 from supervisor.metrics import Cause, PendingKind, cause_of, model_of, pending_kind
 from supervisor.placement import DeviceView, Request, plan
 from supervisor.units import GiB
@@ -110,3 +111,11 @@ def test_rates_cover_the_last_window_only() -> None:
     for second, total in ((0, 0), (5, 0), (10, 100), (15, 200), (20, 300)):
         meter.observe(scrape(a0=(A0, total, total)), now=float(second))
     assert meter.rates()["a"] == Rate(20.0, 20.0)  # from t=10 to t=20 only
+
+
+def test_gpu_memory_goes_to_the_replica_whose_process_group_holds_it() -> None:
+    usage = {"0": {10: 5 * GiB, 11: 1 * GiB, 20: 2 * GiB, 30: 3 * GiB}, "1": {}}
+    groups = {10: 10, 11: 10, 20: 20, 30: None}  # 11 is 10's EngineCore; 30 is gone
+    found = attribute(usage, {10: "a-0", 20: "b-0"}, group_of=groups.get)
+    assert found.by_replica == {("0", "a-0"): 6 * GiB, ("0", "b-0"): 2 * GiB}
+    assert found.others == {"0": 3 * GiB, "1": 0}
