@@ -95,7 +95,7 @@ def shoot(page: Any, path: Path, request: pytest.FixtureRequest) -> None:
     request.node.user_properties.append(("screenshot", str(path)))
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(900)  # a first run may apt-get install chromium
 def test_status_page_shows_models_follows_removal_and_says_why_one_waits(
     sem_three: SemRun, browser_page: Any, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
