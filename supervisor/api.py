@@ -25,6 +25,8 @@ from supervisor.errors import InvalidConfig, SupervisorError, Unauthorized
 from supervisor.events import EventLog
 from supervisor.hosts import HostCheck
 from supervisor.manager import Manager
+from supervisor.metrics import SupervisorMetrics
+from supervisor.metrics_api import metrics_router
 from supervisor.reconcile import ConfigDiff
 
 Reload = Callable[[bool], Awaitable[ConfigDiff]]  # its argument: removing every model is confirmed
@@ -54,6 +56,7 @@ def create_app(
     reload: Reload | None = None,
     cache: ModelCache | None = None,
     allowed_hosts: frozenset[str] | None = None,
+    metrics: SupervisorMetrics | None = None,
 ) -> FastAPI:
     """The app; `allowed_hosts` (hosts.allowed_hosts) turns the Host header check on, which the
     daemon always does (in-process tests leave it off)."""
@@ -154,4 +157,6 @@ def create_app(
 
     if cache is not None:
         app.include_router(cache_router(manager, cache, mutating))
+    if metrics is not None:
+        app.include_router(metrics_router(metrics))
     return app

@@ -28,15 +28,18 @@ from supervisor.api import create_app
 from supervisor.cache import CacheSettings, ModelCache
 from supervisor.config import ConfigError, InvalidModel, ModelSpec, SemConfig, load_config
 from supervisor.engine import EngineCommand
+from supervisor.engine_metrics import EngineScraper
 from supervisor.errors import SupervisorError
 from supervisor.events import EventLog
+from supervisor.gpu_usage import NvmlProcessMemory
 from supervisor.hosts import allowed_hosts, is_loopback
 from supervisor.manager import EngineSettings, Manager, SchedulerSettings
+from supervisor.metrics import SupervisorMetrics
 from supervisor.probe import EngineProbe
 from supervisor.procgroup import signal_group
 from supervisor.reloader import Reloader
 from supervisor.replica import ReplicaTiming
-from supervisor.resources import describe, detect
+from supervisor.resources import NvmlInventory, describe, detect
 from supervisor.store import Store, StoreError, private_folder
 from supervisor.units import parse_size
 
@@ -192,9 +195,13 @@ async def _serve(
 
     reload = Reloader(args.config, manager, config, args.drain_timeout)
     hosts = allowed_hosts(args.host, args.allowed_hosts.split(","))
+    gpus = NvmlProcessMemory() if isinstance(inventory, NvmlInventory) else None
+    metrics = SupervisorMetrics(manager, events, EngineScraper(), gpus)
+    await metrics.start()  # before restore(): its events count too
     app = create_app(
-        manager, events, token=args.token, reload=reload, cache=cache, allowed_hosts=hosts
-    )
+        manager, events, token=args.token, reload=reload, cache=cache, allowed_hosts=hosts,
+        metrics=metrics,
+    )  # fmt: skip
     server = _QuietServer(
         uvicorn.Config(
             app, log_level="warning", timeout_graceful_shutdown=1, lifespan="off",
@@ -251,6 +258,7 @@ async def _serve(
         await cache.aclose()  # partial downloads stay on disk for the next run to resume
         server.should_exit = True
         await serve_task
+        await metrics.aclose()
         await probe.aclose()
         sock.close()
     log.info("supervisor stopped; no engine left")
