@@ -103,7 +103,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    diff = admin_request(args, "POST", "/reload")
+    params = {"confirm_remove_all": "true"} if args.yes else {}
+    diff = admin_request(args, "POST", "/reload", params=params)
     for kind in ("added", "changed", "removed", "unchanged"):
         print(f"{kind:10} {', '.join(diff[kind]) or '-'}")
     return 0
@@ -193,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rm)
 
     p = sub.add_parser("reload", help="apply models.yaml's changes (added, removed, changed)")
+    p.add_argument(
+        "--yes", action="store_true", help="go on if models.yaml lists no models (removes all)"
+    )
     p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("resources", help="devices: total, free, reserved by sem")

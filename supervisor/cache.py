@@ -206,6 +206,11 @@ class ModelCache:
             return source.path if (source.path / "config.json").is_file() else None
         return self.client.local(source)
 
+    async def locate(self, source: Source) -> Path | None:
+        """`local` off the event loop (it reads refs and manifests and stats every file)."""
+        path: Path | None = await self._call(self.local, source)
+        return path
+
     async def listing(self, path_sources: list[Source]) -> list[dict[str, Any]]:
         """Cached models (hf), then the given local folders as they are."""
         cached: list[CachedModel] = await self._call(self.client.listing)
@@ -283,7 +288,7 @@ class ModelCache:
             )
         if self.running(source) is not None:
             raise CacheConflict(f"{source} is being downloaded; wait for the job to end")
-        path = self.client.local(source)
+        path = await self.locate(source)
         if path is None:
             raise NotCached(f"{source} is not in the cache at {self.cache_dir}")
         freed: int = await self._call(self.client.delete, source.repo, path.name)
@@ -325,11 +330,11 @@ class ModelCache:
     async def _cache(self, job: Job) -> Path:
         source = job.source
         if source.kind == "path":
-            if (path := self.local(source)) is None:
+            if (path := await self.locate(source)) is None:
                 raise InvalidSource(f"{source}: no config.json in {source.path}")
             return path
         if self.settings.offline:
-            if (path := self.client.local(source)) is not None:
+            if (path := await self.locate(source)) is not None:
                 job.note = "HF_HUB_OFFLINE is set: the cached copy is used as it is"
                 return path
             raise HubUnreachable(
@@ -338,7 +343,7 @@ class ModelCache:
         try:
             plan: Plan = await self._call(self.client.plan, source, self._meta_pool)
         except HubUnreachable:
-            if (path := self.client.local(source)) is not None:
+            if (path := await self.locate(source)) is not None:
                 job.note = "the hub is unreachable: the cached copy is used as it is"
                 return path
             raise

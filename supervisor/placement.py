@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
+from supervisor.gpu_budget import fits
 from supervisor.units import GiB
 
 
@@ -75,6 +76,15 @@ class Plan:
 
 def gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB"
+
+
+def has_room(device: DeviceView, need: int, tensor_parallel: int = 1) -> bool:
+    """Can `device` take a reservation of `need` bytes now? On a GPU the engine's CUDA context
+    (and NCCL buffers with tensor parallel) come on top, outside vLLM's budget: see
+    gpu_budget.fits. The CPU has no such cost outside the estimate."""
+    if device.kind != "gpu":
+        return device.available >= need
+    return fits(device.available, need, tensor_parallel)
 
 
 def never_fits(need: int, devices_needed: int, totals: list[tuple[str, int]]) -> str | None:

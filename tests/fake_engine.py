@@ -71,6 +71,8 @@ class FakeEngine:
         self.error_after = error_after
         self.crash_on = crash_on
         self.tokens_sent = 0
+        self.finished = 0  # requests answered to the end (vllm:request_success_total)
+        self.prompt_tokens = 0
         self.requests: list[dict[str, object]] = []
         self.exit_process = False  # set when it runs as its own process
 
@@ -95,11 +97,30 @@ class FakeEngine:
         return web.json_response({"object": "list", "data": [{"id": self.served_name}]})
 
     async def metrics(self, _: web.Request) -> web.Response:
+        """A few of vLLM's own metrics, under vLLM's names, types and labels."""
         labels = f'engine="0",model_name="{self.served_name}"'
-        return web.Response(
-            text=f"vllm:num_requests_running{{{labels}}} {self.running}.0\n"
-            f"vllm:num_requests_waiting{{{labels}}} 0.0\n"
-        )
+        kv_use = min(1.0, self.running / 8)
+        lines = [
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+            "# TYPE vllm:num_requests_running gauge",
+            f"vllm:num_requests_running{{{labels}}} {self.running}.0",
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
+            "# TYPE vllm:num_requests_waiting gauge",
+            f"vllm:num_requests_waiting{{{labels}}} 0.0",
+            "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
+            "# TYPE vllm:kv_cache_usage_perc gauge",
+            f"vllm:kv_cache_usage_perc{{{labels}}} {kv_use}",
+            "# HELP vllm:request_success_total Count of successfully processed requests.",
+            "# TYPE vllm:request_success_total counter",
+            f'vllm:request_success_total{{{labels},finished_reason="length"}} {self.finished}.0',
+            "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.",
+            "# TYPE vllm:prompt_tokens_total counter",
+            f"vllm:prompt_tokens_total{{{labels}}} {self.prompt_tokens}.0",
+            "# HELP vllm:generation_tokens_total Number of generation tokens processed.",
+            "# TYPE vllm:generation_tokens_total counter",
+            f"vllm:generation_tokens_total{{{labels}}} {self.tokens_sent}.0",
+        ]
+        return web.Response(text="\n".join(lines) + "\n")
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=False)
@@ -126,12 +147,14 @@ class FakeEngine:
                  "total_tokens": len(prompt.split()) + len(tokens)}  # fmt: skip
         kind = "chat.completion" if chat else "text_completion"
         self.running += 1
+        self.prompt_tokens += usage["prompt_tokens"]
         try:
             if body.get("stream"):
                 return await self._stream(request, tokens, chat, kind, usage, body)
             for _ in tokens:
                 await asyncio.sleep(self.token_delay)
                 self._count(request)
+            self.finished += 1
         finally:
             self.running -= 1
         text = "".join(tokens)
@@ -167,6 +190,7 @@ class FakeEngine:
             final = {"id": "cmpl-fake", "object": f"{kind}.chunk", "model": self.served_name,
                      "choices": [], "usage": usage}  # fmt: skip
             await response.write(f"data: {json.dumps(final)}\n\n".encode())
+        self.finished += 1
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response

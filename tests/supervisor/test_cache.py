@@ -22,6 +22,7 @@ from supervisor.errors import HubAccessDenied
 from supervisor.hub import select_files
 from tests.conftest import ManagerFactory, wait_until
 from tests.hubrepos import GATED, TINY, TWO_A, TWO_B, UNWANTED, Hub
+from tests.supervisor.conftest import cache_admin
 
 
 @pytest.fixture
@@ -191,15 +192,9 @@ async def test_cached_models_are_used_offline(make_cache, hub: Hub):
 
 @pytest.fixture
 async def api(make_manager: ManagerFactory, make_cache) -> AsyncIterator[tuple]:
-    cache = make_cache()
-    manager = make_manager()
-    manager.cache = cache
-    app = create_app(manager, manager._events, cache=cache)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://sem") as client:
+    cache, manager = make_cache(), make_manager()
+    async with cache_admin(manager, cache) as client:
         yield client, manager, cache
-    await manager.shutdown(drain_timeout=1)
-    await cache.aclose()
 
 
 async def test_api_cache_list_and_free(api):
