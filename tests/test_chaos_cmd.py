@@ -181,3 +181,23 @@ def test_sigstop_of_an_engine_costs_no_request(chaos):
     _, report, _ = chaos
     stop = scenario(report, "stop-engine")
     assert stop["load"]["failed"] == 0, stop["load"]["failures"]
+
+
+def test_ctrl_c_continues_the_engine_it_stopped(chaos):
+    _, _, run = chaos
+    argv = [sys.executable, "-m", "sem", "--admin", run.supervisor, "chaos", "--gateway",
+            run.gateway, "--model", "b", "--scenario", "stop-engine", "--baseline", "0.5",
+            "--warmup", "0.5", "--recover-timeout", "60"]  # fmt: skip
+    tool = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+
+        def stopped() -> list[int]:
+            return [p for p in run.leftovers() if psutil.Process(p).status() == "stopped"]
+
+        poll(lambda: bool(stopped()), 30, "chaos to SIGSTOP b's engine")
+        tool.send_signal(signal.SIGINT)
+        assert tool.wait(timeout=30) == 130, tool.stderr.read() if tool.stderr else ""
+        assert stopped() == []
+    finally:
+        tool.kill()
+        tool.wait()

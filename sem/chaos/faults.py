@@ -123,10 +123,15 @@ def kill_worker(victim: Victim, ledger: Ledger) -> Injection:
     worker = procs.engine_worker(victim.api_pid)
     if worker is None:
         raise NotApplicable(f"engine {victim.api_pid} of {victim.replica} has no child process")
-    name = procs.title(worker).split()[0] if procs.title(worker) else "?"
+    title = procs.title(worker)
     _signal(worker.pid, signal.SIGKILL)
-    what = f"kill -9 {worker.pid} ({name}), a child of {victim.replica}'s engine"
-    return Injection(what, Recovery.ENGINE_SERVING, victim.api_pid)
+    what = f"kill -9 {worker.pid} ({title.split()[0] if title else '?'}), a child of "
+    what += f"{victim.replica}'s engine"
+    # vLLM's API process exits within seconds of losing its worker (engine-notes.md): recovered
+    # is a new engine. Another engine's child may not matter to it: recovered is serving.
+    vllm = procs.ENGINE_CORE in title or procs.WORKER in title
+    recovery = Recovery.ENGINE_REPLACED if vllm else Recovery.ENGINE_SERVING
+    return Injection(what, recovery, victim.api_pid)
 
 
 def kill_engine(victim: Victim, ledger: Ledger) -> Injection:
