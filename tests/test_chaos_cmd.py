@@ -116,12 +116,7 @@ MAX_TOKENS = 16
 def chaos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, dict[str, Any], SemRun]]:
     """One `sem chaos` run over a `sem run` of two stand-in models: exit code, report, the run."""
     tmp = tmp_path_factory.mktemp("chaos")
-    config = tmp / "models.yaml"
-    config.write_text(CONFIG.format(model=tiny_llama(tmp / "model")))
-    run = SemRun(
-        config=config, state_dir=tmp / "state",
-        engine_python=sys.executable, engine_module="tests.fake_engine",
-    ).start()  # fmt: skip
+    run = SemRun.stand_in(CONFIG.format(model=tiny_llama(tmp / "model")), tmp).start()
     try:
         run.wait_ready(["a", "b"], timeout=60)
         argv = [

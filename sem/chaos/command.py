@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import sys
+from dataclasses import fields
 
 from contract import defaults
 from sem.chaos.faults import Ledger, Scenario
@@ -71,22 +72,14 @@ def _positive(kind: type[int] | type[float]) -> type[int] | type[float]:
 
 
 def options(args: argparse.Namespace) -> ChaosOptions:
+    """The options named like a flag come from it (`--max-tokens` -> max_tokens)."""
     chosen = args.scenario or [s.value for s in Scenario]
-    return ChaosOptions(
-        admin=args.admin.rstrip("/"),
-        gateway=args.gateway.rstrip("/"),
-        token=args.token,
-        scenarios=tuple(Scenario(name) for name in dict.fromkeys(chosen)),
-        model=args.model,
-        clients=args.clients,
-        max_tokens=args.max_tokens,
-        baseline=args.baseline,
-        warmup=args.warmup,
-        settle=args.settle,
-        recover_timeout=args.recover_timeout,
-        slow_seconds=args.slow_seconds,
-        request_timeout=args.request_timeout,
-    )
+    given = {f.name: getattr(args, f.name) for f in fields(ChaosOptions) if f.name in vars(args)}
+    return ChaosOptions(**given | {
+        "admin": args.admin.rstrip("/"),
+        "gateway": args.gateway.rstrip("/"),
+        "scenarios": tuple(Scenario(name) for name in dict.fromkeys(chosen)),
+    })  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:

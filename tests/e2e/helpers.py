@@ -39,6 +39,15 @@ class SemRun:
     log_path: Path | None = None
     extra_args: tuple[str, ...] = ()
 
+    @classmethod
+    def stand_in(cls, models_yaml: str, folder: Path, *extra_args: str) -> SemRun:
+        """A `sem run` (not started yet) of `models_yaml`, written in `folder`, over stand-in
+        engines (`tests.fake_engine`)."""
+        config = folder / "models.yaml"
+        config.write_text(models_yaml)
+        return cls(config=config, state_dir=folder / "state", engine_python=sys.executable,
+                   engine_module="tests.fake_engine", extra_args=extra_args)  # fmt: skip
+
     @property
     def gateway(self) -> str:
         return f"http://127.0.0.1:{self.gateway_port}"

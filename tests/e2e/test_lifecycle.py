@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,12 +27,7 @@ models:
 
 @pytest.fixture
 def sem(tmp_path: Path, model_dir: Path) -> Iterator[SemRun]:
-    config = tmp_path / "models.yaml"
-    config.write_text(CONFIG.format(model=model_dir))
-    run = SemRun(
-        config=config, state_dir=tmp_path / "state",
-        engine_python=sys.executable, engine_module="tests.fake_engine",
-    ).start()  # fmt: skip
+    run = SemRun.stand_in(CONFIG.format(model=model_dir), tmp_path).start()
     try:
         run.wait_ready(["a", "b"], timeout=60)
         yield run

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,15 +15,11 @@ from tests.e2e.helpers import SemRun
 
 @pytest.fixture
 def sem_fake(tmp_path: Path, model_dir: Path) -> Iterator[SemRun]:
-    config = tmp_path / "models.yaml"
-    config.write_text(
+    config = (
         f"models:\n  - name: a\n    source: path:{model_dir}\n"
         f"  - name: b\n    source: path:{model_dir}\n    replicas: 2\n"
     )
-    run = SemRun(
-        config=config, state_dir=tmp_path / "state",
-        engine_python=sys.executable, engine_module="tests.fake_engine",
-    ).start()  # fmt: skip
+    run = SemRun.stand_in(config, tmp_path).start()
     try:
         yield run
     finally:
@@ -72,13 +67,11 @@ def test_supervisor_with_a_broken_models_yaml_exits_2_naming_the_line(tmp_path: 
 
 
 def test_a_request_sent_while_its_model_starts_succeeds_once_ready(tmp_path: Path, model_dir: Path):
-    config = tmp_path / "models.yaml"
-    config.write_text(
+    config = (
         f"models:\n  - name: slow\n    source: path:{model_dir}\n"
         "    env: {FAKE_START_DELAY: '3'}\n"
     )
-    run = SemRun(config=config, state_dir=tmp_path / "state", engine_python=sys.executable,
-                 engine_module="tests.fake_engine").start()  # fmt: skip
+    run = SemRun.stand_in(config, tmp_path).start()
     try:
         deadline = time.monotonic() + 30
         while True:  # the gateway itself may not listen yet
