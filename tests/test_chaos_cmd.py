@@ -42,9 +42,9 @@ def usage(tokens: int) -> dict[str, Any]:
 def test_truncated_stream_with_finish_and_done_is_failed():
     # What vLLM sends when stopped in mode=abort: a proper-looking end after 2 of 4 tokens.
     body = sse(token(" 1"), token(" 2"), token("", "length"), usage(2), "[DONE]")
-    assert check_answer(STREAM, 200, body, max_tokens=4) == "2 of 4 tokens"
+    assert check_answer(STREAM, 200, body, max_tokens=4) == "2 of 4 tokens, finish 'length'"
     without_usage = sse(token(" 1"), token(" 2", "length"), "[DONE]")
-    assert check_stream(without_usage, max_tokens=4) == "2 of 4 tokens"
+    assert check_stream(without_usage, max_tokens=4) == "2 of 4 tokens, finish 'length'"
 
 
 def test_complete_stream_passes_by_usage_and_by_counting_events():
@@ -61,11 +61,17 @@ def test_error_event_missing_done_and_non_2xx_are_failed():
 
 
 def test_whole_answer_short_of_max_tokens_is_failed():
-    answer = {"choices": [{"message": {"content": " 1 2"}, "finish_reason": "length"}],
-              "usage": {"completion_tokens": 2}}  # fmt: skip
-    assert check_answer(WHOLE, 200, json.dumps(answer).encode(), 4) == "2 of 4 tokens"
+    choice = {"message": {"content": " 1 2"}, "finish_reason": "length"}
+    answer = {"choices": [choice], "usage": {"completion_tokens": 2}}
+
+    def check() -> str | None:
+        return check_answer(WHOLE, 200, json.dumps(answer).encode(), max_tokens=4)
+
+    assert check() == "2 of 4 tokens, finish 'length'"
     answer["usage"] = {"completion_tokens": 4}
-    assert check_answer(WHOLE, 200, json.dumps(answer).encode(), 4) is None
+    assert check() is None
+    choice["finish_reason"] = "abort"
+    assert check() == "4 of 4 tokens, finish 'abort'"
 
 
 def test_recovered_after_kill_needs_a_new_ready_engine():
@@ -116,7 +122,10 @@ MAX_TOKENS = 16
 def chaos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, dict[str, Any], SemRun]]:
     """One `sem chaos` run over a `sem run` of two stand-in models: exit code, report, the run."""
     tmp = tmp_path_factory.mktemp("chaos")
-    run = SemRun.stand_in(CONFIG.format(model=tiny_llama(tmp / "model")), tmp).start()
+    config = tmp / "models.yaml"
+    config.write_text(CONFIG.format(model=tiny_llama(tmp / "model")))
+    # Not tests/e2e's start_sem: that one is per test, and this run serves the whole module.
+    run = SemRun(config, tmp / "state", sys.executable, "tests.fake_engine").start()
     try:
         run.wait_ready(["a", "b"], timeout=60)
         argv = [

@@ -2,9 +2,9 @@
 
 Every request of the load asks for exactly `max_tokens` tokens (`ignore_eos`, temperature 0), so a
 complete answer is: a 2xx, no error (in the body or as an in-band stream event), exactly one
-finish, and exactly `max_tokens` completion tokens. A stream that stops early but still ends with
-a `finish_reason` and `[DONE]` looks successful to a careless client; here it is FAILED, because
-the client did not get what it asked for.
+finish, `length`, after exactly `max_tokens` completion tokens. A stream that stops early but
+still ends with a `finish_reason` and `[DONE]` looks successful to a careless client; here it is
+FAILED, because the client did not get what it asked for.
 
 Stream tokens are the usage chunk's count (`stream_options.include_usage`), else one per content
 event (vLLM sends one token per chunk unless speculative decoding or `--stream-interval` batch
@@ -76,13 +76,12 @@ def check_whole(data: Any, max_tokens: int) -> str | None:
         return f"not a JSON object: {str(data)[:200]}"
     if "error" in data:
         return f"error: {str(data['error'])[:200]}"
-    choices = data.get("choices") or []
-    if not any(isinstance(c, dict) and c.get("finish_reason") for c in choices):
-        return "no finish_reason"
+    choices = [c for c in data.get("choices") or [] if isinstance(c, dict)]
+    finish = choices[0].get("finish_reason") if choices else None
     tokens = (data.get("usage") or {}).get("completion_tokens")
     if tokens is None:
         return "no usage.completion_tokens"
-    return _count_problem(tokens, max_tokens)
+    return _count_problem(tokens, max_tokens, finish)
 
 
 def check_stream(body: bytes, max_tokens: int) -> str | None:
@@ -103,13 +102,13 @@ def check_stream(body: bytes, max_tokens: int) -> str | None:
     if errors := [c["error"] for c in chunks if isinstance(c, dict) and "error" in c]:
         return f"error event: {str(errors[0])[:200]}"
     choices = [ch for c in chunks for ch in c.get("choices") or []]
-    finishes = sum(1 for ch in choices if ch.get("finish_reason"))
-    if finishes != 1:
-        return f"{finishes} finish_reason events (want 1)"
+    finishes = [ch["finish_reason"] for ch in choices if ch.get("finish_reason")]
+    if len(finishes) != 1:
+        return f"{len(finishes)} finish_reason events (want 1)"
     usage = [c["usage"] for c in chunks if isinstance(c.get("usage"), dict)]
     if usage and "completion_tokens" in usage[-1]:
-        return _count_problem(int(usage[-1]["completion_tokens"]), max_tokens)
-    return _count_problem(sum(1 for ch in choices if _content(ch)), max_tokens)
+        return _count_problem(int(usage[-1]["completion_tokens"]), max_tokens, finishes[0])
+    return _count_problem(sum(1 for ch in choices if _content(ch)), max_tokens, finishes[0])
 
 
 def _content(choice: dict[str, Any]) -> str:
@@ -118,7 +117,9 @@ def _content(choice: dict[str, Any]) -> str:
     return text if isinstance(text, str) else ""
 
 
-def _count_problem(tokens: int, max_tokens: int) -> str | None:
-    if tokens == max_tokens:
+def _count_problem(tokens: int, max_tokens: int, finish: object) -> str | None:
+    """Complete: every token asked for, ended by `length` (with `ignore_eos` and no stop strings,
+    the model cannot choose to stop)."""
+    if tokens == max_tokens and finish == "length":
         return None
-    return f"{tokens} of {max_tokens} tokens"
+    return f"{tokens} of {max_tokens} tokens, finish {finish!r}"
