@@ -125,7 +125,8 @@ def chaos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, dict[
     config = tmp / "models.yaml"
     config.write_text(CONFIG.format(model=tiny_llama(tmp / "model")))
     # Not tests/e2e's start_sem: that one is per test, and this run serves the whole module.
-    run = SemRun(config, tmp / "state", sys.executable, "tests.fake_engine").start()
+    run = SemRun(config=config, state_dir=tmp / "state", engine_python=sys.executable,
+                 engine_module="tests.fake_engine").start()  # fmt: skip
     try:
         run.wait_ready(["a", "b"], timeout=60)
         argv = [

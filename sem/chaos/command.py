@@ -16,7 +16,8 @@ Scenarios (default: all; those that cannot apply say "n/a"):
   kill-supervisor  kill -9 of the process listening on the admin port (`sem run` restarts it)
   kill-gateway     kill -9 of the process listening on the gateway port
 
-Exit code 1 if a scenario had a failed request, left an orphan or did not recover.
+Exit code 1 if a request failed (baseline included), or a scenario left an orphan or did
+not recover.
 See docs/chaos.md.
 """
 

@@ -69,7 +69,8 @@ class ChaosReport:
 
     @property
     def clean(self) -> bool:
-        return all(s.clean for s in self.scenarios)
+        """A failure without a fault (the baseline) counts too: sem is broken before any test."""
+        return self.baseline.failed == 0 and all(s.clean for s in self.scenarios)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self) | {"clean": self.clean}
