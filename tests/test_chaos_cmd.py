@@ -14,6 +14,7 @@ from typing import Any
 import psutil
 import pytest
 
+from sem.chaos import procs
 from sem.chaos.check import KINDS, Route, check_answer, check_stream
 from sem.chaos.faults import Injection, Ledger, Recovery, Undo
 from sem.chaos.runner import Replica, recovered
@@ -143,6 +144,11 @@ def chaos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, dict[
         run.kill_all()
 
 
+def stopped(run: SemRun) -> list[int]:
+    """The processes of `run` that are stopped (SIGSTOP) now."""
+    return procs.stopped(run.leftovers())
+
+
 def scenario(report: dict[str, Any], name: str) -> dict[str, Any]:
     return next(s for s in report["scenarios"] if s["scenario"] == name)
 
@@ -165,8 +171,7 @@ def test_no_orphans_and_nothing_left_stopped(chaos):
     for s in report["scenarios"]:
         assert s["orphans"] == [], s
         assert s["released"] == [], "the supervisor replaced the stopped engine itself"
-    stopped = [p for p in run.leftovers() if psutil.Process(p).status() == "stopped"]
-    assert stopped == []
+    assert stopped(run) == []
 
 
 def test_kill_9_of_engine_and_of_supervisor_costs_no_request(chaos):
@@ -195,14 +200,10 @@ def test_ctrl_c_continues_the_engine_it_stopped(chaos):
             "--warmup", "0.5", "--recover-timeout", "60"]  # fmt: skip
     tool = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-
-        def stopped() -> list[int]:
-            return [p for p in run.leftovers() if psutil.Process(p).status() == "stopped"]
-
-        poll(lambda: bool(stopped()), 30, "chaos to SIGSTOP b's engine")
+        poll(lambda: bool(stopped(run)), 30, "chaos to SIGSTOP b's engine")
         tool.send_signal(signal.SIGINT)
         assert tool.wait(timeout=30) == 130, tool.stderr.read() if tool.stderr else ""
-        assert stopped() == []
+        assert stopped(run) == []
     finally:
         tool.kill()
         tool.wait()
