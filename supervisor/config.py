@@ -10,12 +10,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from supervisor.fence import EngineArg as EngineArg  # re-exported: engine.py's value type
+from supervisor.fence import check_engine_args, check_env
+from supervisor.gpu_selection import check_device_list
 from supervisor.units import parse_duration, parse_size
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _HF_SOURCE = re.compile(r"^hf://([\w.-]+/[\w.-]+)(?:@([\w./-]+))?$")
-
-EngineArg = str | int | float | bool
 
 
 class ConfigError(ValueError):
@@ -83,11 +84,13 @@ class ModelSpec(BaseModel):
     @field_validator("engine_args")
     @classmethod
     def _check_engine_args(cls, value: dict[str, EngineArg]) -> dict[str, EngineArg]:
-        reserved = {"model", "served-model-name", "host", "port", "tensor-parallel-size"}
-        for key in value:
-            flag = key.replace("_", "-")
-            if flag in reserved:
-                raise ValueError(f"engine_args.{key} is set by sem; use the spec's own field")
+        check_engine_args(value)  # what sem owns (fence.py)
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _check_env(cls, value: dict[str, str]) -> dict[str, str]:
+        check_env(value)
         return value
 
 
@@ -114,11 +117,22 @@ class SemConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    devices: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: Literal["auto", "cpu", "gpu"] | list[int | str] = Field(
+        default="auto", description="auto, cpu, gpu, or GPU indexes (NVML's) / UUIDs: [0, 1]"
+    )
     cache: CacheConfig = Field(default_factory=CacheConfig)
     cpu_memory_budget: str = Field(default="auto", description="CPU mode: memory sem may use")
     recheck_interval: str | float = Field(default="10s")
     models: list[ModelSpec] = Field(default_factory=list)
+
+    @field_validator("devices")
+    @classmethod
+    def _check_devices(cls, value: str | list[int | str]) -> str | list[int | str]:
+        if isinstance(value, str):
+            return value
+        items = [int(v) if isinstance(v, str) and v.isdigit() else v for v in value]
+        check_device_list(items)
+        return items
 
     @field_validator("recheck_interval")
     @classmethod
