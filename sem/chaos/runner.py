@@ -164,6 +164,8 @@ async def timed_load(
 
 @dataclass
 class ScenarioRun:
+    """One scenario, from "every model ready" to its report (see the module docstring)."""
+
     scenario: Scenario
     opts: ChaosOptions
     sem: Sem
@@ -187,10 +189,10 @@ class ScenarioRun:
             self.ledger.release_all()
             await load.abort()
             raise
-        report.load = Phase.of(await load.stop())
-        if injection is None:
-            report.load = Phase()
+        outcomes = await load.stop()
+        if injection is None:  # not applicable: its load measured nothing
             return report
+        report.load = Phase.of(outcomes)
         if report.load.p99_s is not None and baseline_p99 is not None:
             report.added_p99_s = report.load.p99_s - baseline_p99
         report.orphans = await self.orphans(injection)
