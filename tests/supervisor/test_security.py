@@ -44,7 +44,7 @@ async def test_env_values_and_secret_engine_args_are_redacted_without_a_token(
     spec = {
         "name": "m", "source": f"path:{model_dir}",
         "env": {"HF_TOKEN": "hf_live_value", "LOG_LEVEL": "debug"},
-        "engine_args": {"api-key": "engine-key", "max-num-batched-tokens": 512},
+        "engine_args": {"hf-token": "engine-key", "max-num-batched-tokens": 512},
     }  # fmt: skip
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as c:
         added = await c.post("/models", json=spec, headers={"Authorization": "Bearer s3cret"})
@@ -53,7 +53,7 @@ async def test_env_values_and_secret_engine_args_are_redacted_without_a_token(
                    (await c.get("/models")).json()["models"][0]]  # fmt: skip
     for model in answers:
         assert model["spec"]["env"] == {"HF_TOKEN": "***", "LOG_LEVEL": "***"}
-        assert model["spec"]["engine_args"] == {"api-key": "***", "max-num-batched-tokens": 512}
+        assert model["spec"]["engine_args"] == {"hf-token": "***", "max-num-batched-tokens": 512}
     assert "hf_live_value" not in str(answers) and "engine-key" not in str(answers)
     assert manager.get("m").spec.env["HF_TOKEN"] == "hf_live_value", "the engine still gets it"
 
