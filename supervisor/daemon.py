@@ -30,12 +30,14 @@ from supervisor.config import ConfigError, SemConfig, load_config
 from supervisor.engine import EngineCommand
 from supervisor.errors import InvalidConfig, SupervisorError
 from supervisor.events import EventLog
-from supervisor.manager import EngineSettings, Manager, SchedulerSettings
+from supervisor.launch import EngineSettings
+from supervisor.manager import Manager
 from supervisor.probe import EngineProbe
 from supervisor.procgroup import signal_group
 from supervisor.reconcile import ConfigDiff
 from supervisor.replica import ReplicaTiming
 from supervisor.resources import describe, detect
+from supervisor.scheduler import SchedulerSettings
 from supervisor.store import Store, StoreError
 from supervisor.units import parse_size
 
