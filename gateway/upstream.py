@@ -3,7 +3,7 @@ plain asyncio protocols, responses parsed by httptools (llhttp, in C).
 
 It does only what the hot path needs: POST a JSON body, then the status, then the body, whole or
 piece by piece as it arrives. Measured against aiohttp's ClientSession it costs a fraction of the
-CPU per request (see README, Benchmarks).
+CPU per request (see docs/benchmarks.md).
 
 Ownership: the pool owns its idle connections (and closes them in `close()`); an `Exchange` owns
 its connection while it runs and gives it back to the pool only when the engine's answer was read
