@@ -54,7 +54,7 @@ class ModelEntry:
 
     @property
     def leaving(self) -> bool:
-        """Removed: draining or gone. A reload or an add makes a new model of the name."""
+        """Removed: draining or gone. A reload that lists it again makes a new model."""
         return self.phase in LEAVING_PHASES
 
     def free_replica_id(self) -> str:

@@ -84,7 +84,7 @@ _MODEL_TRANSITIONS: dict[ModelPhase, frozenset[ModelPhase]] = {
     ModelPhase.REMOVED: frozenset(),
 }
 
-# A model in these phases is on its way out: a reload or an add makes a new one.
+# A model in these phases is on its way out: a reload that lists it again makes a new one.
 LEAVING_PHASES = frozenset({ModelPhase.DRAINING, ModelPhase.REMOVED})
 
 
