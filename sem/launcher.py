@@ -3,7 +3,8 @@
 Two processes, so the gateway keeps serving ready engines while the supervisor restarts. A child
 that dies (a signal, a crash) is started again, like systemd's Restart=on-failure would: a new
 supervisor re-adopts the engines that outlived the old one. Up to 5 restarts a minute; a child
-that exits on its own (code 0, or 2 for bad config / busy port) stops everything.
+that exits on its own (code 0, or 2 for bad config / busy port) stops everything; `sem run` then
+exits with the same 2 (a usage error: fix the config or the ports), else with 1.
 SIGHUP is passed to the supervisor (reload models.yaml).
 Ctrl-C or SIGTERM: the gateway stops taking requests, the supervisor drains and stops every
 engine, and whatever is left after the deadline (engines included, found by the SEM_INSTANCE
@@ -203,7 +204,7 @@ async def run(opts: RunOptions) -> int:
         recent = restarts[name] = [t for t in restarts[name] if now - t < 60] + [now]
         if returncode in (0, 2) or len(recent) > opts.max_restarts:
             say(f"{name} exited with code {returncode}; stopping the rest")
-            code = 1
+            code = 2 if returncode == 2 else 1
             break
         killed = returncode is not None and returncode < 0
         how = f"signal {-returncode}" if killed and returncode else f"code {returncode}"

@@ -16,10 +16,12 @@ from typing import Any
 
 import httpx
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor.engine import free_port
 from supervisor.procgroup import INSTANCE_ENV, kill_marked, pids_with_env
 from tests.conftest import REPO
+from tests.e2e.answers import answer_problem
 
 ENGINE_PYTHON = os.environ.get("SEM_ENGINE_PYTHON", str(REPO / ".venv-engine" / "bin" / "python"))
 
@@ -78,17 +80,17 @@ class SemRun:
         return self.log_path.read_text() if self.log_path else ""
 
     def wait_ready(self, models: list[str], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        """Until the gateway routes to all of `models` (AssertionError if `sem run` exits)."""
+
+        def ready() -> bool:
             assert self.proc is not None and self.proc.poll() is None, self.output()[-3000:]
             try:
                 health = httpx.get(f"{self.gateway}/health", timeout=2).json()
-                if set(models) <= set(health["ready_models"]):
-                    return
             except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError(f"models {models} not ready in {timeout}s:\n{self.output()[-3000:]}")
+                return False
+            return set(models) <= set(health["ready_models"])
+
+        poll(ready, timeout, lambda: f"models {models} ready:\n{self.output()[-3000:]}", 0.5)
 
     def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 30) -> tuple[int, float]:
         """Signal `sem run`; its exit code and how long it took."""
@@ -116,14 +118,37 @@ class SemRun:
         models = httpx.get(f"{self.supervisor}/models", timeout=10).json()["models"]
         return {m["name"]: m["state"] for m in models}
 
+    def metric(self, name: str, **labels: str) -> float:
+        """The gateway's metric `name`, summed over the samples that have these labels."""
+        text = httpx.get(f"{self.gateway}/metrics", timeout=10).text
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
+
+    def retries(self, model: str) -> dict[str, float]:
+        """The gateway's retries of `model`'s requests so far, by kind (replay, resume)."""
+        return {
+            kind: self.metric("sem_gateway_retries_total", model=model, kind=kind)
+            for kind in ("replay", "resume")
+        }
+
     def wait_supervisor(self, timeout: float) -> None:
+        self._wait_answering(self.supervisor, timeout)
+
+    def wait_gateway(self, timeout: float) -> None:
+        self._wait_answering(self.gateway, timeout)
+
+    def _wait_answering(self, url: str, timeout: float) -> None:
         def answers() -> bool:
             try:
-                return httpx.get(f"{self.supervisor}/health", timeout=1).status_code == 200
+                return httpx.get(f"{url}/health", timeout=1).status_code == 200
             except httpx.HTTPError:
                 return False
 
-        poll(answers, timeout, f"the supervisor to answer:\n{self.output()[-3000:]}")
+        poll(answers, timeout, lambda: f"{url} to answer:\n{self.output()[-3000:]}")
 
     def leftovers(self) -> list[int]:
         return pids_with_env(INSTANCE_ENV, self.instance)
@@ -139,17 +164,23 @@ class SemRun:
 # One request of a load worker: (client, worker, n) -> what is wrong with the answer, or None.
 Send = Callable[[httpx.Client, int, int], str | None]
 
+# A load worker's n-th request: (worker, n) -> (path, body).
+Ask = Callable[[int, int], tuple[str, dict[str, Any]]]
 
-def posting(body: dict[str, Any], path: str = "/generate") -> Send:
-    """Each request POSTs `body`; ok with HTTP 200 and a non-empty completion."""
+
+def sending(ask: Ask) -> Send:
+    """Each request is `ask(worker, n)`; its answer must be whole (`answers.answer_problem`)."""
 
     def send(client: httpx.Client, worker: int, n: int) -> str | None:
-        response = client.post(path, json=body)
-        if response.status_code == 200 and response.json().get("text"):
-            return None
-        return f"{response.status_code} {response.text[:300]}"
+        path, body = ask(worker, n)
+        return answer_problem(path, body, client.post(path, json=body))
 
     return send
+
+
+def posting(body: dict[str, Any], path: str = "/generate") -> Send:
+    """Each request POSTs `body`; its answer must be whole."""
+    return sending(lambda worker, n: (path, body))
 
 
 @dataclass
@@ -185,9 +216,8 @@ class Load:
         return self
 
     def wait_for(self, requests: int, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while self.sent < requests and time.monotonic() < deadline:
-            time.sleep(0.05)
+        """Until `requests` requests were answered (AssertionError after `timeout`)."""
+        poll(lambda: self.sent >= requests, timeout, f"{requests} requests answered", 0.05)
 
     def _work(self, worker: int) -> None:
         n = 0
@@ -206,10 +236,19 @@ class Load:
                 self._stop.wait(self.pause)
 
 
-def poll(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> float:
-    """Wait until `predicate()` holds; the seconds it took (AssertionError after `timeout`)."""
+def poll(
+    predicate: Callable[[], bool],
+    timeout: float,
+    what: str | Callable[[], str],
+    interval: float = 0.2,
+) -> float:
+    """Wait until `predicate()` holds; the seconds it took (AssertionError after `timeout`, saying
+    `what` was awaited: a callable is asked only then, e.g. for the log's tail at that time)."""
     started = time.monotonic()
     while not predicate():
-        assert time.monotonic() - started < timeout, f"timed out after {timeout}s: {what}"
+        if time.monotonic() - started >= timeout:
+            raise AssertionError(
+                f"timed out after {timeout}s: {what if isinstance(what, str) else what()}"
+            )
         time.sleep(interval)
     return time.monotonic() - started

@@ -11,25 +11,24 @@ import psutil
 import pytest
 
 from tests.conftest import REPO
-from tests.e2e.helpers import ENGINE_PYTHON, SemRun
+from tests.e2e.conftest import StartSem
 from tests.hubrepos import Hub, copy_model
 
 
 @pytest.mark.vllm
-def test_hf_model_is_cached_then_served_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    if not Path(ENGINE_PYTHON).exists():
-        pytest.fail(f"no engine environment at {ENGINE_PYTHON}: run `make install`")
+def test_hf_model_is_cached_then_served_offline(
+    start_sem: StartSem, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     copy_model(REPO / "models" / "tiny-llama-chat", tmp_path / "hub" / "demo" / "tiny-llama-chat")
     hub = Hub(tmp_path / "hub").start()
     cache_dir = tmp_path / "hf-cache"
-    config = tmp_path / "models.yaml"
-    config.write_text(
-        f"devices: cpu\ncache: {{dir: {cache_dir}, margin: 0}}\nmodels:\n"
-        "  - {name: chat, source: hf://demo/tiny-llama-chat, max_model_len: 1024}\n"
-    )
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    run = SemRun(config=config, state_dir=tmp_path / "state").start()
     try:
+        run = start_sem(
+            f"devices: cpu\ncache: {{dir: {cache_dir}, margin: 0}}\nmodels:\n"
+            "  - {name: chat, source: hf://demo/tiny-llama-chat, max_model_len: 1024}\n",
+            engine="vllm",
+        )
         deadline = time.monotonic() + 60
         states = []
         while time.monotonic() < deadline:
@@ -73,5 +72,4 @@ def test_hf_model_is_cached_then_served_offline(tmp_path: Path, monkeypatch: pyt
         code, _ = run.stop()
         assert code == 0 and run.leftovers() == []
     finally:
-        run.kill_all()
         hub.stop()

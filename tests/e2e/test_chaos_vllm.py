@@ -5,13 +5,9 @@ each engine must come back to ready, and nothing may be left behind."""
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import signal
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,7 +15,9 @@ import psutil
 import pytest
 
 from tests.conftest import REPO
-from tests.e2e.helpers import ENGINE_PYTHON, Load, SemRun, poll
+from tests.e2e.answers import answer_problem
+from tests.e2e.conftest import StartSem
+from tests.e2e.helpers import Load, SemRun, poll
 
 CONFIG = """\
 models:
@@ -45,6 +43,8 @@ KINDS = [
 def request_body(path: str, model: str, stream: bool, n: int) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "max_tokens": MAX_TOKENS, "temperature": 0,
                             "stream": stream, "ignore_eos": True}  # fmt: skip
+    if stream and path != "/generate":
+        body["stream_options"] = {"include_usage": True}  # the tokens counted by the engine
     if path.endswith("chat/completions"):
         body["messages"] = [{"role": "user", "content": f"Tell me a story {n}"}]
     else:
@@ -52,32 +52,11 @@ def request_body(path: str, model: str, stream: bool, n: int) -> dict[str, Any]:
     return body
 
 
-def complete(path: str, stream: bool, response: httpx.Response) -> str | None:
-    """None if the answer is whole (every token asked for, properly ended), else what is wrong."""
-    if response.status_code != 200:
-        return f"{response.status_code} {response.text[:200]}"
-    if not stream:
-        data = response.json()
-        choice = data if path == "/generate" else data["choices"][0]
-        ok = choice.get("finish_reason") == "length"
-        tokens = data.get("usage", {}).get("completion_tokens")
-        return None if ok and tokens == MAX_TOKENS else f"incomplete: {str(data)[:200]}"
-    events = [e[6:] for e in response.text.split("\n\n") if e.startswith("data: ")]
-    if not events or events[-1] != "[DONE]" or events.count("[DONE]") != 1:
-        return f"stream not ended by one [DONE]: {response.text[-200:]}"
-    chunks = [json.loads(e) for e in events[:-1]]
-    if any("error" in c for c in chunks):
-        return f"error event: {response.text[-300:]}"
-    finished = [c for c in chunks if (c.get("finish_reason") if path == "/generate" else
-                any(ch.get("finish_reason") for ch in c.get("choices", [])))]  # fmt: skip
-    return None if len(finished) == 1 else f"stream without one finish: {response.text[-200:]}"
-
-
 def chaos_request(client: httpx.Client, worker: int, n: int) -> str | None:
     """One request of a worker's kind (route, model, streaming); what is wrong, or None."""
     path, model, stream = KINDS[worker % len(KINDS)]
     body = request_body(path, model, stream, worker * 1000 + n)
-    problem = complete(path, stream, client.post(path, json=body))
+    problem = answer_problem(path, body, client.post(path, json=body))
     return problem and f"{path} {model} stream={stream}: {problem}"
 
 
@@ -86,24 +65,14 @@ def replica(run: SemRun, model: str) -> dict[str, Any]:
     return dict(data["replicas"][0])
 
 
-def restarted(run: SemRun, model: str, old_pid: int) -> Callable[[], bool]:
-    """Is the model's replica ready again, on a new engine process?"""
+def wait_restarted(run: SemRun, model: str, old_pid: int) -> float:
+    """Until the model's replica is ready again on a new engine process; the seconds it took."""
 
-    def check() -> bool:
+    def restarted() -> bool:
         r = replica(run, model)
         return r["state"] == "ready" and r["pid"] != old_pid
 
-    return check
-
-
-def retries(run: SemRun) -> dict[str, float]:
-    text = httpx.get(f"{run.gateway}/metrics", timeout=10).text
-    found: dict[str, float] = {"replay": 0.0, "resume": 0.0}
-    for kind, value in re.findall(
-        r'sem_gateway_retries_total\{kind="(\w+)",model="\w+"\} (\S+)', text
-    ):
-        found[kind] += float(value)
-    return found
+    return poll(restarted, 300, lambda: f"{model} ready again:\n{run.output()[-3000:]}", 0.5)
 
 
 def worker_of(api_pid: int) -> int:
@@ -112,20 +81,6 @@ def worker_of(api_pid: int) -> int:
              if "VLLM" in p.name() or "VLLM" in " ".join(p.cmdline())]  # fmt: skip
     assert procs, "no VLLM::EngineCore / Worker process under the API process"
     return procs[-1].pid
-
-
-@pytest.fixture
-def sem_chaos(tmp_path: Path) -> Iterator[SemRun]:
-    if not Path(ENGINE_PYTHON).exists():
-        pytest.fail(f"no engine environment at {ENGINE_PYTHON}: run `make install`")
-    config = tmp_path / "models.yaml"
-    config.write_text(CONFIG.format(repo=REPO))
-    run = SemRun(config=config, state_dir=tmp_path / "state",
-                 extra_args=("--queue-timeout", "240")).start()  # fmt: skip
-    try:
-        yield run
-    finally:
-        run.kill_all()
 
 
 FAULTS = [
@@ -137,27 +92,30 @@ FAULTS = [
 
 @pytest.mark.vllm
 @pytest.mark.timeout(1200)
-def test_chaos_every_request_completes(sem_chaos: SemRun):
-    run = sem_chaos
-    run.wait_ready(["base", "chat"], timeout=400)
+def test_chaos_every_request_completes(start_sem: StartSem):
+    run = start_sem(CONFIG.format(repo=REPO), engine="vllm", ready=["base", "chat"],
+                    ready_timeout=400, extra_args=("--queue-timeout", "240"))  # fmt: skip
     report = []
     for what, model, inject in FAULTS:
         load = Load(run.gateway, chaos_request, workers=32, timeout=300).start()
         time.sleep(3)  # the load is in full swing, streams half-way
-        before = retries(run)
+        before = run.retries(model)
         pid = replica(run, model)["pid"]
         inject(pid)
-        waiting_for = f"{model} ready again:\n{run.output()[-3000:]}"
-        recovery = poll(restarted(run, model, pid), 300, waiting_for, interval=0.5)
-        time.sleep(3)  # some requests on the restarted engine too
+        recovery = wait_restarted(run, model, pid)
+        load.wait_for(load.sent + 32, timeout=120)  # some requests on the restarted engine too
         load.stop()
-        after = retries(run)
+        after = run.retries(model)
+        replayed, resumed = (after[k] - before[k] for k in ("replay", "resume"))
         assert load.failures == [], f"{what}: {load.failures[:5]}"
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+        # The fault hit requests in flight on both sides: streams half-way went on elsewhere
+        # (resume), answers not begun were sent again (replay).
+        assert resumed >= 1, f"{what}: no stream was resumed ({after})"
+        assert replayed >= 1, f"{what}: no request was replayed ({after})"
         report.append(
-            f"{what}: {load.sent} requests, {len(load.failures)} failed, "
-            f"{after['replay'] - before['replay']:.0f} replayed, "
-            f"{after['resume'] - before['resume']:.0f} resumed, ready again after {recovery:.1f}s"
+            f"{what}: {load.sent} requests, {len(load.failures)} failed, {replayed:.0f} replayed,"
+            f" {resumed:.0f} resumed, ready again after {recovery:.1f}s"
         )
     code, _ = run.stop(timeout=60)
     assert code == 0

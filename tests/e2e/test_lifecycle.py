@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.e2e.conftest import StartSem
 from tests.e2e.helpers import Load, SemRun, poll, posting
 
 CONFIG = """\
@@ -27,18 +25,14 @@ models:
 
 
 @pytest.fixture
-def sem(tmp_path: Path, model_dir: Path) -> Iterator[SemRun]:
-    config = tmp_path / "models.yaml"
-    config.write_text(CONFIG.format(model=model_dir))
-    run = SemRun(
-        config=config, state_dir=tmp_path / "state",
-        engine_python=sys.executable, engine_module="tests.fake_engine",
-    ).start()  # fmt: skip
-    try:
-        run.wait_ready(["a", "b"], timeout=60)
-        yield run
-    finally:
-        run.kill_all()
+def sem(start_sem: StartSem, model_dir: Path) -> SemRun:
+    return start_sem(CONFIG.format(model=model_dir), ready=["a", "b"])
+
+
+def in_flight(run: SemRun, model: str, requests: int) -> None:
+    """Until the gateway has `requests` requests of `model` with its engines."""
+    poll(lambda: run.metric("sem_gateway_in_flight", model=model) >= requests, 10,
+         f"{requests} requests of {model} in flight", interval=0.05)  # fmt: skip
 
 
 def test_supervisor_kill_9_under_load_engines_are_re_adopted(sem: SemRun):
@@ -49,7 +43,7 @@ def test_supervisor_kill_9_under_load_engines_are_re_adopted(sem: SemRun):
     b_engine = before["b-0"]
     os.kill(supervisor, signal.SIGKILL)
     os.killpg(b_engine, signal.SIGKILL)  # an engine that dies while nobody watches
-    time.sleep(1)
+    poll(lambda: "supervisor died (signal 9)" in sem.output(), 10, "the launcher to notice")
     sem.wait_supervisor(timeout=30)
     assert sem.child_pid("supervisor") != supervisor
     poll(lambda: sem.model_states() == {"a": "ready", "b": "ready"}, 30, "a and b ready again")
@@ -79,16 +73,19 @@ def test_sighup_applies_models_yaml_and_a_broken_file_changes_nothing(sem: SemRu
     assert response.status_code == 422
     message = response.json()["error"]["message"]
     assert "models.yaml:3: models[0].replicas" in message, message
+    version = httpx.get(f"{sem.supervisor}/routes", timeout=5).json()["version"]
+    refusals = sem.output().count("models.yaml not reloaded")
     sem.proc.send_signal(signal.SIGHUP)
-    time.sleep(1)
+    poll(lambda: sem.output().count("models.yaml not reloaded") > refusals, 10,
+         "the supervisor to refuse the broken file")  # fmt: skip
     assert sem.model_states() == {"a": "ready", "c": "ready"}
-    assert "models.yaml not reloaded" in sem.output()
+    assert httpx.get(f"{sem.supervisor}/routes", timeout=5).json()["version"] == version
 
 
 def test_removal_under_load_finishes_in_flight_and_refuses_new_requests(sem: SemRun):
     slow = {"model": "a", "prompt": "one two", "max_tokens": 100}  # ~1 s each
     load = Load(sem.gateway, posting(slow), workers=6).start()
-    time.sleep(0.5)
+    in_flight(sem, "a", 6)
     removed = httpx.delete(f"{sem.supervisor}/models/a", params={"timeout": 20}, timeout=5)
     assert removed.status_code == 202
 
@@ -111,7 +108,7 @@ def test_removal_under_load_finishes_in_flight_and_refuses_new_requests(sem: Sem
 def test_sigterm_lets_in_flight_requests_finish_then_exits_clean(sem: SemRun):
     slow = {"model": "a", "prompt": "one two", "max_tokens": 150}  # ~1.5 s each
     load = Load(sem.gateway, posting(slow), workers=4).start()
-    time.sleep(0.7)  # all four in flight
+    in_flight(sem, "a", 4)
     code, seconds = sem.stop()
     load.stop()
     assert code == 0

@@ -10,14 +10,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import REPO
-from tests.e2e.helpers import ENGINE_PYTHON, Load, SemRun, poll, posting
+from tests.e2e.conftest import StartSem
+from tests.e2e.helpers import Load, SemRun, poll, posting
 
 MODEL = """\
   - name: {name}
@@ -35,24 +35,11 @@ def wait_ready(run: SemRun, names: set[str], timeout: float) -> None:
     poll(ready, timeout, f"{names} ready:\n{run.output()[-3000:]}", interval=1)
 
 
-@pytest.fixture
-def sem_a(tmp_path: Path) -> Iterator[SemRun]:
-    if not Path(ENGINE_PYTHON).exists():
-        pytest.fail(f"no engine environment at {ENGINE_PYTHON}: run `make install`")
-    config = tmp_path / "models.yaml"
-    config.write_text("models:\n" + MODEL.format(name="a", path=BASE))
-    run = SemRun(config=config, state_dir=tmp_path / "state").start()
-    try:
-        yield run
-    finally:
-        run.kill_all()
-
-
 @pytest.mark.vllm
 @pytest.mark.timeout(900)
-def test_add_reload_supervisor_kill_and_removal_under_load(sem_a: SemRun):
-    run = sem_a
-    run.wait_ready(["a"], timeout=400)
+def test_add_reload_supervisor_kill_and_removal_under_load(start_sem: StartSem):
+    run = start_sem("models:\n" + MODEL.format(name="a", path=BASE), engine="vllm", ready=["a"],
+                    ready_timeout=400)  # fmt: skip
     body = {"model": "a", "prompt": "Hello", "max_tokens": 8, "temperature": 0}
     # Continuous but not saturating: two engines start beside A on the same 2 cores.
     load = Load(run.gateway, posting(body), workers=2, pause=0.1).start()

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,18 +15,15 @@ import pytest
 
 from supervisor.procgroup import group_members
 from tests.conftest import REPO
-from tests.e2e.helpers import ENGINE_PYTHON, SemRun
+from tests.e2e.conftest import StartSem
+from tests.e2e.helpers import SemRun
 
 SEM = str(Path(sys.executable).with_name("sem"))
 
 
-@pytest.fixture
-def sem_budget(tmp_path: Path) -> Iterator[SemRun]:
-    if not Path(ENGINE_PYTHON).exists():
-        pytest.fail(f"no engine environment at {ENGINE_PYTHON}: run `make install`")
-    config = tmp_path / "models.yaml"
+def budget_yaml() -> str:
     models = REPO / "models"
-    config.write_text(
+    return (
         "devices: cpu\n"
         "cpu_memory_budget: 6.5GiB   # each tiny engine needs ~3.0 GiB: two fit, not three\n"
         "models:\n"
@@ -35,11 +31,6 @@ def sem_budget(tmp_path: Path) -> Iterator[SemRun]:
         f"  - {{name: chat, source: 'path:{models}/tiny-llama-chat', max_model_len: 512}}\n"
         f"  - {{name: third, source: 'path:{models}/tiny-llama-base', max_model_len: 512}}\n"
     )
-    run = SemRun(config=config, state_dir=tmp_path / "state").start()
-    try:
-        yield run
-    finally:
-        run.kill_all()
 
 
 def model(run: SemRun, name: str) -> dict:
@@ -47,9 +38,8 @@ def model(run: SemRun, name: str) -> dict:
 
 
 @pytest.mark.vllm
-def test_third_model_waits_for_memory_then_serves_after_a_removal(sem_budget: SemRun):
-    run = sem_budget
-    run.wait_ready(["base", "chat"], timeout=400)
+def test_third_model_waits_for_memory_then_serves_after_a_removal(start_sem: StartSem):
+    run = start_sem(budget_yaml(), engine="vllm", ready=["base", "chat"], ready_timeout=400)
     third = model(run, "third")
     assert third["state"] == "pending"
     assert third["reason"].startswith("needs 3.0 GiB on 1 device; largest free is 0.5 GiB on CPU")

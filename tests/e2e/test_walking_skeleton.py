@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -14,25 +13,14 @@ import psutil
 import pytest
 
 from tests.conftest import REPO
-from tests.e2e.helpers import ENGINE_PYTHON, SemRun
+from tests.e2e.conftest import StartSem
 
 DEMO = ["tiny-llama-base", "tiny-llama-chat"]
 
 
-@pytest.fixture
-def sem_vllm(tmp_path: Path) -> Iterator[SemRun]:
-    if not Path(ENGINE_PYTHON).exists():
-        pytest.fail(f"no engine environment at {ENGINE_PYTHON}: run `make install`")
-    run = SemRun(config=REPO / "models.yaml", state_dir=tmp_path / "state").start()
-    try:
-        yield run
-    finally:
-        run.kill_all()
-
-
 @pytest.mark.vllm
-def test_sem_run_serves_both_demo_models_then_stops_clean(sem_vllm: SemRun):
-    sem_vllm.wait_ready(DEMO, timeout=400)
+def test_sem_run_serves_both_demo_models_then_stops_clean(start_sem: StartSem):
+    sem_vllm = start_sem(REPO / "models.yaml", engine="vllm", ready=DEMO, ready_timeout=400)
 
     models = httpx.get(f"{sem_vllm.supervisor}/models").json()["models"]
     for model in models:
