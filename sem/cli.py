@@ -14,6 +14,7 @@ import httpx
 
 from contract import defaults
 from sem import cachecmd
+from sem.chaos import command as chaoscmd
 from sem.launcher import RunOptions, run
 
 DEFAULT_ADMIN = os.environ.get("SEM_ADMIN_URL", defaults.SUPERVISOR_URL)
@@ -213,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     cachecmd.configure(p)
     p.set_defaults(func=lambda args: cachecmd.run(args, admin_request))
+
+    p = sub.add_parser("chaos", help="fault scenarios against a running sem, under load",
+                       description=chaoscmd.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    chaoscmd.configure(p)
+    p.set_defaults(func=chaoscmd.run)
     return parser
 
 

@@ -11,7 +11,8 @@ from fastapi.params import Depends
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from supervisor.cache import Job, ModelCache
+from supervisor.cache import ModelCache
+from supervisor.cache_job import Job
 from supervisor.config import Source
 from supervisor.errors import InvalidSource
 from supervisor.manager import Manager

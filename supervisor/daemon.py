@@ -31,16 +31,18 @@ from supervisor.config import ConfigError, InvalidModel, ModelSpec, SemConfig, l
 from supervisor.engine import EngineCommand, spawn_engine
 from supervisor.engine_metrics import EngineScraper
 from supervisor.errors import SupervisorError
-from supervisor.events import EventLog
+from supervisor.events import EventKind, EventLog
 from supervisor.gpu_usage import NvmlProcessMemory
 from supervisor.hosts import allowed_hosts, is_loopback
-from supervisor.manager import EngineSettings, Manager, SchedulerSettings
+from supervisor.launch import EngineSettings
+from supervisor.manager import Manager
 from supervisor.metrics import SupervisorMetrics
 from supervisor.probe import EngineProbe
 from supervisor.procgroup import signal_group
 from supervisor.reloader import Reloader
 from supervisor.replica import ReplicaTiming
 from supervisor.resources import Inventory, NvmlInventory, describe, detect
+from supervisor.scheduler import SchedulerSettings
 from supervisor.store import Store, StoreError, private_folder
 from supervisor.units import parse_size
 
@@ -161,7 +163,7 @@ def models_at_start(
     kept = []
     for invalid in skipped:
         log.error("model %s skipped: %s", invalid.name, invalid.problem)
-        events.emit("model_invalid", invalid.name, invalid.problem)
+        events.emit(EventKind.MODEL_INVALID, invalid.name, invalid.problem)
         if invalid.name in applied:
             kept.append(applied[invalid.name])
     return config.models + kept

@@ -28,7 +28,7 @@ def removes_every_model(manager: Manager, models: list[ModelSpec]) -> list[str]:
     lists none any more; [] otherwise."""
     if models:
         return []
-    return sorted(e.spec.name for e in manager.entries() if e.origin == "config" and not e.removing)
+    return sorted(e.spec.name for e in manager.entries() if e.origin == "config" and not e.leaving)
 
 
 @dataclass(frozen=True)

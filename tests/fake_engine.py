@@ -12,6 +12,14 @@ Fault knobs, from the environment:
   FAKE_TOKEN_DELAY=S      seconds between streamed tokens (and per token when not streaming)
   FAKE_DIE_AFTER=N        exit (connections cut) once N tokens have been generated in all
   FAKE_CRASH_ON=WORD      exit at once on a prompt containing WORD (a "poison" request)
+  FAKE_SIGTERM_ABORT=1    on SIGTERM, end every answer in flight at once as if it had finished
+                          (finish_reason "length", usage and [DONE] counting only the tokens
+                          sent): vLLM 0.32's shutdown in mode=abort (engine-notes.md)
+
+Fault signals (what `sem chaos` sends the stand-in):
+  SIGUSR1                 wedge: /health stays 200, but no request makes progress any more
+                          (like a deadlocked EngineCore behind a live API process)
+  SIGUSR2                 unwedge: requests go on where they stood
 
 Like vLLM, `--api-key KEY` (or VLLM_API_KEY) makes every /v1 route demand `Authorization: Bearer
 KEY` (401 `{"error": "Unauthorized"}` otherwise); /health and /metrics stay open.
@@ -49,6 +57,12 @@ def completion_text(prompt: str, max_tokens: int) -> list[str]:
     return [f" {words[-1 - (i % len(words))]}" for i in range(max_tokens)]
 
 
+def cut(usage: dict[str, int], completion_tokens: int) -> dict[str, int]:
+    """Usage of an answer cut short after `completion_tokens`."""
+    return usage | {"completion_tokens": completion_tokens,
+                    "total_tokens": usage["prompt_tokens"] + completion_tokens}  # fmt: skip
+
+
 class FakeEngine:
     """`die_after`: after that many tokens in all, the connection is cut mid-answer (as when the
     engine is killed; in a process, it exits too); `error_after`: a stream gets vLLM's in-band
@@ -75,6 +89,25 @@ class FakeEngine:
         self.prompt_tokens = 0
         self.requests: list[dict[str, object]] = []
         self.exit_process = False  # set when it runs as its own process
+        self._flowing = asyncio.Event()  # cleared while wedged: tokens wait for it
+        self._flowing.set()
+        self.aborting = False
+
+    def abort(self) -> None:
+        """Shut down like vLLM in mode=abort: answers in flight end now, looking finished."""
+        self.aborting = True
+        self._flowing.set()
+
+    def wedge(self) -> None:
+        """Alive and healthy, but no token comes out until `unwedge`."""
+        self._flowing.clear()
+
+    def unwedge(self) -> None:
+        self._flowing.set()
+
+    async def _next_token(self) -> None:
+        await asyncio.sleep(self.token_delay)
+        await self._flowing.wait()
 
     def _die(self, request: web.Request) -> web.StreamResponse:
         """Cut the connection like a killed engine; a real process also exits."""
@@ -151,8 +184,11 @@ class FakeEngine:
         try:
             if body.get("stream"):
                 return await self._stream(request, tokens, chat, kind, usage, body)
-            for _ in tokens:
-                await asyncio.sleep(self.token_delay)
+            for n in range(len(tokens)):
+                await self._next_token()
+                if self.aborting:
+                    tokens, usage = tokens[:n], cut(usage, n)
+                    break
                 self._count(request)
             self.finished += 1
         finally:
@@ -170,7 +206,15 @@ class FakeEngine:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for n, token in enumerate(tokens):
-            await asyncio.sleep(self.token_delay)
+            await self._next_token()
+            if self.aborting:
+                usage = cut(usage, n)
+                choice = {"index": 0, "finish_reason": "length"}
+                choice |= {"delta": {"content": ""}} if chat else {"text": ""}
+                chunk = {"id": "cmpl-fake", "object": f"{kind}.chunk", "model": self.served_name,
+                         "choices": [choice]}  # fmt: skip
+                await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                break
             if self.error_after is not None and self.tokens_sent >= self.error_after:
                 self.error_after = None  # once
                 error = {"error": {"message": "EngineCore encountered an issue",
@@ -246,6 +290,9 @@ async def main() -> None:
         crash_on=os.environ.get("FAKE_CRASH_ON"),
     )
     engine.exit_process = True
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR1, engine.wedge)
+    loop.add_signal_handler(signal.SIGUSR2, engine.unwedge)
     app = make_app(engine, args.api_key)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -258,8 +305,15 @@ async def main() -> None:
         print("fake engine: crashing as asked", flush=True)
         os._exit(1)
     stop = asyncio.Event()
+    abort_on_stop = os.environ.get("FAKE_SIGTERM_ABORT") == "1"
+
+    def on_sigterm() -> None:
+        if abort_on_stop:
+            engine.abort()
+        stop.set()
+
     if os.environ.get("FAKE_IGNORE_SIGTERM") != "1":
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     await stop.wait()
     await runner.cleanup()
     core.terminate()

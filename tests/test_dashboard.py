@@ -102,7 +102,7 @@ async def test_dashboard_queries_name_only_metrics_that_exist(
     manager = make_manager()
     gpus = FakeProcessMemory()  # so the per-process GPU families are rendered too
     gpus.found = {"0": {1: 1}}
-    supervisor = SupervisorMetrics(manager, manager._events, EngineScraper(), gpus)
+    supervisor = SupervisorMetrics(manager, manager.events, EngineScraper(), gpus)
     await supervisor.start()
     try:
         exported = exported_names((await supervisor.render()).decode())

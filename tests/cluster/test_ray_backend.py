@@ -217,9 +217,10 @@ async def test_a_restarted_supervisor_re_adopts_its_replicas_with_their_keys(
     before = first.routes.models["m"].replicas[0]
     pid = first.get("m").replicas[0].snapshot()["pid"]
     # The supervisor process dies: its tasks end, stopping nothing; it leaves the cluster.
-    for task in [r._task for r in first.get("m").replicas] + [first._scheduler]:
-        assert task is not None
-        task.cancel()
+    await first._scheduler.stop()
+    for replica in first.get("m").replicas:
+        assert replica._task is not None
+        replica._task.cancel()
     await ray_cluster.close()
     await asyncio.to_thread(ray_cluster.connect)
 

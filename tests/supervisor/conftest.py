@@ -19,7 +19,7 @@ from tests.hubrepos import GATED, Hub, build_test_hub
 async def cache_admin(manager: Manager, cache: ModelCache) -> AsyncIterator[httpx.AsyncClient]:
     """A client of the admin API over `manager` using `cache`; both are closed after."""
     manager.cache = cache
-    app = create_app(manager, manager._events, cache=cache)
+    app = create_app(manager, manager.events, cache=cache)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://sem") as client:
         yield client

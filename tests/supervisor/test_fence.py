@@ -112,7 +112,7 @@ async def test_the_admin_api_answers_422_naming_the_field(
     make_manager: ManagerFactory, body: dict[str, object], field: str, says: str
 ):
     manager = make_manager()
-    app = create_app(manager, manager._events, token="t")
+    app = create_app(manager, manager.events, token="t")
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://sem") as client:
         response = await client.post(

@@ -41,9 +41,9 @@ async def metrics_api(
     manager: Manager, scrape_timeout: float = 2.0, processes: ProcessMemory | None = None
 ) -> AsyncIterator[tuple[httpx.AsyncClient, SupervisorMetrics]]:
     scraper = EngineScraper(timeout=scrape_timeout)
-    metrics = SupervisorMetrics(manager, manager._events, scraper, processes)
+    metrics = SupervisorMetrics(manager, manager.events, scraper, processes)
     await metrics.start()
-    app = create_app(manager, manager._events, metrics=metrics)
+    app = create_app(manager, manager.events, metrics=metrics)
     try:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://sem") as client:

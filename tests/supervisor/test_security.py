@@ -40,11 +40,11 @@ async def test_env_values_and_secret_engine_args_are_redacted_without_a_token(
     make_manager: ManagerFactory, model_dir: Path
 ):
     manager = make_manager()
-    app = create_app(manager, manager._events, token="s3cret")
+    app = create_app(manager, manager.events, token="s3cret")
     spec = {
         "name": "m", "source": f"path:{model_dir}",
         "env": {"HF_TOKEN": "hf_live_value", "LOG_LEVEL": "debug"},
-        "engine_args": {"api-key": "engine-key", "max-num-batched-tokens": 512},
+        "engine_args": {"hf-token": "engine-key", "max-num-batched-tokens": 512},
     }  # fmt: skip
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as c:
         added = await c.post("/models", json=spec, headers={"Authorization": "Bearer s3cret"})
@@ -53,7 +53,7 @@ async def test_env_values_and_secret_engine_args_are_redacted_without_a_token(
                    (await c.get("/models")).json()["models"][0]]  # fmt: skip
     for model in answers:
         assert model["spec"]["env"] == {"HF_TOKEN": "***", "LOG_LEVEL": "***"}
-        assert model["spec"]["engine_args"] == {"api-key": "***", "max-num-batched-tokens": 512}
+        assert model["spec"]["engine_args"] == {"hf-token": "***", "max-num-batched-tokens": 512}
     assert "hf_live_value" not in str(answers) and "engine-key" not in str(answers)
     assert manager.get("m").spec.env["HF_TOKEN"] == "hf_live_value", "the engine still gets it"
 
@@ -104,7 +104,7 @@ async def test_a_rebinding_host_or_a_foreign_origin_is_403_and_loopback_is_serve
     make_manager: ManagerFactory,
 ):
     manager = make_manager()
-    app = create_app(manager, manager._events, allowed_hosts=allowed_hosts("127.0.0.1"))
+    app = create_app(manager, manager.events, allowed_hosts=allowed_hosts("127.0.0.1"))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8001") as c:
         assert (await c.get("/models")).status_code == 200
@@ -221,7 +221,7 @@ async def test_reload_of_a_file_without_models_changes_nothing_unconfirmed(reloa
 
 async def test_reload_removing_every_model_is_409_until_confirmed(reloading):
     manager, reload, _ = reloading
-    app = create_app(manager, manager._events, token="s3cret", reload=reload)
+    app = create_app(manager, manager.events, token="s3cret", reload=reload)
     headers = {"Authorization": "Bearer s3cret"}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x",
                                  headers=headers) as client:  # fmt: skip
