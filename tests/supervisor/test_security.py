@@ -216,7 +216,7 @@ async def test_reload_of_a_file_without_models_changes_nothing_unconfirmed(reloa
     manager, reload, _ = reloading
     with pytest.raises(ConfirmationRequired, match=r"would drain and stop m\b"):
         await reload()
-    assert [e.spec.name for e in manager.entries()] == ["m"] and not manager.get("m").removing
+    assert [e.spec.name for e in manager.entries()] == ["m"] and not manager.get("m").leaving
 
 
 async def test_reload_removing_every_model_is_409_until_confirmed(reloading):
@@ -230,7 +230,7 @@ async def test_reload_removing_every_model_is_409_until_confirmed(reloading):
         error = refused.json()["error"]
         assert error["type"] == "confirmation_required"
         assert "confirm_remove_all=true" in error["message"] and "--yes" in error["message"]
-        assert not manager.get("m").removing
+        assert not manager.get("m").leaving
         confirmed = await client.post("/reload", params={"confirm_remove_all": "true"})
         assert confirmed.status_code == 200 and confirmed.json()["removed"] == ["m"]
     await wait_until(lambda: manager.entries() == [], what="m removed")
