@@ -95,17 +95,17 @@ async def closed_loop(
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0), timeout=timeout
     ) as session:
-        deadline = time.perf_counter() + duration
+        before, started = meter.reading(), time.perf_counter()
+        deadline = started + duration
 
         async def worker() -> None:
             while time.perf_counter() < deadline:
                 streams.append(await stream_once(session, url, body))
 
-        before, started = meter.reading(), time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
+        ended = time.perf_counter()
         others = CpuMeter.others(before, meter.reading())
-    return Run(path, concurrency, elapsed, streams, body["max_tokens"], others)
+    return Run(path, concurrency, started, deadline, ended, streams, body["max_tokens"], others)
 
 
 # -- sem -----------------------------------------------------------------------------------------

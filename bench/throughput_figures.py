@@ -87,14 +87,30 @@ class Stream:
 
 @dataclass
 class Run:
-    """One closed-loop run of one path at one concurrency."""
+    """One closed-loop run of one path at one concurrency: requests start until `deadline`;
+    those then in flight finish by `ended` (times on the streams' clock)."""
 
     path: str
     concurrency: int
-    elapsed: float
+    started: float
+    deadline: float
+    ended: float
     streams: list[Stream]
     max_tokens: int
     others_cpu: float  # seconds of CPU other processes used during the run
+
+    @property
+    def elapsed(self) -> float:
+        return self.ended - self.started
+
+    @property
+    def window(self) -> float:
+        """While all `concurrency` requests were in flight (the tail after it drains)."""
+        return self.deadline - self.started
+
+    def window_tokens(self) -> int:
+        """Token events of whole answers that arrived within the window."""
+        return sum(1 for s in self.ok() for at in s.arrivals if at <= self.deadline)
 
     def ok(self) -> list[Stream]:
         return [s for s in self.streams if s.problem(self.max_tokens) is None]
@@ -119,12 +135,14 @@ class Figures:
 
 
 def figures(runs: Sequence[Run]) -> Figures:
+    """Output tokens/s over the runs' windows (concurrency held, the tail left out); requests/s
+    over the whole runs (a request outlasting the window still counts once)."""
     elapsed = sum(r.elapsed for r in runs) or 1e-9
     ok = [s for r in runs for s in r.ok()]
     ttfts = [t for s in ok if (t := s.ttft) is not None]
     itls = [g for s in ok for g in gaps(s.arrivals)]
     return Figures(
-        tokens_per_s=sum(s.tokens for s in ok) / elapsed,
+        tokens_per_s=sum(r.window_tokens() for r in runs) / (sum(r.window for r in runs) or 1e-9),
         requests_per_s=len(ok) / elapsed,
         ttft_p50=percentile(ttfts, 50),
         ttft_p99=percentile(ttfts, 99),

@@ -85,10 +85,11 @@ def answered(started: float, arrivals: list[float], tokens: int) -> Stream:
 
 def test_figures_pool_runs_and_leave_failed_requests_out_of_the_rates() -> None:
     failed = Stream(started=0.0, error="HTTP 503: busy")
-    one = Run("sem", 2, 2.0, [answered(0.0, [0.1, 0.2, 0.4], 3), failed], 3, others_cpu=0.5)
-    two = Run("sem", 2, 2.0, [answered(1.0, [1.3, 1.4, 1.5], 3)], 3, others_cpu=1.5)
+    one = Run("sem", 2, 0.0, 1.0, 2.0, [answered(0.0, [0.1, 0.2, 0.4], 3), failed], 3, 0.5)
+    two = Run("sem", 2, 1.0, 1.45, 3.0, [answered(1.0, [1.3, 1.4, 1.5], 3)], 3, 1.5)
     f = figures([one, two])
-    assert (f.tokens_per_s, f.requests_per_s) == (1.5, 0.5)  # 6 tokens, 2 answers, in 4 s
+    assert f.tokens_per_s == pytest.approx(5 / 1.45)  # in the windows: 3 + 2 tokens in 1.45 s
+    assert f.requests_per_s == 0.5  # 2 answers in 4 s, tails included
     assert (f.requests, f.errors, f.others_cores) == (3, 1, 0.5)
     assert f.ttft_p50 == pytest.approx(0.2)  # of 0.1 and 0.3
     assert f.itl_p50 == pytest.approx(0.1)  # of 0.1, 0.2, 0.1, 0.1
