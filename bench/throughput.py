@@ -5,9 +5,11 @@ tests.fake_engine`), waits until every model serves, reads the benchmarked model
 from the admin API (GET /models/{name}: replicas[].port), then, per concurrency level, runs the
 same closed-loop streamed workload (fixed prompt, `max_tokens` N, `ignore_eos`, temperature 0)
 direct to the engine and through sem's gateway, interleaved (direct, sem, direct, sem ...
-`--reps`) so machine noise hits both. Measured at the client: output tokens/s, requests/s, time
-to first token and inter-token latency (gaps between streamed events' arrival) p50/p99, errors,
-and the ratio sem/direct. Also the machine's state: cores, load average, and how much CPU other
+`--reps`) so machine noise hits both. Measured at the client: output tokens/s (token events that
+arrived while the concurrency was held, i.e. before the run's deadline), requests/s (answers over
+the whole run, the drain included), time to first token and inter-token latency (gaps between
+streamed events' arrival) p50/p99, errors (any answer short of N tokens counts), and the ratio
+sem/direct. Also the machine's state: cores, load average, and how much CPU other
 processes (not this script, sem or its engines) took during each run.
 
     .venv/bin/python bench/throughput.py [--levels 1,4,16,64] [--duration 20] [--reps 2]
@@ -89,7 +91,7 @@ async def closed_loop(
     path: str, url: str, body: dict[str, Any], concurrency: int, duration: float, meter: CpuMeter
 ) -> Run:
     """`concurrency` workers, each sending its next request as soon as one ends, until
-    `duration` has passed (requests then in flight finish and count)."""
+    `duration` has passed; requests then in flight finish (the run's drain)."""
     streams: list[Stream] = []
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120)
     async with aiohttp.ClientSession(
