@@ -1,63 +1,37 @@
-"""The gateway's HTTP app (aiohttp's server; engines are called through gateway.upstream).
+"""The gateway's HTTP app: its routes and their wiring (aiohttp's server).
 
-POST /generate {model, prompt, ...} -> {model, text, finish_reason, usage} (or with stream: true,
-SSE of {"text": delta}), through the engine's /v1/completions. POST /v1/completions and
-/v1/chat/completions (OpenAI, streaming included), GET /v1/models, GET /health.
+POST /generate (sem's own format, see gateway.generate), POST /v1/completions and
+/v1/chat/completions (OpenAI, streaming included), GET /v1/models, /health, /metrics.
 
-An engine that fails a request (dies, hangs until the supervisor kills it, answers 5xx or an
-in-band stream error) costs the client nothing: the request is sent again to another ready
-replica or to the restarted one (`replay`); a stream that had started goes on from where it
-broke (`resume`, see gateway.resume). Bounded by the retry budget (gateway.retry).
+A request goes one way, each layer calling only the next: a handler here parses and validates
+it, picks its relay and hands it over -> its journey (gateway.journey: admission, attempts,
+retries, metrics) -> the relay (gateway.proxy) -> the engine client (gateway.upstream).
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from contract import defaults
-from contract.routes import ReplicaRoute
 from gateway.admission import Admission
-from gateway.errors import (
-    BadRequest,
-    GatewayError,
-    InvalidField,
-    InvalidRequest,
-    RequestQuarantined,
-    UpstreamError,
-    error_response,
-)
-from gateway.metrics import CONTENT_TYPE, GatewayMetrics, Observation
-from gateway.proxy import StreamRelay, engine_call, engine_errors, engine_json, relay, sse
-from gateway.resume import events
+from gateway.errors import BadRequest, GatewayError, InvalidField, InvalidRequest, error_response
+from gateway.generate import ENGINE_PATH, GenerateAnswer, GenerateRequest, generate_events
+from gateway.journey import Journeys
+from gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from gateway.proxy import JsonRelay, Relay, StreamRelay
 from gateway.retry import RetryBudget
 from gateway.routes import RouteWatcher
-from gateway.state import ADMISSION, METRICS, RETRY, UPSTREAM, WATCHER
+from gateway.state import ADMISSION, JOURNEYS, METRICS, RETRY, UPSTREAM, WATCHER
 from gateway.upstream import UpstreamPool
 
-log = logging.getLogger("sem.gateway")
-Call = Callable[[ReplicaRoute, Observation], Awaitable[web.StreamResponse]]
+REQUEST_ID = "X-Request-Id"  # the client's name for a request, used in the logs
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class GenerateRequest(BaseModel):
-    """/generate's body. Unknown fields are sampling parameters, passed to the engine as is."""
-
-    model_config = ConfigDict(extra="allow")
-
-    model: str = Field(min_length=1)
-    prompt: str = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0)
-    stream: bool = False
 
 
 def priority_of(request: web.Request) -> int:
@@ -93,6 +67,7 @@ def validation_error(exc: ValidationError) -> InvalidField:
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
+    """/generate (see gateway.generate): validated, then sent as a completion request."""
     body, _ = await read_json_object(request)
     try:
         req = GenerateRequest.model_validate(body)
@@ -100,52 +75,15 @@ async def generate(request: web.Request) -> web.StreamResponse:
         raise validation_error(exc) from None
     engine_body = req.model_dump(exclude_none=True)
     payload = json.dumps(engine_body).encode()
+    pool = request.app[UPSTREAM]
+    relay: Relay
     if req.stream:
-        stream = StreamRelay(
-            request, "/v1/completions", engine_body, payload, convert=generate_events
+        relay = StreamRelay(
+            pool, request, ENGINE_PATH, engine_body, payload, convert=generate_events
         )
-        return await admitted(request, req.model, "/generate", stream.attempt, stream, payload)
-
-    async def call(replica: ReplicaRoute, obs: Observation) -> web.StreamResponse:
-        with engine_errors(replica):
-            async with engine_call(request, replica, "/v1/completions", payload) as upstream:
-                data = engine_json(upstream.status, await upstream.read(), replica)
-        usage = data.get("usage") or {}
-        obs.tokens += int(usage.get("completion_tokens") or 0)
-        choice = data["choices"][0]
-        return web.json_response(
-            {
-                "model": req.model,
-                "text": choice.get("text", ""),
-                "finish_reason": choice.get("finish_reason"),
-                "usage": {
-                    "prompt_tokens": usage.get("prompt_tokens", 0),
-                    "completion_tokens": usage.get("completion_tokens", 0),
-                    "total_tokens": usage.get("total_tokens", 0),
-                },
-            }
-        )
-
-    return await admitted(request, req.model, "/generate", call, None, payload)
-
-
-def generate_events(raw: bytes) -> bytes:
-    """/generate's stream format from the engine's completion events: `data: {"text": delta}`
-    (with `finish_reason` on the last), then `data: [DONE]`; error events pass as they are."""
-    out = []
-    for data in events(raw):
-        if data == b"[DONE]":
-            out.append(sse("[DONE]"))
-            continue
-        chunk = json.loads(data)
-        if "error" in chunk:
-            out.append(sse(chunk))
-        for choice in chunk.get("choices", []):
-            delta: dict[str, Any] = {"text": choice.get("text", "")}
-            if choice.get("finish_reason"):
-                delta["finish_reason"] = choice["finish_reason"]
-            out.append(sse(delta))
-    return b"".join(out)
+    else:
+        relay = JsonRelay(pool, ENGINE_PATH, payload, reshape=GenerateAnswer(req.model))
+    return await hand_over(request, relay, req.model, payload)
 
 
 async def openai_route(request: web.Request) -> web.StreamResponse:
@@ -154,95 +92,21 @@ async def openai_route(request: web.Request) -> web.StreamResponse:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidField("model: a model name is required", param="model")
+    pool = request.app[UPSTREAM]
+    relay: Relay
     if body.get("stream"):
-        stream = StreamRelay(request, request.path, body, raw)
-        return await admitted(request, model, request.path, stream.attempt, stream, raw)
-
-    async def call(replica: ReplicaRoute, obs: Observation) -> web.StreamResponse:
-        return await relay(request, replica, raw, obs)
-
-    return await admitted(request, model, request.path, call, None, raw)
+        relay = StreamRelay(pool, request, request.path, body, raw)
+    else:
+        relay = JsonRelay(pool, request.path, raw)
+    return await hand_over(request, relay, model, raw)
 
 
-async def admitted(
-    request: web.Request,
-    model: str,
-    route: str,
-    call: Call,
-    stream: StreamRelay | None,
-    body: bytes,
-) -> web.StreamResponse:
-    """Observe the request, and run `call` while holding a slot on a replica of `model`
-    (queueing for it if need be); after an engine failure, again on another replica (or the
-    restarted one), within the retry budget. Unknown model names share one metrics label."""
-    app = request.app
-    priority = priority_of(request)
-    label = model if model in app[WATCHER].table.models else "(unknown)"
-    obs = Observation(app[METRICS].model(label), route)
-    budget = app[RETRY]
-    error: BaseException | None = None
-    try:
-        if budget.quarantined and (until := budget.quarantined_until(
-            budget.digest(model, route, body)
-        )):  # fmt: skip
-            raise RequestQuarantined(
-                f"this exact request failed on engines {budget.max_attempts} times; it is"
-                f" refused until {time.strftime('%H:%M:%S', time.localtime(until))}"
-                " (it may be what makes them fail)"
-            )
-        admission = app[ADMISSION]
-        replica = await admission.acquire(model, priority)
-        obs.admitted()
-        failures = 0
-        rid = ""  # made up on the first failure (the logs need it only then)
-        while True:
-            try:
-                return await call(replica, obs)
-            except UpstreamError as exc:  # not a timeout: a hung engine is the supervisor's to kill
-                failures += 1
-                rid = rid or request_id(request)
-                admission.suspect(replica.url or "", budget.suspect_for)
-                if failures >= budget.max_attempts:
-                    raise give_up(rid, budget, model, route, body, failures, exc) from None
-                retry = "resume" if stream is not None and stream.response else "replay"
-                (obs.metrics.resumes if retry == "resume" else obs.metrics.replays).inc()
-                log.warning(
-                    "request %s (%s): %s; %s (attempt %d of %d)", rid, model,
-                    exc.message, retry, failures + 1, budget.max_attempts,
-                )  # fmt: skip
-            finally:
-                admission.release(replica)
-            replica = await admission.acquire_again(model, budget.replay_timeout)
-    except BaseException as exc:
-        error = exc
-        if isinstance(exc, GatewayError) and stream is not None and stream.response is not None:
-            return await stream.give_up(exc)  # the client has a stream: end it with the error
-        raise
-    finally:
-        obs.finished(error)
-
-
-def request_id(request: web.Request) -> str:
-    """The client's X-Request-Id, or one made up for the logs."""
-    return request.headers.get("X-Request-Id") or uuid.uuid4().hex[:12]
-
-
-def give_up(
-    rid: str,
-    budget: RetryBudget,
-    model: str,
-    route: str,
-    body: bytes,
-    failures: int,
-    last: UpstreamError,
-) -> UpstreamError:
-    """The error for a request that met `failures` engine failures; it is quarantined."""
-    budget.exhausted(budget.digest(model, route, body))
-    log.error("request %s (%s): failed on engines %d times; giving up and refusing it for %.0fs",
-              rid, model, failures, budget.quarantine)  # fmt: skip
-    return type(last)(
-        f"{last.message}; the request failed on engines {failures} times and is not retried"
-        f" (it may be what makes them fail: refused for {budget.quarantine:.0f}s)"
+def hand_over(
+    request: web.Request, relay: Relay, model: str, body: bytes
+) -> Awaitable[web.StreamResponse]:
+    """The request's journey (gateway.journey), with what it needs from the HTTP request."""
+    return request.app[JOURNEYS].run(
+        relay, model, request.path, body, priority_of(request), request.headers.get(REQUEST_ID)
     )
 
 
@@ -292,6 +156,7 @@ def create_app(
     app[UPSTREAM] = UpstreamPool(timeout=upstream_timeout)
     app[ADMISSION] = admission or Admission(watcher)
     app[METRICS] = GatewayMetrics(watcher, app[ADMISSION])
+    app[JOURNEYS] = Journeys(watcher, app[ADMISSION], app[RETRY], app[METRICS])
     app.router.add_post("/generate", generate)
     app.router.add_post("/v1/completions", openai_route)
     app.router.add_post("/v1/chat/completions", openai_route)

@@ -1,8 +1,12 @@
-"""Forwarding one request to one engine: JSON in, JSON or a server-sent event stream out.
+"""The relay: one client request forwarded to an engine, attempt by attempt (the journey, see
+gateway.journey, picks the replica of each attempt and decides whether there is another).
 
-Streams are passed through as they arrive: what the engine sent since the last read is written to
-the client at once, with no buffering, no re-chunking and no parsing (events are counted, see
-gateway.usage).
+`JsonRelay` forwards a non-stream request and passes the answer back whole (as it came, or
+reshaped for /generate); `StreamRelay` passes a server-sent event stream through as it arrives:
+what the engine sent since the last read is written to the client at once, with no buffering, no
+re-chunking and no parsing (events are counted, see gateway.usage), and a stream whose engine
+failed goes on from where it broke (see gateway.resume). Engines are called through
+gateway.upstream; their failures come out of here as the gateway's typed errors.
 """
 
 from __future__ import annotations
@@ -10,19 +14,35 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from contract.routes import ReplicaRoute
 from gateway.errors import BadRequest, GatewayError, UpstreamError, UpstreamTimeout, error_body
 from gateway.metrics import Observation
-from gateway.resume import Partial, Splice, StreamLog, continuation, events, finish_events
-from gateway.state import UPSTREAM
-from gateway.upstream import EngineDisconnected, Exchange
+from gateway.resume import Partial, Splice, StreamLog, continuation, finish_events
+from gateway.sse import events, sse
+from gateway.upstream import EngineDisconnected, Exchange, UpstreamPool
 from gateway.usage import StreamTally, completion_tokens
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+
+class Relay(Protocol):
+    """What the journey needs of a relay."""
+
+    @property
+    def started(self) -> bool:
+        """Bytes reached the client: a failure is resumed rather than replayed, and an error
+        can only end the stream (its status went out with the first bytes)."""
+
+    async def attempt(self, replica: ReplicaRoute, obs: Observation) -> web.StreamResponse:
+        """Send the request to `replica` and relay its answer; an engine failure raises
+        UpstreamError (a timeout UpstreamTimeout, the engine's 4xx BadRequest)."""
+
+    async def give_up(self, error: GatewayError) -> web.StreamResponse:
+        """End a started answer with `error`."""
 
 
 def gateway_error(exc: BaseException, replica: ReplicaRoute) -> GatewayError | None:
@@ -59,11 +79,11 @@ class engine_errors:  # used like a function: `with engine_errors(replica):`
             raise error from None
 
 
-def engine_call(request: web.Request, replica: ReplicaRoute, path: str, body: bytes) -> Exchange:
+def engine_call(pool: UpstreamPool, replica: ReplicaRoute, path: str, body: bytes) -> Exchange:
     """POST `body` to the engine: `async with engine_call(...) as upstream` (inside
     `engine_errors`)."""
     assert replica.url is not None  # ready replicas have one
-    return request.app[UPSTREAM].post(replica.url, path, body)
+    return pool.post(replica.url, path, body)
 
 
 def check_answer(status: int, raw: bytes, replica: ReplicaRoute) -> None:
@@ -94,21 +114,41 @@ def engine_json(status: int, raw: bytes, replica: ReplicaRoute) -> dict[str, Any
     return data
 
 
-async def relay(
-    request: web.Request, replica: ReplicaRoute, body: bytes, obs: Observation
-) -> web.StreamResponse:
-    """Forward a non-stream OpenAI request's bytes as they are, and the answer as it came."""
-    with engine_errors(replica):
-        async with engine_call(request, replica, request.path, body) as upstream:
-            raw = await upstream.read()
-    check_answer(upstream.status, raw, replica)
-    obs.tokens += completion_tokens(raw) or 0
-    return web.Response(body=raw, content_type="application/json")
+class JsonRelay:
+    """A non-stream request: its bytes forwarded as they came, the engine's answer passed back
+    as it came, or parsed and reshaped by `reshape` (/generate's answer). Nothing reaches the
+    client before the answer is whole, so a failed attempt is simply replayed."""
 
+    __slots__ = ("body", "path", "pool", "reshape")
+    started = False
 
-def sse(data: dict[str, Any] | str) -> bytes:
-    body = data if isinstance(data, str) else json.dumps(data)
-    return f"data: {body}\n\n".encode()
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        path: str,
+        body: bytes,
+        reshape: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.path = path
+        self.body = body
+        self.reshape = reshape
+
+    async def attempt(self, replica: ReplicaRoute, obs: Observation) -> web.StreamResponse:
+        with engine_errors(replica):
+            async with engine_call(self.pool, replica, self.path, self.body) as upstream:
+                raw = await upstream.read()
+        if self.reshape is None:
+            check_answer(upstream.status, raw, replica)
+            obs.tokens += completion_tokens(raw) or 0
+            return web.Response(body=raw, content_type="application/json")
+        data = engine_json(upstream.status, raw, replica)
+        usage = data.get("usage") or {}
+        obs.tokens += int(usage.get("completion_tokens") or 0)
+        return web.json_response(self.reshape(data))
+
+    async def give_up(self, error: GatewayError) -> web.StreamResponse:
+        raise error  # never started: the error is the answer
 
 
 def in_band_error(out: bytes) -> tuple[int, str] | None:
@@ -142,12 +182,14 @@ class StreamRelay:
 
     def __init__(
         self,
+        pool: UpstreamPool,
         request: web.Request,
         path: str,
         body: dict[str, Any],
         raw: bytes,
         convert: Callable[[bytes], bytes] | None = None,
     ) -> None:
+        self.pool = pool
         self.request = request
         self.path = path
         self.body = body
@@ -156,6 +198,10 @@ class StreamRelay:
         self.chat = path.endswith("/chat/completions")
         self.response: web.StreamResponse | None = None  # prepared: bytes reached the client
         self.log = StreamLog()
+
+    @property
+    def started(self) -> bool:
+        return self.response is not None
 
     async def attempt(self, replica: ReplicaRoute, obs: Observation) -> web.StreamResponse:
         request = self.request
@@ -168,7 +214,7 @@ class StreamRelay:
                 return await self.finish(finish_events(partial, self.chat))
             payload, splice = json.dumps(follow).encode(), Splice(partial, self.chat)
         with engine_errors(replica):
-            async with engine_call(request, replica, self.path, payload) as upstream:
+            async with engine_call(self.pool, replica, self.path, payload) as upstream:
                 if upstream.status >= 400:
                     check_answer(upstream.status, await upstream.read(), replica)
                 if self.response is None:

@@ -24,6 +24,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.sse import events
+
 DONE = b"[DONE]"
 VLLM_DEFAULT_MAX_TOKENS = 16  # vLLM's default for /v1/completions without max_tokens
 
@@ -58,16 +60,6 @@ class StreamLog:
     def unsend(self, keep: int) -> None:
         """Only the first `keep` bytes of the last piece went to the client."""
         self.parts[-1] = self.parts[-1][:keep]
-
-
-def events(raw: bytes) -> list[bytes]:
-    """The `data:` payloads of an SSE byte string, in order."""
-    out = []
-    for event in raw.split(b"\n\n"):
-        for line in event.split(b"\n"):
-            if line.startswith(b"data:"):
-                out.append(line[5:].strip())
-    return out
 
 
 def chunk_text(chunk: dict[str, Any]) -> str:

@@ -30,6 +30,7 @@ class RouteWatcher:
         self.table = RouteTable(version=-1)
         self.connected = False
         self._changed = asyncio.Event()  # replaced by a fresh one at every change
+        self.waiting = 0  # tasks in wait_change (a request can be seen waiting for a table)
         self._listeners: list[Callable[[], None]] = []
 
     def subscribe(self, listener: Callable[[], None]) -> None:
@@ -47,9 +48,13 @@ class RouteWatcher:
 
     async def wait_change(self, timeout: float) -> None:
         """Until the table changes or `timeout` s pass."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self._changed.wait()
+        self.waiting += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait()
+        finally:
+            self.waiting -= 1
 
     async def run(self) -> None:
         delay = 0.2

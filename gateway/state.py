@@ -1,10 +1,12 @@
-"""What the gateway app holds: the route watcher, the upstream client, admission control."""
+"""What the gateway app holds: the route watcher, the upstream client, admission control, the
+retry budget, the metrics, and what runs each request's journey through them."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from gateway.admission import Admission
+from gateway.journey import Journeys
 from gateway.metrics import GatewayMetrics
 from gateway.retry import RetryBudget
 from gateway.routes import RouteWatcher
@@ -15,3 +17,4 @@ UPSTREAM = web.AppKey("upstream", UpstreamPool)
 ADMISSION = web.AppKey("admission", Admission)
 METRICS = web.AppKey("metrics", GatewayMetrics)
 RETRY = web.AppKey("retry", RetryBudget)
+JOURNEYS = web.AppKey("journeys", Journeys)

@@ -3,7 +3,17 @@ plain asyncio protocols, responses parsed by httptools (llhttp, in C).
 
 It does only what the hot path needs: POST a JSON body, then the status, then the body, whole or
 piece by piece as it arrives. Measured against aiohttp's ClientSession it costs a fraction of the
-CPU per request (see docs/benchmarks.md).
+CPU per request (see docs/benchmarks.md). Deliberately left out, because the engines are local
+vLLM servers that need none of it:
+
+- plain `http://host:port[/prefix]` only: no TLS (an `https` URL is refused), no proxies (the
+  environment's HTTP_PROXY is not read), no authentication, no cookies;
+- HTTP/1.1 only (no HTTP/2), one exchange at a time per connection (no pipelining);
+- POST only, with a `Content-Length` body sent in one write (no chunked request bodies, no
+  `Expect: 100-continue`) and fixed headers (Host, Content-Type: application/json,
+  Accept-Encoding: identity, so no compressed answers and no decompression);
+- the answer's status and body only: its headers are not exposed, redirects are not followed
+  (a 3xx is returned like any status), and a body may be sized, chunked or end with the socket.
 
 Ownership: the pool owns its idle connections (and closes them in `close()`); an `Exchange` owns
 its connection while it runs and gives it back to the pool only when the engine's answer was read

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from supervisor.gpu_budget import fits
 from supervisor.units import GiB
 
 
@@ -67,6 +68,15 @@ class Plan:
 
 def gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB"
+
+
+def has_room(device: DeviceView, need: int, tensor_parallel: int = 1) -> bool:
+    """Can `device` take a reservation of `need` bytes now? On a GPU the engine's CUDA context
+    (and NCCL buffers with tensor parallel) come on top, outside vLLM's budget: see
+    gpu_budget.fits. The CPU has no such cost outside the estimate."""
+    if device.kind != "gpu":
+        return device.available >= need
+    return fits(device.available, need, tensor_parallel)
 
 
 def never_fits(need: int, devices_needed: int, totals: list[tuple[str, int]]) -> str | None:

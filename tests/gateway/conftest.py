@@ -1,12 +1,24 @@
-"""The upstream client's tests run on asyncio's loop and on uvloop (which the gateway runs on)."""
+"""The gateway's test rig (stand-in engines and a gateway over them), and the loops: the upstream
+client's tests run on asyncio's loop and on uvloop (which the gateway runs on)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
+import aiohttp
 import pytest
 import uvloop
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from contract import defaults
+from contract.routes import ModelRoute, ReplicaRoute, RouteTable
+from gateway.admission import Admission
+from gateway.app import create_app
+from gateway.retry import RetryBudget
+from gateway.routes import RouteWatcher
+from tests.fake_engine import FakeEngine, make_app
 
 LOOPS: Mapping[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
@@ -20,3 +32,58 @@ def pytest_asyncio_loop_factories(
     if item.nodeid.startswith("tests/gateway/test_upstream.py"):
         return LOOPS
     return {"asyncio": asyncio.new_event_loop}
+
+
+class Rig:
+    """Stand-in engines and a gateway over them (app, route watcher, test client), in-process;
+    everything it started is closed at the end of the test."""
+
+    def __init__(self, watcher: RouteWatcher) -> None:
+        self.watcher = watcher
+        self._servers: list[TestServer] = []
+        self._clients: list[TestClient] = []
+
+    async def engine(self, engine: FakeEngine | web.Application) -> str:
+        """Serve a stand-in engine; its base URL."""
+        app = make_app(engine) if isinstance(engine, FakeEngine) else engine
+        server = TestServer(app, handler_cancellation=True)
+        await server.start_server()
+        self._servers.append(server)
+        return str(server.make_url("")).rstrip("/")
+
+    async def gateway(
+        self,
+        routes: RouteTable,
+        retry: RetryBudget | None = None,
+        queue_timeout: float = defaults.QUEUE_TIMEOUT,
+    ) -> TestClient:
+        """A gateway serving `routes` (as if the supervisor had published them)."""
+        self.watcher.update(routes)
+        admission = Admission(self.watcher, queue_timeout=queue_timeout)
+        app = create_app(self.watcher, admission, retry=retry)
+        client = TestClient(TestServer(app, handler_cancellation=True))
+        await client.start_server()
+        self._clients.append(client)
+        return client
+
+    async def close(self) -> None:
+        for client in self._clients:
+            await client.close()
+        for server in self._servers:
+            await server.close()
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    async with aiohttp.ClientSession() as session:
+        rig = Rig(RouteWatcher("http://127.0.0.1:1", session))  # no supervisor: tests set routes
+        try:
+            yield rig
+        finally:
+            await rig.close()
+
+
+def ready_model(name: str, *urls: str, seqs: int = 8) -> ModelRoute:
+    """A ready model served by replicas at `urls` (ids `name-0`, `name-1`, ...)."""
+    replicas = tuple(ReplicaRoute(f"{name}-{i}", "ready", url, seqs) for i, url in enumerate(urls))
+    return ModelRoute(name, "ready", "", replicas)

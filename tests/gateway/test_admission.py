@@ -80,7 +80,7 @@ async def test_a_request_waits_for_its_model_to_become_ready(watcher):
     watcher.update(table(1, state="starting"))
     admission = Admission(watcher, queue_timeout=10)
     waiting = asyncio.ensure_future(admission.acquire("m"))
-    await asyncio.sleep(0.1)
+    await wait_until(lambda: admission.queued("m") == 1, what="the request queued")
     assert not waiting.done()
     watcher.update(table(2, state="ready"))
     assert (await waiting).id == "m-0"
@@ -140,7 +140,7 @@ async def test_a_draining_model_takes_nothing_new_and_its_waiters_get_404(watche
 async def test_before_the_first_route_table_requests_wait_instead_of_404(watcher):
     admission = Admission(watcher, queue_timeout=10)
     waiting = asyncio.ensure_future(admission.acquire("m"))
-    await asyncio.sleep(0.1)
+    await wait_until(lambda: watcher.waiting == 1, what="the request waiting for a table")
     assert not waiting.done()
     watcher.update(table(1))
     assert (await waiting).id == "m-0"

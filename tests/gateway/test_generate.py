@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 
-import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from contract.routes import ModelRoute, ReplicaRoute, RouteTable
-from gateway.admission import Admission
-from gateway.app import create_app
 from gateway.retry import RetryBudget
-from gateway.routes import RouteWatcher
 from gateway.state import ADMISSION, UPSTREAM
-from tests.fake_engine import FakeEngine, make_app
+from tests.fake_engine import FakeEngine
+from tests.gateway.conftest import Rig, ready_model
 
 
 async def failing_engine() -> web.Application:
@@ -49,48 +45,23 @@ async def failing_engine() -> web.Application:
 
 
 @pytest.fixture
-async def gateway() -> AsyncIterator[tuple[TestClient, RouteWatcher]]:
-    engine = TestServer(make_app(FakeEngine("m")))
-    broken = TestServer(await failing_engine())
-    await engine.start_server()
-    await broken.start_server()
-    async with aiohttp.ClientSession() as session:
-        watcher = RouteWatcher("http://127.0.0.1:1", session)
-        watcher.update(
-            RouteTable(
-                version=1,
-                models={
-                    "m": ModelRoute("m", "ready", "", (
-                        ReplicaRoute("m-0", "ready", str(engine.make_url("")).rstrip("/"), 8),
-                    )),
-                    "slow": ModelRoute("slow", "starting", "spawning engine", (
-                        ReplicaRoute("slow-0", "starting", "http://127.0.0.1:1", 8),
-                    )),
-                    "broken": ModelRoute("broken", "ready", "", (
-                        ReplicaRoute("b-0", "ready", str(broken.make_url("")).rstrip("/"), 8),
-                    )),
-                    "dies": ModelRoute("dies", "ready", "", (
-                        ReplicaRoute("d-0", "ready", str(broken.make_url("/dies")), 8),
-                    )),
-                    "hangs": ModelRoute("hangs", "ready", "", (
-                        ReplicaRoute("h-0", "ready", str(broken.make_url("/hang")), 8),
-                    )),
-                },
-            )
-        )  # fmt: skip
-        admission = Admission(watcher, queue_timeout=0.3)
-        # A broken engine is retried, briefly shunned, then tried again by the next request.
-        retry = RetryBudget(suspect_for=0.05, replay_timeout=1)
-        client = TestClient(TestServer(create_app(watcher, admission, retry=retry)))
-        await client.start_server()
-        yield client, watcher
-        await client.close()
-    await engine.close()
-    await broken.close()
+async def client(rig: Rig) -> TestClient:
+    engine = await rig.engine(FakeEngine("m"))
+    broken = await rig.engine(await failing_engine())
+    starting = ReplicaRoute("slow-0", "starting", "http://127.0.0.1:1", 8)
+    routes = RouteTable(1, {
+        "m": ready_model("m", engine),
+        "slow": ModelRoute("slow", "starting", "spawning engine", (starting,)),
+        "broken": ready_model("broken", broken),
+        "dies": ready_model("dies", f"{broken}/dies"),
+        "hangs": ready_model("hangs", f"{broken}/hang"),
+    })  # fmt: skip
+    # A broken engine is retried, briefly shunned, then tried again by the next request.
+    retry = RetryBudget(suspect_for=0.05, replay_timeout=1)
+    return await rig.gateway(routes, retry=retry, queue_timeout=0.3)
 
 
-async def test_generate_returns_text_finish_reason_and_usage(gateway):
-    client, _ = gateway
+async def test_generate_returns_text_finish_reason_and_usage(client):
     response = await client.post(
         "/generate", json={"model": "m", "prompt": "hello there", "max_tokens": 3}
     )
@@ -103,8 +74,7 @@ async def test_generate_returns_text_finish_reason_and_usage(gateway):
     }
 
 
-async def test_unknown_model_is_404_naming_known_ones(gateway):
-    client, _ = gateway
+async def test_unknown_model_is_404_naming_known_ones(client):
     response = await client.post("/generate", json={"model": "nope", "prompt": "hi"})
     assert response.status == 404
     error = (await response.json())["error"]
@@ -126,8 +96,7 @@ async def test_unknown_model_is_404_naming_known_ones(gateway):
         ('{"model": "m", "prompt": "hi", "temperature": "hot"}', 422, "temperature"),
     ],
 )
-async def test_bad_input_is_a_json_4xx_naming_the_field(gateway, body, status, param):
-    client, _ = gateway
+async def test_bad_input_is_a_json_4xx_naming_the_field(client, body, status, param):
     response = await client.post(
         "/generate", data=body, headers={"content-type": "application/json"}
     )
@@ -138,8 +107,7 @@ async def test_bad_input_is_a_json_4xx_naming_the_field(gateway, body, status, p
         assert error["message"].startswith(param)
 
 
-async def test_model_still_starting_is_503_with_retry_after(gateway):
-    client, _ = gateway
+async def test_model_still_starting_is_503_with_retry_after(client):
     response = await client.post("/generate", json={"model": "slow", "prompt": "hi"})
     assert response.status == 503
     assert int(response.headers["Retry-After"]) >= 1
@@ -147,16 +115,14 @@ async def test_model_still_starting_is_503_with_retry_after(gateway):
     assert "not ready after 0s: starting (spawning engine)" in message
 
 
-async def test_engine_error_is_502_not_500(gateway):
-    client, _ = gateway
+async def test_engine_error_is_502_not_500(client):
     response = await client.post("/generate", json={"model": "broken", "prompt": "hi"})
     assert response.status == 502
     assert "EngineCore died" in (await response.json())["error"]["message"]
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_engine_errors_are_relayed_in_openai_shape(gateway, stream):
-    client, _ = gateway
+async def test_engine_errors_are_relayed_in_openai_shape(client, stream):
     body = {"model": "broken", "prompt": "hi", "stream": stream}
     response = await client.post("/v1/completions", json=body)
     assert response.status == 502
@@ -171,39 +137,35 @@ async def test_engine_errors_are_relayed_in_openai_shape(gateway, stream):
 
 @pytest.mark.parametrize("route", ["/v1/completions", "/generate"])
 async def test_an_engine_that_always_dies_mid_stream_ends_the_stream_with_an_error_event(
-    gateway, route
+    client, route
 ):
-    client, _ = gateway
     response = await client.post(route, json={"model": "dies", "prompt": "hi", "stream": True})
     assert response.status == 200  # the headers went out before the engine died
     events = [e for e in (await response.read()).decode().split("\n\n") if e]
     assert len(events) == 3 + 2, "a chunk from each of 3 attempts (resumed twice), error, [DONE]"
     assert events[-1] == "data: [DONE]"
     error = json.loads(events[-2].removeprefix("data: "))["error"]
-    assert error["type"] == "upstream_error" and "d-0 unreachable" in error["message"]
+    assert error["type"] == "upstream_error" and "dies-0 unreachable" in error["message"]
     assert "failed on engines 3 times" in error["message"]
     metrics = await (await client.get("/metrics")).text()
     assert f'model="dies",outcome="upstream_error",route="{route}"}} 1.0' in metrics
 
 
-async def test_an_engine_that_does_not_answer_in_time_is_504(gateway):
-    client, _ = gateway
+async def test_an_engine_that_does_not_answer_in_time_is_504(client):
     client.app[UPSTREAM].timeout = 0.2
     response = await client.post("/v1/chat/completions", json={"model": "hangs", "messages": []})
     assert response.status == 504, await response.text()
     assert (await response.json())["error"]["type"] == "upstream_timeout"
-    assert client.app[ADMISSION].outstanding["h-0"] == 0
+    assert client.app[ADMISSION].outstanding["hangs-0"] == 0
 
 
-async def test_unknown_route_is_json_404(gateway):
-    client, _ = gateway
+async def test_unknown_route_is_json_404(client):
     response = await client.get("/nope")
     assert response.status == 404
     assert (await response.json())["error"]["code"] == 404
 
 
-async def test_models_and_health(gateway):
-    client, _ = gateway
+async def test_models_and_health(client):
     models = await (await client.get("/v1/models")).json()
     assert [m["id"] for m in models["data"]] == ["broken", "dies", "hangs", "m", "slow"]
     health = await (await client.get("/health")).json()

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
-import time
-from collections.abc import AsyncIterator
 
-import aiohttp
 import openai
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp import web
+from aiohttp.test_utils import TestClient
 
-from contract.routes import ModelRoute, ReplicaRoute, RouteTable
-from gateway.app import create_app
-from gateway.routes import RouteWatcher
+from contract.routes import RouteTable
 from gateway.state import ADMISSION
 from tests.conftest import wait_until
-from tests.fake_engine import FakeEngine, make_app
+from tests.fake_engine import FakeEngine
+from tests.gateway.conftest import Rig, ready_model
 
 TOKEN_DELAY = 0.1
 
@@ -30,20 +26,8 @@ def fake() -> FakeEngine:
 
 
 @pytest.fixture
-async def gateway(fake: FakeEngine) -> AsyncIterator[TestClient]:
-    engine = TestServer(make_app(fake), handler_cancellation=True)
-    await engine.start_server()
-    async with aiohttp.ClientSession() as session:
-        watcher = RouteWatcher("http://127.0.0.1:1", session)
-        url = str(engine.make_url("")).rstrip("/")
-        watcher.update(RouteTable(1, {"m": ModelRoute("m", "ready", "", (
-            ReplicaRoute("m-0", "ready", url, 8),))}))  # fmt: skip
-        app = create_app(watcher)
-        client = TestClient(TestServer(app, handler_cancellation=True))
-        await client.start_server()
-        yield client
-        await client.close()
-    await engine.close()
+async def gateway(rig: Rig, fake: FakeEngine) -> TestClient:
+    return await rig.gateway(RouteTable(1, {"m": ready_model("m", await rig.engine(fake))}))
 
 
 def sdk(client: TestClient) -> openai.AsyncOpenAI:
@@ -61,17 +45,35 @@ async def test_completion_and_chat_through_the_sdk(gateway):
     assert chat.choices[0].message.content == " y x"
 
 
-async def test_stream_chunks_arrive_as_the_engine_sends_them(gateway):
-    api = sdk(gateway)
-    arrivals, texts = [], []
-    stream = await api.completions.create(model="m", prompt="a b", max_tokens=5, stream=True)
-    async for chunk in stream:
-        arrivals.append(time.monotonic())
-        texts.append(chunk.choices[0].text)
-    assert "".join(texts) == " b a b a b"
-    assert len(arrivals) == 5
-    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-    assert min(gaps) > TOKEN_DELAY / 2, f"chunks were buffered: gaps {gaps}"
+def completion_chunk(text: str) -> bytes:
+    chunk = {"id": "cmpl-held", "object": "text_completion", "created": 1, "model": "m",
+             "choices": [{"index": 0, "text": text, "finish_reason": None}]}  # fmt: skip
+    return f"data: {json.dumps(chunk)}\n\n".encode()
+
+
+async def test_stream_chunks_arrive_as_the_engine_sends_them(rig):
+    """Streamed, not buffered: the engine sends its last chunk only once the client has the
+    first, so a gateway that held chunks back would never finish."""
+    client_has_first = asyncio.Event()
+
+    async def held_back(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(completion_chunk(" first"))
+        await client_has_first.wait()
+        await response.write(completion_chunk(" last") + b"data: [DONE]\n\n")
+        return response
+
+    engine = web.Application()
+    engine.router.add_post("/v1/completions", held_back)
+    gateway = await rig.gateway(RouteTable(1, {"m": ready_model("m", await rig.engine(engine))}))
+    stream = await sdk(gateway).completions.create(model="m", prompt="a", max_tokens=2, stream=True)
+    texts = []
+    async with asyncio.timeout(5):  # buffered, the first chunk would wait for the last: forever
+        async for chunk in stream:
+            texts.append(chunk.choices[0].text)
+            client_has_first.set()
+    assert texts == [" first", " last"]
 
 
 async def test_chat_stream_with_usage(gateway):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from gateway.resume import Partial, Splice, StreamLog, continuation, events, finish_events
+from gateway.resume import Partial, Splice, StreamLog, continuation, finish_events
 from gateway.retry import RetryBudget
+from gateway.sse import events
 
 
 def sse(chunk: dict[str, object] | str) -> bytes:

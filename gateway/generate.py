@@ -1,0 +1,74 @@
+"""/generate, sem's own simple route over the engine's /v1/completions: its request, its answer
+and its stream format. The journey and the relay are those of the OpenAI routes; only the shapes
+differ.
+
+    POST /generate {model, prompt, max_tokens?, temperature?, stream?, ...sampling parameters}
+    -> {model, text, finish_reason, usage}
+    -> with stream: true, `data: {"text": delta}` events (`finish_reason` on the last), `[DONE]`
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.sse import events, sse
+
+ENGINE_PATH = "/v1/completions"  # what /generate is served by
+
+
+class GenerateRequest(BaseModel):
+    """/generate's body. Unknown fields are sampling parameters, passed to the engine as is."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    prompt: str = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0)
+    stream: bool = False
+
+
+class GenerateAnswer:
+    """The engine's completion reshaped into /generate's answer (named after the model the
+    client asked for, whatever name the engine serves it under)."""
+
+    __slots__ = ("model",)
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+
+    def __call__(self, completion: dict[str, Any]) -> dict[str, Any]:
+        usage = completion.get("usage") or {}
+        choice = completion["choices"][0]
+        return {
+            "model": self.model,
+            "text": choice.get("text", ""),
+            "finish_reason": choice.get("finish_reason"),
+            "usage": {
+                "prompt_tokens": usage.get("prompt_tokens", 0),
+                "completion_tokens": usage.get("completion_tokens", 0),
+                "total_tokens": usage.get("total_tokens", 0),
+            },
+        }
+
+
+def generate_events(raw: bytes) -> bytes:
+    """/generate's stream format from the engine's completion events: `data: {"text": delta}`
+    (with `finish_reason` on the last), then `data: [DONE]`; error events pass as they are."""
+    out = []
+    for data in events(raw):
+        if data == b"[DONE]":
+            out.append(sse("[DONE]"))
+            continue
+        chunk = json.loads(data)
+        if "error" in chunk:
+            out.append(sse(chunk))
+        for choice in chunk.get("choices", []):
+            delta: dict[str, Any] = {"text": choice.get("text", "")}
+            if choice.get("finish_reason"):
+                delta["finish_reason"] = choice["finish_reason"]
+            out.append(sse(delta))
+    return b"".join(out)
