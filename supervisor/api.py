@@ -21,6 +21,7 @@ from contract.errors import error_body
 from supervisor.cache import ModelCache
 from supervisor.cache_api import cache_router
 from supervisor.config import ModelSpec, format_loc
+from supervisor.demand import DemandBoard
 from supervisor.errors import InvalidConfig, SupervisorError, Unauthorized
 from supervisor.events import EventLog
 from supervisor.hosts import HostCheck
@@ -28,6 +29,7 @@ from supervisor.manager import Manager
 from supervisor.metrics import SupervisorMetrics
 from supervisor.metrics_api import metrics_router
 from supervisor.reconcile import ConfigDiff
+from supervisor.report_api import report_router
 
 Reload = Callable[[bool], Awaitable[ConfigDiff]]  # its argument: removing every model is confirmed
 
@@ -57,6 +59,7 @@ def create_app(
     cache: ModelCache | None = None,
     allowed_hosts: frozenset[str] | None = None,
     metrics: SupervisorMetrics | None = None,
+    demand: DemandBoard | None = None,
 ) -> FastAPI:
     """The app; `allowed_hosts` (hosts.allowed_hosts) turns the Host header check on, which the
     daemon always does (in-process tests leave it off)."""
@@ -159,4 +162,6 @@ def create_app(
         app.include_router(cache_router(manager, cache, mutating))
     if metrics is not None:
         app.include_router(metrics_router(metrics))
+    if demand is not None:
+        app.include_router(report_router(demand, mutating))
     return app

@@ -229,7 +229,7 @@ async def _serve(
     await metrics.start()  # before restore(): its events count too
     app = create_app(
         manager, events, token=args.token, reload=reload, cache=cache, allowed_hosts=hosts,
-        metrics=metrics,
+        metrics=metrics, demand=manager.demand,
     )  # fmt: skip
     server = _QuietServer(
         uvicorn.Config(

@@ -13,6 +13,7 @@ from typing import Any
 from contract.routes import RouteTable
 from supervisor.cache import ModelCache
 from supervisor.config import ModelSpec
+from supervisor.demand import DemandBoard
 from supervisor.events import EventLog
 from supervisor.launch import EngineSettings, ReplicaFactory
 from supervisor.models import ModelEntry
@@ -45,8 +46,10 @@ class Manager:
         scheduling: SchedulerSettings | None = None,
         store: Store | None = None,
         cache: ModelCache | None = None,
+        demand: DemandBoard | None = None,
     ) -> None:
         self.events = events  # every decision and transition, for the API and the tests
+        self.demand = demand or DemandBoard()  # what the gateway reports (contract.report)
         store = store or Store(None)
         timing = timing or ReplicaTiming()
         self._scheduler = Scheduler(inventory, events, scheduling or SchedulerSettings())
