@@ -19,7 +19,7 @@ import asyncio
 import heapq
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -50,12 +50,20 @@ class Admission:
         self._queues: dict[str, list[_Waiter]] = {}
         self._suspects: dict[str, float] = {}  # engine url -> until (time.monotonic)
         self._arrivals = itertools.count()
+        self.last_request: dict[str, float] = {}  # model -> unix time a request last arrived
+        # Called with a model's name when a request for it finds no ready replica (reporter).
+        self.on_unserved: Callable[[str], None] | None = None
         watcher.subscribe(self._table_changed)
 
     # -- queries -----------------------------------------------------------------------------
 
     def queued(self, model: str) -> int:
         return sum(1 for w in self._queues.get(model, ()) if not w.future.done())
+
+    def known_models(self) -> list[str]:
+        """Models in the route table, and any a request asked for since (demand for a model the
+        supervisor may load on request)."""
+        return sorted(set(self._watcher.table.models) | set(self.last_request))
 
     def in_flight(self, model: str) -> int:
         route = self._watcher.table.models.get(model)
@@ -78,9 +86,12 @@ class Admission:
             await self._first_table()
         if (gone := self._gone(model)) is not None:
             raise gone
+        self.last_request[model] = time.time()
         if not self.queued(model) and (replica := self._free_replica(model)) is not None:
             self._take(replica)
             return replica
+        if self.on_unserved is not None and not self._has_ready(model):
+            self.on_unserved(model)
         if self.queued(model) >= self.max_queue:
             raise QueueFull(
                 f"model {model!r}: {self.queued(model)} requests already queued (the limit);"
@@ -183,6 +194,10 @@ class Admission:
         if route.state == "failed":  # no replica will come back without the operator
             return ModelFailed(f"model {model!r} failed: {route.reason}")
         return None
+
+    def _has_ready(self, model: str) -> bool:
+        route = self._watcher.table.models.get(model)
+        return route is not None and bool(route.ready_replicas)
 
     def _free_replica(self, model: str) -> ReplicaRoute | None:
         route = self._watcher.table.models.get(model)

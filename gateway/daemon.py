@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 
 import aiohttp
@@ -17,6 +18,7 @@ from contract.routes import ModelRoute, ReplicaRoute, RouteTable
 from gateway.admission import Admission
 from gateway.app import create_app
 from gateway.limits import Limits
+from gateway.reporter import Reporter
 from gateway.retry import RetryBudget
 from gateway.routes import RouteWatcher
 from gateway.state import DOOR
@@ -29,6 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=defaults.GATEWAY_PORT)
     p.add_argument("--supervisor", default=defaults.SUPERVISOR_URL)
+    p.add_argument("--admin-token", default=os.environ.get("SEM_ADMIN_TOKEN"),
+                   help="the supervisor's admin token (demand reports need it)")  # fmt: skip
+    p.add_argument("--report-interval", type=float, default=1.0,
+                   help="seconds between demand reports to the supervisor")  # fmt: skip
     p.add_argument("--route", action="append", default=[], metavar="MODEL=URL[@SLOTS]",
                    help="serve MODEL from an engine at URL, without a supervisor"
                    " (repeatable; SLOTS: requests in flight, default 4096)")  # fmt: skip
@@ -112,6 +118,9 @@ async def serve(args: argparse.Namespace) -> int:
     # With static routes there is no supervisor to follow.
     watch_task = None if fixed else asyncio.create_task(watcher.run(), name="route-watcher")
     admission = Admission(watcher, max_queue=args.max_queue, queue_timeout=args.queue_timeout)
+    reporter = Reporter(args.supervisor, control, admission, args.admin_token,
+                        args.report_interval)  # fmt: skip
+    report_task = None if fixed else asyncio.create_task(reporter.run(), name="reporter")
     retry = RetryBudget(
         max_attempts=args.max_attempts, quarantine=args.quarantine,
         replay_timeout=args.replay_timeout,
@@ -146,10 +155,11 @@ async def serve(args: argparse.Namespace) -> int:
         if listener is not None:
             listener.close()  # no new connections
         await runner.cleanup()  # stops listening, waits for handlers up to shutdown_timeout
-        if watch_task is not None:
-            watch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watch_task
+        for task in (watch_task, report_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await control.close()
     log.info("gateway stopped")
     return 0

@@ -14,6 +14,7 @@ import httpx
 
 from contract import defaults
 from sem import cachecmd
+from sem.chaos import command as chaoscmd
 from sem.launcher import RunOptions, run
 
 DEFAULT_ADMIN = os.environ.get("SEM_ADMIN_URL", defaults.SUPERVISOR_URL)
@@ -103,7 +104,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    diff = admin_request(args, "POST", "/reload")
+    params = {"confirm_remove_all": "true"} if args.yes else {}
+    diff = admin_request(args, "POST", "/reload", params=params)
     for kind in ("added", "changed", "removed", "unchanged"):
         print(f"{kind:10} {', '.join(diff[kind]) or '-'}")
     return 0
@@ -193,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rm)
 
     p = sub.add_parser("reload", help="apply models.yaml's changes (added, removed, changed)")
+    p.add_argument(
+        "--yes", action="store_true", help="go on if models.yaml lists no models (removes all)"
+    )
     p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("resources", help="devices: total, free, reserved by sem")
@@ -209,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     cachecmd.configure(p)
     p.set_defaults(func=lambda args: cachecmd.run(args, admin_request))
+
+    p = sub.add_parser("chaos", help="fault scenarios against a running sem, under load",
+                       description=chaoscmd.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    chaoscmd.configure(p)
+    p.set_defaults(func=chaoscmd.run)
     return parser
 
 

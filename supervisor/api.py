@@ -1,9 +1,14 @@
-"""The supervisor's admin REST API (FastAPI). Errors leave as {"error": {"type", "message"}}."""
+"""The supervisor's admin REST API (FastAPI). Errors leave as {"error": {"type", "message"}}.
+
+Secrets never leave it: a model's `env` values, and `engine_args` whose names look secret, are
+answered as "***" (the keys stay, so an operator sees what is set). No CORS headers are sent.
+"""
 
 from __future__ import annotations
 
 import hmac
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
@@ -16,12 +21,34 @@ from contract.errors import error_body
 from supervisor.cache import ModelCache
 from supervisor.cache_api import cache_router
 from supervisor.config import ModelSpec, format_loc
+from supervisor.demand import DemandBoard
 from supervisor.errors import InvalidConfig, SupervisorError, Unauthorized
 from supervisor.events import EventLog
+from supervisor.hosts import HostCheck
 from supervisor.manager import Manager
+from supervisor.metrics import SupervisorMetrics
+from supervisor.metrics_api import metrics_router
 from supervisor.reconcile import ConfigDiff
+from supervisor.report_api import report_router
 
-Reload = Callable[[], Awaitable[ConfigDiff]]
+Reload = Callable[[bool], Awaitable[ConfigDiff]]  # its argument: removing every model is confirmed
+
+REDACTED = "***"
+_SECRET_NAME = re.compile(
+    r"(^|[-_])(api[-_]?key|key|token|secret|password|passwd|credentials?)$", re.IGNORECASE
+)
+
+
+def redact(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """A model's snapshot as answered: every env value, and engine_args that look secret
+    (api-key, hf-token...), replaced by "***"."""
+    spec = dict(snapshot["spec"])
+    spec["env"] = dict.fromkeys(spec.get("env") or {}, REDACTED)
+    spec["engine_args"] = {
+        k: REDACTED if _SECRET_NAME.search(k) else v
+        for k, v in (spec.get("engine_args") or {}).items()
+    }
+    return {**snapshot, "spec": spec}
 
 
 def create_app(
@@ -30,8 +57,15 @@ def create_app(
     token: str | None = None,
     reload: Reload | None = None,
     cache: ModelCache | None = None,
+    allowed_hosts: frozenset[str] | None = None,
+    metrics: SupervisorMetrics | None = None,
+    demand: DemandBoard | None = None,
 ) -> FastAPI:
+    """The app; `allowed_hosts` (hosts.allowed_hosts) turns the Host header check on, which the
+    daemon always does (in-process tests leave it off)."""
     app = FastAPI(title="sem supervisor", version="0.1.0")
+    if allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed=allowed_hosts)
     token = token or None  # an empty SEM_ADMIN_TOKEN= means no token, not the empty one
 
     async def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
@@ -68,28 +102,29 @@ def create_app(
 
     @app.get("/models")
     async def list_models() -> dict[str, Any]:
-        return {"models": [entry.snapshot() for entry in manager.entries()]}
+        return {"models": [redact(entry.snapshot()) for entry in manager.entries()]}
 
     @app.get("/models/{name}")
     async def get_model(name: str) -> dict[str, Any]:
-        return manager.get(name).snapshot()
+        return redact(manager.get(name).snapshot())
 
     @app.post("/models", status_code=202, dependencies=mutating)
     async def add_model(spec: ModelSpec) -> dict[str, Any]:
-        return manager.add(spec).snapshot()
+        return redact(manager.add(spec).snapshot())
 
     @app.delete("/models/{name}", status_code=202, dependencies=mutating)
     async def remove_model(
         name: str, timeout: Annotated[float, Query(ge=0, le=3600)] = 30.0
     ) -> dict[str, Any]:
-        return manager.remove(name, drain_timeout=timeout).snapshot()
+        return redact(manager.remove(name, drain_timeout=timeout).snapshot())
 
     @app.post("/reload", dependencies=mutating)
-    async def reload_config() -> dict[str, Any]:
-        """Apply models.yaml's changes (the file the supervisor started with)."""
+    async def reload_config(confirm_remove_all: bool = False) -> dict[str, Any]:
+        """Apply models.yaml's changes (the file the supervisor started with); 409 if the file
+        lists no model any more, unless `confirm_remove_all=true`."""
         if reload is None:
             raise InvalidConfig("this supervisor was started without a models.yaml to reload")
-        return (await reload()).to_json()
+        return (await reload(confirm_remove_all)).to_json()
 
     @app.get("/resources")
     async def resources() -> dict[str, Any]:
@@ -125,4 +160,8 @@ def create_app(
 
     if cache is not None:
         app.include_router(cache_router(manager, cache, mutating))
+    if metrics is not None:
+        app.include_router(metrics_router(metrics))
+    if demand is not None:
+        app.include_router(report_router(demand, mutating))
     return app

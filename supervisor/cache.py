@@ -2,9 +2,8 @@
 
 One asyncio task per source (a second request for a source being fetched joins its job); the
 blocking huggingface_hub calls run in the cache's own thread pool, so the event loop never
-waits on the network or the disk. A job moves `checking` (listing, sizes, disk space) ->
-`downloading` (files in parallel, bytes counted as they arrive) -> `done` | `failed` |
-`cancelled`. hub.py has the files and the layout.
+waits on the network or the disk. cache_job.py has a job's states and progress; hub.py has the
+files and the layout.
 """
 
 from __future__ import annotations
@@ -12,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import threading
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +19,7 @@ from typing import Any
 
 from huggingface_hub import constants
 
+from supervisor.cache_job import Job, JobState
 from supervisor.config import Source
 from supervisor.errors import (
     CacheConflict,
@@ -48,124 +46,6 @@ class CacheSettings:
     margin: int = 1 << 30  # free disk kept after a download
     parallel_files: int = 8  # files of one model fetched at once (huggingface_hub's default)
     offline: bool = field(default_factory=lambda: bool(constants.HF_HUB_OFFLINE))
-
-
-class Progress:
-    """Bytes done of a total, fed from worker threads; rate over the last few seconds."""
-
-    WINDOW = 5.0
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.total = 0
-        self.done = 0
-        self._samples: deque[tuple[float, int]] = deque([(time.monotonic(), 0)])
-
-    def start(self, total: int, done: int) -> None:
-        with self._lock:
-            self.total, self.done = total, done
-            self._samples = deque([(time.monotonic(), done)])
-
-    def add(self, n: int) -> None:
-        with self._lock:
-            self.done += n
-            now = time.monotonic()
-            if now - self._samples[-1][0] >= 0.2:
-                self._samples.append((now, self.done))
-                while len(self._samples) > 2 and now - self._samples[1][0] > self.WINDOW:
-                    self._samples.popleft()
-
-    def rate(self) -> float:
-        with self._lock:
-            if not self._samples:
-                return 0.0
-            then, done_then = self._samples[0]
-            elapsed = time.monotonic() - then
-            return (self.done - done_then) / elapsed if elapsed > 0 else 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        rate = self.rate()
-        remaining = max(self.total - self.done, 0)
-        return {
-            "total": self.total,
-            "done": self.done,
-            "percent": round(100 * self.done / self.total, 1) if self.total else 0.0,
-            "rate": round(rate),
-            "eta": round(remaining / rate, 1) if rate > 0 and remaining else None,
-        }
-
-
-class Job:
-    """Caching one source."""
-
-    def __init__(self, source: Source, job_id: int) -> None:
-        self.id = job_id
-        self.source = source
-        self.state = "checking"
-        self.progress = Progress()
-        self.files = 0
-        self.files_done = 0
-        self.skipped: list[str] = []
-        self.path: Path | None = None
-        self.error: CacheError | None = None
-        self.note = ""
-        self.started = time.time()
-        self.finished: float | None = None
-        self.cancelled = threading.Event()
-        self.checked = asyncio.Event()  # past `checking`: planned and disk checked, or ended
-        self.ended = asyncio.Event()
-
-    @property
-    def key(self) -> str:
-        return str(self.source)
-
-    @property
-    def running(self) -> bool:
-        return not self.ended.is_set()
-
-    async def wait(self) -> Path:
-        """The snapshot folder once done; the job's CacheError if it failed."""
-        await self.ended.wait()
-        if self.error is not None:
-            raise self.error
-        if self.path is None:
-            raise CacheError(f"{self.source}: download cancelled")
-        return self.path
-
-    def describe(self) -> str:
-        """One line for a model's reason while it downloads."""
-        if self.state == "checking":
-            return f"checking {self.source} on the hub"
-        p = self.progress.to_json()
-        eta = f", ETA {p['eta']:.0f}s" if p["eta"] is not None else ""
-        return (
-            f"downloading {self.source}: {human(p['done'])} of {human(p['total'])}"
-            f" ({p['percent']}%) at {human(p['rate'])}/s{eta}"
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "id": self.id,
-            "source": self.key,
-            "state": self.state,
-            **self.progress.to_json(),
-            "files": self.files,
-            "files_done": self.files_done,
-            "skipped": self.skipped,
-            "path": str(self.path) if self.path else None,
-            "started": self.started,
-            "finished": self.finished,
-            "error": None,
-        }
-        if self.note:
-            out["note"] = self.note
-        if self.error is not None:
-            out["error"] = {
-                "type": self.error.type,
-                "status": self.error.status,
-                "message": self.error.message,
-            }
-        return out
 
 
 class ModelCache:
@@ -205,6 +85,11 @@ class ModelCache:
             assert source.path is not None
             return source.path if (source.path / "config.json").is_file() else None
         return self.client.local(source)
+
+    async def locate(self, source: Source) -> Path | None:
+        """`local` off the event loop (it reads refs and manifests and stats every file)."""
+        path: Path | None = await self._call(self.local, source)
+        return path
 
     async def listing(self, path_sources: list[Source]) -> list[dict[str, Any]]:
         """Cached models (hf), then the given local folders as they are."""
@@ -283,7 +168,7 @@ class ModelCache:
             )
         if self.running(source) is not None:
             raise CacheConflict(f"{source} is being downloaded; wait for the job to end")
-        path = self.client.local(source)
+        path = await self.locate(source)
         if path is None:
             raise NotCached(f"{source} is not in the cache at {self.cache_dir}")
         freed: int = await self._call(self.client.delete, source.repo, path.name)
@@ -305,17 +190,17 @@ class ModelCache:
     async def _run(self, job: Job) -> None:
         try:
             job.path = await self._cache(job)
-            job.state = "done"
+            job.state = JobState.DONE
             log.info("cached %s in %s", job.source, job.path)
         except DownloadCancelled:
-            job.state = "cancelled"
+            job.state = JobState.CANCELLED
         except CacheError as exc:
-            job.error, job.state = exc, "failed"
+            job.error, job.state = exc, JobState.FAILED
             log.warning("caching failed: %s", exc.message)
         except Exception as exc:  # a bug or an unforeseen hub answer: say it, keep serving
             log.exception("caching %s failed", job.source)
             job.error = CacheError(f"{job.source}: download failed: {exc!r}")
-            job.state = "failed"
+            job.state = JobState.FAILED
         finally:
             job.finished = time.time()
             job.checked.set()
@@ -325,11 +210,11 @@ class ModelCache:
     async def _cache(self, job: Job) -> Path:
         source = job.source
         if source.kind == "path":
-            if (path := self.local(source)) is None:
+            if (path := await self.locate(source)) is None:
                 raise InvalidSource(f"{source}: no config.json in {source.path}")
             return path
         if self.settings.offline:
-            if (path := self.client.local(source)) is not None:
+            if (path := await self.locate(source)) is not None:
                 job.note = "HF_HUB_OFFLINE is set: the cached copy is used as it is"
                 return path
             raise HubUnreachable(
@@ -338,14 +223,14 @@ class ModelCache:
         try:
             plan: Plan = await self._call(self.client.plan, source, self._meta_pool)
         except HubUnreachable:
-            if (path := self.client.local(source)) is not None:
+            if (path := await self.locate(source)) is not None:
                 job.note = "the hub is unreachable: the cached copy is used as it is"
                 return path
             raise
         job.skipped, job.files = plan.skipped, len(plan.files)
         job.progress.start(plan.total, plan.present)
         await self._check_disk(job, plan)
-        job.state = "downloading"
+        job.state = JobState.DOWNLOADING
         job.checked.set()
         self._notify()
         await self._download(job, plan)
@@ -359,7 +244,7 @@ class ModelCache:
         held = sum(
             max(j.progress.total - j.progress.done, 0)
             for j in self._jobs.values()
-            if j is not job and j.state == "downloading"
+            if j is not job and j.state is JobState.DOWNLOADING
         )
         free: int = await self._call(self.client.free_bytes)
         available = free - self.settings.margin - held

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -10,7 +11,8 @@ from fastapi.params import Depends
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from supervisor.cache import Job, ModelCache
+from supervisor.cache import ModelCache
+from supervisor.cache_job import Job
 from supervisor.config import Source
 from supervisor.errors import InvalidSource
 from supervisor.manager import Manager
@@ -33,9 +35,8 @@ def parse_source(text: str) -> Source:
         raise InvalidSource(str(exc)) from None
 
 
-def users_of(manager: Manager, cache: ModelCache, source: Source) -> list[str]:
-    """Models that run from (or are downloading) this source's files."""
-    local = cache.local(source)
+def users_of(manager: Manager, local: Path | None, source: Source) -> list[str]:
+    """Models that run from (or are downloading) this source's files (`local`: its folder)."""
     return [
         e.spec.name
         for e in manager.entries()
@@ -95,6 +96,7 @@ def cache_router(manager: Manager, cache: ModelCache, mutating: Sequence[Depends
     async def delete(source: str) -> dict[str, Any]:
         """Free a cached model's files; 409 while a model uses it."""
         parsed = parse_source(source)
-        return await cache.delete(parsed, users_of(manager, cache, parsed))
+        users = users_of(manager, await cache.locate(parsed), parsed)
+        return await cache.delete(parsed, users)
 
     return router

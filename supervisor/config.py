@@ -8,14 +8,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # public, documented
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from supervisor.fence import EngineArg as EngineArg  # re-exported: engine.py's value type
+from supervisor.fence import check_engine_args, check_env
+from supervisor.gpu_selection import check_device_list
 from supervisor.units import parse_duration, parse_size
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-_HF_SOURCE = re.compile(r"^hf://([\w.-]+/[\w.-]+)(?:@([\w./-]+))?$")
-
-EngineArg = str | int | float | bool
+_HF_SOURCE = re.compile(r"^hf://([^@/]+/[^@/]+)(?:@(.+))?$")
+# A branch, tag or commit, as git's check-ref-format allows them (ASCII subset): `refs/pr/1`
+# is one. huggingface_hub stores a revision at `<repo>/refs/<revision>` unchecked, so one with
+# an empty, `.`-led or `..` part would name a file outside the cache.
+_REF_PART = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]*$")
+_REF_MAX = 255
 
 
 class ConfigError(ValueError):
@@ -33,8 +41,16 @@ class Source:
 
     @classmethod
     def parse(cls, text: str, base_dir: Path | None = None) -> Source:
+        """ValueError, naming the part, for a source the hub or the cache could not take."""
         if match := _HF_SOURCE.match(text):
-            return cls(kind="hf", repo=match.group(1), revision=match.group(2))
+            repo, revision = match.group(1), match.group(2)
+            try:
+                validate_repo_id(repo)  # huggingface_hub's own rule, the one its calls apply
+            except HFValidationError as exc:
+                raise ValueError(f"source {text!r}: {exc}") from None
+            if revision is not None and (why := _bad_revision(revision)):
+                raise ValueError(f"source {text!r}: revision {revision!r} {why}")
+            return cls(kind="hf", repo=repo, revision=revision)
         if text.startswith("path:") and len(text) > len("path:"):
             path = Path(text[len("path:") :]).expanduser()
             if not path.is_absolute():
@@ -46,6 +62,19 @@ class Source:
         if self.kind == "hf":
             return f"hf://{self.repo}" + (f"@{self.revision}" if self.revision else "")
         return f"path:{self.path}"
+
+
+def _bad_revision(revision: str) -> str | None:
+    """Why `revision` is not a safe branch, tag or commit name; None if it is."""
+    if len(revision) > _REF_MAX:
+        return f"is longer than {_REF_MAX} characters"
+    for part in revision.split("/"):
+        if not _REF_PART.match(part) or part.endswith(".lock") or ".." in part:
+            return (
+                "is not a branch, tag or commit name (parts of letters, digits, `_.+-` joined"
+                " by `/`; none empty, led by `.`, holding `..` or ending in `.lock`)"
+            )
+    return None
 
 
 class ModelSpec(BaseModel):
@@ -83,11 +112,13 @@ class ModelSpec(BaseModel):
     @field_validator("engine_args")
     @classmethod
     def _check_engine_args(cls, value: dict[str, EngineArg]) -> dict[str, EngineArg]:
-        reserved = {"model", "served-model-name", "host", "port", "tensor-parallel-size"}
-        for key in value:
-            flag = key.replace("_", "-")
-            if flag in reserved:
-                raise ValueError(f"engine_args.{key} is set by sem; use the spec's own field")
+        check_engine_args(value)  # what sem owns (fence.py)
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _check_env(cls, value: dict[str, str]) -> dict[str, str]:
+        check_env(value)
         return value
 
 
@@ -109,16 +140,37 @@ class CacheConfig(BaseModel):
         return value
 
 
+class ClusterConfig(BaseModel):
+    """Place models over a Ray cluster's nodes instead of this machine (docs/cluster.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["ray"] = "ray"
+    address: str = Field(default="auto", description="the head's host:port, or auto (RAY_ADDRESS)")
+
+
 class SemConfig(BaseModel):
     """The whole file."""
 
     model_config = ConfigDict(extra="forbid")
 
-    devices: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: Literal["auto", "cpu", "gpu"] | list[int | str] = Field(
+        default="auto", description="auto, cpu, gpu, or GPU indexes (NVML's) / UUIDs: [0, 1]"
+    )
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    cluster: ClusterConfig | None = Field(default=None, description="absent: this machine only")
     cpu_memory_budget: str = Field(default="auto", description="CPU mode: memory sem may use")
     recheck_interval: str | float = Field(default="10s")
     models: list[ModelSpec] = Field(default_factory=list)
+
+    @field_validator("devices")
+    @classmethod
+    def _check_devices(cls, value: str | list[int | str]) -> str | list[int | str]:
+        if isinstance(value, str):
+            return value
+        items = [int(v) if isinstance(v, str) and v.isdigit() else v for v in value]
+        check_device_list(items)
+        return items
 
     @field_validator("recheck_interval")
     @classmethod
@@ -166,8 +218,25 @@ def format_loc(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
-def parse_config(text: str, origin: str = "models.yaml", base_dir: Path | None = None) -> SemConfig:
-    """Validate YAML text; ConfigError messages read `origin:LINE: field: problem`."""
+@dataclass(frozen=True)
+class InvalidModel:
+    """A models.yaml entry skipped at start; `problem` names its line and field."""
+
+    name: str
+    problem: str
+
+
+def parse_config(
+    text: str,
+    origin: str = "models.yaml",
+    base_dir: Path | None = None,
+    skipped: list[InvalidModel] | None = None,
+) -> SemConfig:
+    """Validate YAML text; ConfigError messages read `origin:LINE: field: problem`.
+
+    With a `skipped` list (at start), an invalid model entry is left out and recorded there
+    instead of failing the whole file: one bad model must not keep the others from running.
+    """
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data: Any = yaml.safe_load(text)
@@ -179,16 +248,12 @@ def parse_config(text: str, origin: str = "models.yaml", base_dir: Path | None =
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}:1: expected a mapping with a `models:` list")
+    if skipped is not None and isinstance(data.get("models"), list):
+        data = dict(data, models=_valid_models(data["models"], node, origin, skipped))
     try:
         config = SemConfig.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = tuple(err["loc"])
-            line = _line_of(node, loc)
-            where = f"{origin}:{line}" if line else origin
-            problems.append(f"{where}: {format_loc(loc)}: {err['msg']}")
-        raise ConfigError("\n".join(problems)) from None
+        raise ConfigError(_problems(exc, node, origin)) from None
     if base_dir is not None:
         # Resolve path: sources against the file's folder, so the file works from any cwd.
         models = [
@@ -203,9 +268,40 @@ def parse_config(text: str, origin: str = "models.yaml", base_dir: Path | None =
     return config
 
 
-def load_config(path: Path) -> SemConfig:
+def _problems(
+    exc: ValidationError, node: yaml.Node | None, origin: str, prefix: tuple[int | str, ...] = ()
+) -> str:
+    """One `origin:LINE: field: problem` line per error."""
+    problems = []
+    for err in exc.errors():
+        loc = prefix + tuple(err["loc"])
+        line = _line_of(node, loc)
+        where = f"{origin}:{line}" if line else origin
+        problems.append(f"{where}: {format_loc(loc)}: {err['msg']}")
+    return "\n".join(problems)
+
+
+def _valid_models(
+    items: list[Any], node: yaml.Node | None, origin: str, skipped: list[InvalidModel]
+) -> list[Any]:
+    """The entries that validate as a ModelSpec; the others go to `skipped`."""
+    kept = []
+    for i, item in enumerate(items):
+        try:
+            ModelSpec.model_validate(item)
+        except ValidationError as exc:
+            name = item.get("name") if isinstance(item, dict) else None
+            label = name if isinstance(name, str) else f"models[{i}]"
+            skipped.append(InvalidModel(label, _problems(exc, node, origin, ("models", i))))
+            continue
+        kept.append(item)
+    return kept
+
+
+def load_config(path: Path, skipped: list[InvalidModel] | None = None) -> SemConfig:
+    """The file at `path`; see parse_config for `skipped`."""
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    return parse_config(text, origin=str(path), base_dir=path.parent.resolve())
+    return parse_config(text, origin=str(path), base_dir=path.parent.resolve(), skipped=skipped)

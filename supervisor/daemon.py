@@ -20,24 +20,34 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from contract import defaults
 from supervisor.api import create_app
 from supervisor.cache import CacheSettings, ModelCache
-from supervisor.config import ConfigError, SemConfig, load_config
-from supervisor.engine import EngineCommand
-from supervisor.errors import InvalidConfig, SupervisorError
-from supervisor.events import EventLog
-from supervisor.manager import EngineSettings, Manager, SchedulerSettings
+from supervisor.config import ConfigError, InvalidModel, ModelSpec, SemConfig, load_config
+from supervisor.engine import EngineCommand, spawn_engine
+from supervisor.engine_metrics import EngineScraper
+from supervisor.errors import SupervisorError
+from supervisor.events import EventKind, EventLog
+from supervisor.gpu_usage import NvmlProcessMemory
+from supervisor.hosts import allowed_hosts, is_loopback
+from supervisor.launch import EngineSettings
+from supervisor.manager import Manager
+from supervisor.metrics import SupervisorMetrics
 from supervisor.probe import EngineProbe
 from supervisor.procgroup import signal_group
-from supervisor.reconcile import ConfigDiff
+from supervisor.reloader import Reloader
 from supervisor.replica import ReplicaTiming
-from supervisor.resources import describe, detect
-from supervisor.store import Store, StoreError
+from supervisor.resources import Inventory, NvmlInventory, describe, detect
+from supervisor.scheduler import SchedulerSettings
+from supervisor.store import Store, StoreError, private_folder
 from supervisor.units import parse_size
+
+if TYPE_CHECKING:
+    from supervisor.cluster.backend import RayCluster
 
 log = logging.getLogger("sem.supervisor")
 
@@ -64,9 +74,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--stop-grace", type=float, default=10.0, help="SIGTERM to SIGKILL, per engine")
     p.add_argument("--start-timeout", type=float, default=600.0)
-    p.add_argument("--token", default=os.environ.get("SEM_ADMIN_TOKEN"))
+    p.add_argument("--token", default=os.environ.get("SEM_ADMIN_TOKEN"),
+                   help="bearer token for mutating calls; required beyond loopback")  # fmt: skip
+    p.add_argument(
+        "--allowed-hosts", default=os.environ.get("SEM_ALLOWED_HOSTS", ""),
+        help="comma-separated Host names answered besides loopback and --host (`*`: any)",
+    )  # fmt: skip
     p.add_argument("--cache-dir", type=Path, help="hf:// models go here (default: models.yaml's"
                    " cache.dir, else HF_HUB_CACHE)")  # fmt: skip
+    p.add_argument("--cluster-address", help="a Ray cluster's head (host:port): place models on"
+                   " its nodes (overrides models.yaml's cluster.address)")  # fmt: skip
     p.add_argument(
         "--instance", default=os.environ.get("SEM_INSTANCE"),
         help="marker on every engine process (default: the one kept in the state folder)",
@@ -87,7 +104,18 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-_RESTART_ONLY = ("devices", "cpu_memory_budget", "recheck_interval")
+async def join_cluster(args: argparse.Namespace, config: SemConfig) -> RayCluster | None:
+    """The Ray cluster to place models on (docs/cluster.md), None for this machine alone.
+    Ray is imported only here: a single box needs none."""
+    address = args.cluster_address or (config.cluster.address if config.cluster else None)
+    if address is None:
+        return None
+    from supervisor.cluster.backend import RayCluster
+
+    cluster = RayCluster(address)
+    await asyncio.to_thread(cluster.connect)
+    log.info("Ray cluster at %s: %d node(s)", address, len(cluster.nodes()))
+    return cluster
 
 
 class _QuietServer(uvicorn.Server):
@@ -98,42 +126,81 @@ class _QuietServer(uvicorn.Server):
         yield
 
 
+def refuse_open_admin(host: str, token: str | None) -> str | None:
+    """Why the admin API may not listen on `host` this way; None if it may."""
+    if token or is_loopback(host):
+        return None
+    return (
+        f"the admin API would listen on {host}, beyond loopback, without a token: anyone who"
+        " reaches it could add models and run engines as this user. Set SEM_ADMIN_TOKEN"
+        " (e.g. `openssl rand -hex 32`) or --token, or listen on 127.0.0.1"
+    )
+
+
 async def serve(args: argparse.Namespace) -> int:
+    if why := refuse_open_admin(args.host, args.token):
+        log.error("%s", why)
+        return 2
+    skipped: list[InvalidModel] = []
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, skipped)
         store = Store(args.state_dir.resolve() / "sem.db")
     except (ConfigError, StoreError) as exc:
         log.error("%s", exc)
         return 2
     try:
-        return await _serve(args, config, store)
+        return await _serve(args, config, store, skipped)
     finally:
         store.close()
 
 
-async def _serve(args: argparse.Namespace, config: SemConfig, store: Store) -> int:
+def models_at_start(
+    config: SemConfig, skipped: list[InvalidModel], store: Store, events: EventLog
+) -> list[ModelSpec]:
+    """models.yaml's valid models; each skipped one is reported (`model_invalid`) and, if it
+    ran before, kept as last applied: a typo in its entry must not drain a running model."""
+    applied = store.applied_config()
+    kept = []
+    for invalid in skipped:
+        log.error("model %s skipped: %s", invalid.name, invalid.problem)
+        events.emit(EventKind.MODEL_INVALID, invalid.name, invalid.problem)
+        if invalid.name in applied:
+            kept.append(applied[invalid.name])
+    return config.models + kept
+
+
+async def _serve(
+    args: argparse.Namespace, config: SemConfig, store: Store, skipped: list[InvalidModel]
+) -> int:
     instance = args.instance or store.get_meta("instance") or uuid.uuid4().hex
     store.set_meta("instance", instance)
     command = EngineCommand(
         python=args.engine_python or default_engine_python(),
         **({"module": args.engine_module} if args.engine_module else {}),
     )
-    settings = EngineSettings(
-        command=command,
-        state_dir=args.state_dir.resolve(),
-        instance=instance,
-        parent_env=dict(os.environ),
-    )
     try:
-        inventory = await asyncio.to_thread(detect, config.devices, config.cpu_memory_budget)
+        cluster = await join_cluster(args, config)
+        inventory: Inventory = (
+            cluster
+            if cluster is not None
+            else await asyncio.to_thread(detect, config.devices, config.cpu_memory_budget)
+        )
         sock = listen_socket(args.host, args.port)
-    except RuntimeError as exc:
+    except (RuntimeError, ConnectionError) as exc:
         log.error("%s", exc)
         return 2
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", args.host, args.port, exc.strerror)
         return 2
 
+    settings = EngineSettings(
+        command=command,
+        state_dir=args.state_dir.resolve(),
+        instance=instance,
+        parent_env=dict(os.environ),
+        spawn=spawn_engine if cluster is None else cluster.spawn,
+        adopt=None if cluster is None else cluster.adopt,
+    )
     cache_config = config.cache
     cache = ModelCache(
         CacheSettings(
@@ -151,21 +218,19 @@ async def _serve(args: argparse.Namespace, config: SemConfig, store: Store) -> i
         scheduling=SchedulerSettings(recheck_interval=config.recheck_seconds), store=store,
         cache=cache,
     )  # fmt: skip
+    await asyncio.to_thread(private_folder, settings.state_dir / "logs")  # engine logs
     log.info("devices: %s", describe(manager.devices))
     log.info("model cache: %s", cache.cache_dir)
 
-    async def reload() -> ConfigDiff:
-        try:
-            new = await asyncio.to_thread(load_config, args.config)
-        except ConfigError as exc:
-            raise InvalidConfig(f"models.yaml not reloaded: {exc}") from None
-        if ignored := [k for k in _RESTART_ONLY if getattr(new, k) != getattr(config, k)]:
-            log.warning("reload applies models only; %s take effect at restart", ", ".join(ignored))
-        diff = await manager.reload(new.models, args.drain_timeout)
-        log.info("reloaded %s: %s", args.config, diff)
-        return diff
-
-    app = create_app(manager, events, token=args.token, reload=reload, cache=cache)
+    reload = Reloader(args.config, manager, config, args.drain_timeout)
+    hosts = allowed_hosts(args.host, args.allowed_hosts.split(","))
+    gpus = NvmlProcessMemory() if isinstance(inventory, NvmlInventory) else None
+    metrics = SupervisorMetrics(manager, events, EngineScraper(), gpus)
+    await metrics.start()  # before restore(): its events count too
+    app = create_app(
+        manager, events, token=args.token, reload=reload, cache=cache, allowed_hosts=hosts,
+        metrics=metrics, demand=manager.demand,
+    )  # fmt: skip
     server = _QuietServer(
         uvicorn.Config(
             app, log_level="warning", timeout_graceful_shutdown=1, lifespan="off",
@@ -181,7 +246,7 @@ async def _serve(args: argparse.Namespace, config: SemConfig, store: Store) -> i
         signals_seen += 1
         log.info("got %s (%s)", sig.name, "stopping" if signals_seen == 1 else "forcing")
         stopping.set()
-        if signals_seen > 1:
+        if signals_seen > 1 and cluster is None:  # a cluster's engines are not our processes
             for entry in manager.entries():
                 for replica in entry.replicas:
                     if replica.process is not None:
@@ -202,9 +267,12 @@ async def _serve(args: argparse.Namespace, config: SemConfig, store: Store) -> i
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
 
-    diff = await manager.restore(config.models, args.drain_timeout)  # invalid models: events
+    models = models_at_start(config, skipped, store, events)
+    diff = await manager.restore(models, args.drain_timeout)  # invalid models: events
     log.info("models: %s", diff)
     manager.start()
+    if cluster is not None:
+        cluster.watch(lambda joined, lost: manager.nodes_changed(lost))
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     serve_task = asyncio.create_task(server.serve(sockets=[sock]), name="admin-api")
     try:
@@ -221,7 +289,10 @@ async def _serve(args: argparse.Namespace, config: SemConfig, store: Store) -> i
         await cache.aclose()  # partial downloads stay on disk for the next run to resume
         server.should_exit = True
         await serve_task
+        await metrics.aclose()
         await probe.aclose()
+        if cluster is not None:
+            await cluster.close()
         sock.close()
     log.info("supervisor stopped; no engine left")
     return 0

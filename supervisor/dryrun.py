@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from supervisor.config import SemConfig
 from supervisor.errors import InvalidSpec
-from supervisor.manager import local_model_dir, size_up
 from supervisor.placement import DeviceView, Request, gib, plan
 from supervisor.resources import Device
+from supervisor.sizing import local_model_dir, size_up
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,13 @@ class Unauthorized(SupervisorError):
     type = "unauthorized"
 
 
+class ConfirmationRequired(SupervisorError):
+    """A call that would do something drastic (a reload removing every model) unconfirmed."""
+
+    status = 409
+    type = "confirmation_required"
+
+
 class InvalidConfig(SupervisorError):
     """models.yaml does not parse or validate (the message names file, line and field)."""
 

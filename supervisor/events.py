@@ -1,32 +1,54 @@
 """Events: every decision and state transition, with a time and a reason.
 
 The log keeps a bounded history for `GET /events` and fans new events out to subscribers
-(the SSE stream). Writers call `emit`; it never blocks.
+(the SSE stream, tests that must see every change). Writers call `emit`; it never blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 log = logging.getLogger("sem.events")
 
 
+class EventKind(StrEnum):
+    """What happened; the value is the `kind` on the wire."""
+
+    TRANSITION = "transition"  # a replica changed state (data: model, old, new, reason)
+    PLACED = "placed"  # the scheduler placed a replica (data: devices)
+    PENDING = "pending"  # the scheduler's reason a replica waits changed
+    RELEASED = "released"  # a stopped or failed replica's reservation is free again
+    MODEL_DOWNLOADING = "model_downloading"  # a model's files are cached first
+    MODEL_ADDED = "model_added"  # a model is sized up; its replicas queue for placement
+    MODEL_FAILED = "model_failed"  # a model's files could not be cached or sized
+    MODEL_CHANGED = "model_changed"  # a reload changed a model's spec: a rollout begins
+    MODEL_REMOVING = "model_removing"  # a model was removed: its replicas drain
+    MODEL_REMOVED = "model_removed"  # every replica of a removed model stopped
+    MODEL_INVALID = "model_invalid"  # a model of models.yaml was skipped at start
+    NOT_ADOPTED = "not_adopted"  # an engine of an earlier run could not be taken over
+    RETIRED = "retired"  # an engine of an earlier run with no place now was stopped
+    RELOADED = "reloaded"  # models.yaml was applied
+    NODE_LOST = "node_lost"  # a cluster node left: its replica is replaced on another node
+
+
 @dataclass(frozen=True)
 class Event:
-    kind: str  # "transition", "placed", "pending", "released", "model_added", ...
+    kind: EventKind
     subject: str  # replica id or model name
     message: str
     time: float = field(default_factory=time.time)
     data: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"kind": self.kind.value}
 
 
 class EventLog:
@@ -34,7 +56,7 @@ class EventLog:
         self._history: deque[Event] = deque(maxlen=history)
         self._subscribers: set[asyncio.Queue[Event]] = set()
 
-    def emit(self, kind: str, subject: str, message: str, **data: Any) -> Event:
+    def emit(self, kind: EventKind, subject: str, message: str, **data: Any) -> Event:
         event = Event(kind=kind, subject=subject, message=message, data=data)
         self._history.append(event)
         log.info("%s %s: %s", kind, subject, message)
@@ -44,15 +66,33 @@ class EventLog:
             queue.put_nowait(event)
         return event
 
-    def recent(self, subject: str | None = None, limit: int = 200) -> list[Event]:
-        events = [e for e in self._history if subject is None or e.subject.startswith(subject)]
+    def recent(
+        self, subject: str | None = None, limit: int = 200, kind: EventKind | None = None
+    ) -> list[Event]:
+        """The last `limit` events (oldest first) whose subject starts with `subject`, of
+        `kind` if given."""
+        events = [
+            e
+            for e in self._history
+            if (subject is None or e.subject.startswith(subject))
+            and (kind is None or e.kind is kind)
+        ]
         return events[-limit:]
 
-    async def follow(self) -> AsyncIterator[Event]:
+    @contextlib.contextmanager
+    def subscribe(self) -> Iterator[asyncio.Queue[Event]]:
+        """A queue that gets every event from now on, in order, while the block runs.
+
+        Subscribed at once (not at the first read, as an async generator would be), so a
+        caller can subscribe, act, and then read every event its action caused."""
         queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=1000)
         self._subscribers.add(queue)
         try:
-            while True:
-                yield await queue.get()
+            yield queue
         finally:
             self._subscribers.discard(queue)
+
+    async def follow(self) -> AsyncIterator[Event]:
+        with self.subscribe() as queue:
+            while True:
+                yield await queue.get()

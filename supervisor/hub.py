@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
+    HFValidationError,
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
@@ -217,35 +219,39 @@ class HubClient:
     # -- where things are ----------------------------------------------------------------------
 
     def storage(self, repo: str) -> Path:
-        return self.cache_dir / repo_folder_name(repo_id=repo, repo_type="model")
+        try:
+            folder = repo_folder_name(repo_id=repo, repo_type="model")
+        except HFValidationError as exc:
+            raise InvalidSource(f"hf://{repo}: {exc}") from None
+        return inside(self.cache_dir, self.cache_dir / folder)
 
     def _manifest(self, repo: str, commit: str) -> Path:
-        return self.storage(repo) / "sem" / f"{commit}.json"
+        return inside(self.storage(repo), self.storage(repo) / "sem" / f"{commit}.json")
 
     def _commit_of(self, source: Source) -> str | None:
+        """The commit a revision names: itself, or what its ref file holds (a commit, else None)."""
         revision = source.revision or "main"
         if _COMMIT.match(revision):
             return revision
-        ref = self.storage(source.repo) / "refs" / revision
-        with contextlib.suppress(OSError):
-            return ref.read_text().strip() or None
-        return None
+        refs = self.storage(source.repo) / "refs"
+        commit = _read_small(inside(refs, refs / revision)).strip()
+        return commit if _COMMIT.match(commit) else None
 
     def local(self, source: Source) -> Path | None:
         """The snapshot folder if sem has it complete (no network); None otherwise."""
         commit = self._commit_of(source)
         if commit is None:
             return None
-        try:
-            manifest = json.loads(self._manifest(source.repo, commit).read_text())
-        except (OSError, ValueError):
+        files = _read_json(self._manifest(source.repo, commit)).get("files")
+        if not isinstance(files, dict):
             return None
-        snapshot = self.storage(source.repo) / "snapshots" / commit
-        for path, size in manifest["files"].items():
+        storage = self.storage(source.repo)
+        snapshot = storage / "snapshots" / commit
+        for path, size in files.items():
             try:
-                if (snapshot / path).stat().st_size != size:
+                if inside(storage, snapshot / path).stat().st_size != size:
                     return None
-            except OSError:
+            except (OSError, InvalidSource):
                 return None
         return snapshot
 
@@ -312,8 +318,9 @@ class HubClient:
         """One file into blobs/ (resuming a partial one) and its snapshot link."""
         repo = plan.source.repo
         storage = self.storage(repo)
-        blob = storage / "blobs" / file.etag
-        pointer = storage / "snapshots" / plan.commit / file.path
+        # Both names come from the hub's answer: neither may lead out of the repo's folder.
+        blob = inside(storage, storage / "blobs" / file.etag)
+        pointer = inside(storage, storage / "snapshots" / plan.commit / file.path)
         lock = self.cache_dir / ".locks" / storage.name / f"{file.etag}.lock"
         blob.parent.mkdir(parents=True, exist_ok=True)
         lock.parent.mkdir(parents=True, exist_ok=True)
@@ -350,7 +357,7 @@ class HubClient:
         storage = self.storage(plan.source.repo)
         revision = plan.source.revision or "main"
         if revision != plan.commit:
-            _write_atomic(storage / "refs" / revision, plan.commit)
+            _write_atomic(inside(storage, storage / "refs" / revision), plan.commit)
         manifest = self._manifest(plan.source.repo, plan.commit)
         previous = _read_json(manifest)
         _write_atomic(
@@ -389,14 +396,17 @@ class HubClient:
             if not data:
                 continue
             storage = manifest.parent.parent
-            source = Source(kind="hf", repo=data["repo"], revision=data["commit"])
+            try:
+                source = Source.parse(f"hf://{data['repo']}@{data['commit']}")
+            except (ValueError, KeyError):
+                continue  # not a manifest sem wrote
             if self.local(source) is None:
                 continue  # a file went missing: not cached any more
             refs = storage / "refs"
             revisions = sorted(
                 str(ref.relative_to(refs))
                 for ref in refs.rglob("*")
-                if ref.is_file() and ref.read_text().strip() == data["commit"]
+                if _read_small(ref).strip() == data["commit"]
             )
             out.append(
                 CachedModel(
@@ -409,6 +419,8 @@ class HubClient:
 
     def delete(self, repo: str, commit: str) -> int:
         """Free one snapshot: its links, the blobs no other snapshot uses, refs to it. Bytes."""
+        if not _COMMIT.match(commit):
+            raise InvalidSource(f"hf://{repo}: {commit!r} is not a commit")
         storage = self.storage(repo)
         snapshots = storage / "snapshots"
         keep: set[str] = set()
@@ -421,7 +433,7 @@ class HubClient:
         snapshot = snapshots / commit
         for link in snapshot.rglob("*") if snapshot.is_dir() else []:
             if link.is_symlink() and (name := _blob_name(link)) not in keep:
-                blob = storage / "blobs" / name
+                blob = inside(storage, storage / "blobs" / name)
                 with contextlib.suppress(FileNotFoundError):
                     freed += blob.stat().st_size
                     blob.unlink()
@@ -429,7 +441,7 @@ class HubClient:
         self._manifest(repo, commit).unlink(missing_ok=True)
         refs = storage / "refs"
         for ref in list(refs.rglob("*")) if refs.is_dir() else []:
-            if ref.is_file() and ref.read_text().strip() == commit:
+            if _read_small(ref).strip() == commit:
                 ref.unlink()
         if not snapshots.is_dir() or not any(snapshots.iterdir()):
             shutil.rmtree(storage, ignore_errors=True)  # nothing left of the repo: partials too
@@ -444,10 +456,31 @@ def _incomplete(blob: Path) -> Path:
     return blob.with_name(blob.name + ".incomplete")
 
 
+def inside(base: Path, path: Path) -> Path:
+    """`path`, if it stays within `base` once `..` and links are resolved; InvalidSource if not.
+
+    Every path built from a name (a repo, a revision, a file the hub lists, a ref's content)
+    goes through here before it is read, written or deleted.
+    """
+    if not path.resolve().is_relative_to(base.resolve()):
+        raise InvalidSource(f"{path} is outside the cache folder {base}")
+    return path
+
+
+def _read_small(path: Path) -> str:
+    """A ref or manifest: a regular file's text, else "" (a FIFO or device would block a read)."""
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            return ""
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = json.loads(_read_small(path))
+    except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from supervisor.engine import EngineHandle, LaunchPlan
-from supervisor.events import EventLog
+from supervisor.events import EventKind, EventLog
 from supervisor.placement import Placement
 from supervisor.probe import EngineProbe
 from supervisor.restart import RestartPolicy
@@ -105,7 +105,7 @@ class Replica:
 
     @property
     def url(self) -> str | None:
-        return f"http://127.0.0.1:{self.plan.port}" if self.plan else None
+        return f"http://{self.plan.host}:{self.plan.port}" if self.plan else None
 
     @property
     def started(self) -> bool:
@@ -178,7 +178,7 @@ class Replica:
             raise RuntimeError(f"{self.id}: illegal transition {self.state} -> {new}")
         old, self.state, self.reason, self.since = self.state, new, reason, time.time()
         self._events.emit(
-            "transition", self.id, f"{old} -> {new}: {reason}", model=self.model,
+            EventKind.TRANSITION, self.id, f"{old} -> {new}: {reason}", model=self.model,
             old=old.value, new=new.value, reason=reason,
         )  # fmt: skip
         self._on_change(self)

@@ -1,17 +1,21 @@
 """What memory there is: NVIDIA GPUs through NVML, else the CPU with a budget, or an injected list.
 
 An inventory answers `devices()` with a fresh measurement. NVML calls block (briefly): the
-manager calls it from a worker thread.
+manager calls it from a worker thread. NVML sits behind `NvmlApi` (a list of GpuInfo and the
+processes on a GPU) so that tests inject a simulated box (tests/gpusim).
 """
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import psutil
 
+from supervisor.gpu_selection import GpuInfo, select_gpus
 from supervisor.units import GiB, parse_size
 
 
@@ -23,10 +27,14 @@ class Device:
     total: int  # bytes
     free: int  # bytes, as measured now
     uuid: str | None = None
+    node: str = ""  # the cluster node it is on ("" on one box; supervisor/cluster/)
+    host: str = "127.0.0.1"  # the address engines on it listen on
 
     @property
     def index(self) -> int | None:
-        return int(self.id) if self.kind == "gpu" else None
+        """The GPU's index on its own machine (CUDA_VISIBLE_DEVICES); a cluster-wide id is
+        `<node>/<index>`."""
+        return int(self.id.rsplit("/", 1)[-1]) if self.kind == "gpu" else None
 
     @property
     def label(self) -> str:
@@ -75,53 +83,113 @@ class CpuInventory:
         return [Device("cpu", "cpu", "CPU", self.budget, min(self.budget, available))]
 
 
-class NvmlInventory:
-    """NVIDIA GPUs via nvidia-ml-py. Indexes follow PCI order, as CUDA_DEVICE_ORDER=PCI_BUS_ID."""
+class NvmlApi(Protocol):
+    """The NVML calls sem makes: PynvmlApi on a real box; tests inject a stand-in here."""
+
+    def gpus(self) -> list[GpuInfo]:
+        """Every GPU NVML sees, in index order, with memory measured now."""
+        ...
+
+    def processes(self, index: int) -> list[tuple[int, int]]:
+        """(pid, bytes) of each compute process on GPU `index`."""
+        ...
+
+
+class PynvmlApi:
+    """nvidia-ml-py. nvmlInit raises NVMLError_LibraryNotFound without a driver."""
 
     def __init__(self) -> None:
         import pynvml
 
         self._nvml = pynvml
-        pynvml.nvmlInit()  # raises NVMLError_LibraryNotFound without a driver
+        pynvml.nvmlInit()
 
-    def count(self) -> int:
-        return int(self._nvml.nvmlDeviceGetCount())
-
-    def devices(self) -> list[Device]:
+    def gpus(self) -> list[GpuInfo]:
         nvml = self._nvml
         found = []
-        for index in range(self.count()):
+        for index in range(int(nvml.nvmlDeviceGetCount())):
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
             memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-            name = nvml.nvmlDeviceGetName(handle)
-            uuid = nvml.nvmlDeviceGetUUID(handle)
             found.append(
-                Device(
-                    id=str(index),
-                    kind="gpu",
-                    name=name.decode() if isinstance(name, bytes) else str(name),
+                GpuInfo(
+                    index=index,
+                    uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+                    name=_text(nvml.nvmlDeviceGetName(handle)),
                     total=int(memory.total),
                     free=int(memory.free),
-                    uuid=uuid.decode() if isinstance(uuid, bytes) else str(uuid),
+                    mig=self._mig_enabled(handle),
                 )
             )
         return found
 
-
-def detect(mode: str, cpu_budget: str) -> Inventory:
-    """`auto`: NVML GPUs if any, else the CPU; `gpu`: NVML or fail; `cpu`: the CPU."""
-    budget = None if cpu_budget == "auto" else parse_size(cpu_budget)
-    if mode in ("auto", "gpu"):
+    def _mig_enabled(self, handle: object) -> bool:
         try:
-            nvml = NvmlInventory()
-            if nvml.count() > 0:
-                return nvml
-            problem = "NVML found no GPU"
-        except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ImportError...
-            problem = f"NVML unavailable: {exc}"
-        if mode == "gpu":
-            raise RuntimeError(f"devices: gpu was asked for, but {problem}")
-    return CpuInventory(budget)
+            current, _pending = self._nvml.nvmlDeviceGetMigMode(handle)
+        except self._nvml.NVMLError:  # NotSupported: a GPU without MIG
+            return False
+        return bool(current == self._nvml.NVML_DEVICE_MIG_ENABLE)
+
+    def processes(self, index: int) -> list[tuple[int, int]]:
+        handle = self._nvml.nvmlDeviceGetHandleByIndex(index)
+        running = self._nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        return [(int(p.pid), int(p.usedGpuMemory or 0)) for p in running]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class NvmlInventory:
+    """The GPUs sem may use (see gpu_selection.py), measured through NVML at each call."""
+
+    def __init__(
+        self,
+        api: NvmlApi | None = None,
+        indexes: list[int] | None = None,  # None: every GPU
+        notes: tuple[str, ...] = (),
+    ) -> None:
+        self.api = api if api is not None else PynvmlApi()
+        self.indexes = indexes
+        self.notes = notes  # GPUs left out and why, for the start-up log
+
+    def devices(self) -> list[Device]:
+        return [
+            Device(str(g.index), "gpu", g.name, g.total, g.free, uuid=g.uuid)
+            for g in self.api.gpus()
+            if self.indexes is None or g.index in self.indexes
+        ]
+
+
+def detect(
+    mode: str | list[int | str],
+    cpu_budget: str,
+    *,
+    environ: Mapping[str, str] | None = None,
+    nvml: Callable[[], NvmlApi] = PynvmlApi,
+) -> Inventory:
+    """`auto`: NVML GPUs if any, else the CPU; `gpu` or a list of GPUs: NVML or fail;
+    `cpu`: the CPU. GPUs are narrowed by sem's own CUDA_VISIBLE_DEVICES and the list."""
+    budget = None if cpu_budget == "auto" else parse_size(cpu_budget)
+    if mode == "cpu":
+        return CpuInventory(budget)
+    environ = os.environ if environ is None else environ
+    try:
+        api = nvml()
+        found = api.gpus()
+    except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ImportError...
+        if mode == "auto":
+            return CpuInventory(budget)
+        raise RuntimeError(f"devices: {mode} was asked for, but NVML unavailable: {exc}") from None
+    selection = select_gpus(found, mode if isinstance(mode, list) else None, environ)
+    if selection.chosen:
+        notes = tuple(selection.left_out)
+        if selection.hidden:
+            notes += (f"GPUs {selection.hidden} hidden by CUDA_VISIBLE_DEVICES or devices:",)
+        return NvmlInventory(api, selection.chosen, notes)
+    if mode == "auto" and not selection.left_out:  # no GPU, or CUDA_VISIBLE_DEVICES hides all
+        return CpuInventory(budget)
+    why = "; ".join(selection.left_out) or "no GPU is visible"
+    raise RuntimeError(f"devices: {mode} was asked for, but {why}")
 
 
 def describe(devices: list[Device]) -> str:

@@ -1,11 +1,20 @@
-"""The whole lifecycle vocabulary: replica states, the legal transitions, model aggregates.
+"""The whole lifecycle vocabulary: replica and model states, their legal transitions.
 
-A leaf module (imports nothing of sem). Every state change goes through
-`Replica._transition`, which checks `can_transition` and records an event.
+A leaf module (imports nothing of sem). Every replica state change goes through
+`Replica._transition`, which checks `can_transition` and records an event:
 
     pending -> starting -> ready -> draining -> stopped
     starting/ready --crash or failed health--> restarting --backoff--> starting
     starting/ready/restarting --too many crashes--> failed --removal--> stopped
+
+A model has a phase of its own, changed only by `ModelEntry.transition` (models.py), which checks
+`can_enter` and records an event:
+
+    new -> downloading -> active -> draining -> removed
+    new -> active;  downloading --files not cached or sized--> failed --removal--> draining
+
+The state a model shows (API, route table) is its phase, except while active: then it is its
+best replica's (`shown_state`).
 """
 
 from __future__ import annotations
@@ -55,7 +64,37 @@ def can_transition(current: ReplicaState, new: ReplicaState) -> bool:
     return new in _TRANSITIONS[current]
 
 
+class ModelPhase(StrEnum):
+    """What the supervisor does with a model: its own state, apart from its replicas'."""
+
+    NEW = "new"  # just made: its files are looked up next
+    DOWNLOADING = "downloading"  # its files are being cached; no replicas yet
+    ACTIVE = "active"  # sized up: its replicas are placed, run and restarted
+    FAILED = "failed"  # its files could not be cached or sized; the reason is kept
+    DRAINING = "draining"  # removed: its replicas drain and stop, it takes no new requests
+    REMOVED = "removed"  # terminal: every replica stopped, gone from the registry
+
+
+_MODEL_TRANSITIONS: dict[ModelPhase, frozenset[ModelPhase]] = {
+    ModelPhase.NEW: frozenset({ModelPhase.DOWNLOADING, ModelPhase.ACTIVE}),
+    ModelPhase.DOWNLOADING: frozenset({ModelPhase.ACTIVE, ModelPhase.FAILED, ModelPhase.DRAINING}),
+    ModelPhase.ACTIVE: frozenset({ModelPhase.DRAINING}),
+    ModelPhase.FAILED: frozenset({ModelPhase.DRAINING}),
+    ModelPhase.DRAINING: frozenset({ModelPhase.REMOVED}),
+    ModelPhase.REMOVED: frozenset(),
+}
+
+# A model in these phases is on its way out: a reload that lists it again makes a new one.
+LEAVING_PHASES = frozenset({ModelPhase.DRAINING, ModelPhase.REMOVED})
+
+
+def can_enter(current: ModelPhase, new: ModelPhase) -> bool:
+    return new in _MODEL_TRANSITIONS[current]
+
+
 class ModelState(StrEnum):
+    """The state a model shows in the API and the route table."""
+
     DOWNLOADING = "downloading"  # weights being cached
     PENDING = "pending"
     STARTING = "starting"
@@ -84,3 +123,20 @@ def aggregate(states: list[ReplicaState]) -> ModelState:
         if candidate in states:
             return ModelState(candidate.value)
     return ModelState.STOPPED
+
+
+# The state shown for each phase but `active` (whose state is its replicas').
+_SHOWN: dict[ModelPhase, ModelState] = {
+    ModelPhase.NEW: ModelState.PENDING,
+    ModelPhase.DOWNLOADING: ModelState.DOWNLOADING,
+    ModelPhase.FAILED: ModelState.FAILED,
+    ModelPhase.DRAINING: ModelState.DRAINING,
+    ModelPhase.REMOVED: ModelState.STOPPED,
+}
+
+
+def shown_state(phase: ModelPhase, replicas: list[ReplicaState]) -> ModelState:
+    """The state a model shows: an active model is as good as its best replica."""
+    if phase is ModelPhase.ACTIVE:
+        return aggregate(replicas)
+    return _SHOWN[phase]

@@ -14,12 +14,17 @@ Writes are tiny and rare (a model added, an engine started or stopped) and SQLit
 mode with synchronous=NORMAL, where a commit is a write() without fsync: microseconds, so the
 calls stay synchronous on the event loop. A crash loses at most the last commits, never the
 file's consistency.
+
+The specs hold the models' `env` (tokens, keys): the state folder is 0700 and sem.db with its
+-wal and -shm files 0600, readable by sem's user only (set again at each start, so a folder
+from an older sem is fixed too).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -80,13 +85,28 @@ class StoreError(Exception):
     pass
 
 
+def private_folder(path: Path) -> Path:
+    """`path`, made if missing, mode 0700: only sem's user may list or read what is in it."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)
+    return path
+
+
+def _private_file(path: Path) -> None:
+    """Create `path` if missing; mode 0600 either way (SQLite gives -wal and -shm the mode of
+    the database file it creates them beside)."""
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    path.chmod(0o600)
+
+
 class Store:
     def __init__(self, path: Path | None) -> None:
         """The store in file `path`; None keeps it in memory (tests, `sem plan`)."""
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         try:
+            if path is not None:
+                private_folder(path.parent)
+                _private_file(path)
             # isolation_level=None: autocommit, with explicit transactions where needed.
             self._db = sqlite3.connect(path or ":memory:", isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -98,8 +118,13 @@ class Store:
                     f"{path}: schema version {version}, this sem knows {SCHEMA_VERSION}"
                 )
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            for suffix in ("-wal", "-shm"):  # made by an older sem, perhaps world-readable
+                if path is not None and (side := Path(f"{path}{suffix}")).exists():
+                    side.chmod(0o600)
         except sqlite3.Error as exc:
             raise StoreError(f"{path}: {exc}") from None
+        except OSError as exc:
+            raise StoreError(f"{path}: {exc.strerror}") from None
 
     def close(self) -> None:
         self._db.close()

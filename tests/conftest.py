@@ -13,12 +13,14 @@ import pytest
 
 from supervisor.engine import EngineCommand
 from supervisor.events import EventLog
-from supervisor.manager import EngineSettings, Manager, SchedulerSettings
+from supervisor.launch import EngineSettings
+from supervisor.manager import Manager
 from supervisor.probe import EngineProbe
 from supervisor.procgroup import INSTANCE_ENV, pids_with_env
 from supervisor.replica import ReplicaTiming
 from supervisor.resources import Inventory, StaticInventory
 from supervisor.restart import RestartPolicy
+from supervisor.scheduler import SchedulerSettings
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -12,6 +12,17 @@ Fault knobs, from the environment:
   FAKE_TOKEN_DELAY=S      seconds between streamed tokens (and per token when not streaming)
   FAKE_DIE_AFTER=N        exit (connections cut) once N tokens have been generated in all
   FAKE_CRASH_ON=WORD      exit at once on a prompt containing WORD (a "poison" request)
+  FAKE_SIGTERM_ABORT=1    on SIGTERM, end every answer in flight at once as if it had finished
+                          (finish_reason "length", usage and [DONE] counting only the tokens
+                          sent): vLLM 0.32's shutdown in mode=abort (engine-notes.md)
+
+Fault signals (what `sem chaos` sends the stand-in):
+  SIGUSR1                 wedge: /health stays 200, but no request makes progress any more
+                          (like a deadlocked EngineCore behind a live API process)
+  SIGUSR2                 unwedge: requests go on where they stood
+
+Like vLLM, `--api-key KEY` (or VLLM_API_KEY) makes every /v1 route demand `Authorization: Bearer
+KEY` (401 `{"error": "Unauthorized"}` otherwise); /health and /metrics stay open.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import sys
 import time
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 
 def engine_core() -> None:
@@ -43,6 +55,12 @@ def completion_text(prompt: str, max_tokens: int) -> list[str]:
     if words[-1].isdigit():
         return [f" {int(words[-1]) + 1 + i}" for i in range(max_tokens)]
     return [f" {words[-1 - (i % len(words))]}" for i in range(max_tokens)]
+
+
+def cut(usage: dict[str, int], completion_tokens: int) -> dict[str, int]:
+    """Usage of an answer cut short after `completion_tokens`."""
+    return usage | {"completion_tokens": completion_tokens,
+                    "total_tokens": usage["prompt_tokens"] + completion_tokens}  # fmt: skip
 
 
 class FakeEngine:
@@ -67,9 +85,30 @@ class FakeEngine:
         self.error_after = error_after
         self.crash_on = crash_on
         self.tokens_sent = 0
+        self.finished = 0  # requests answered to the end (vllm:request_success_total)
+        self.prompt_tokens = 0
         self.requests: list[dict[str, object]] = []
         self.aborted = 0  # generations whose client (the gateway) went away before the end
         self.exit_process = False  # set when it runs as its own process
+        self._flowing = asyncio.Event()  # cleared while wedged: tokens wait for it
+        self._flowing.set()
+        self.aborting = False
+
+    def abort(self) -> None:
+        """Shut down like vLLM in mode=abort: answers in flight end now, looking finished."""
+        self.aborting = True
+        self._flowing.set()
+
+    def wedge(self) -> None:
+        """Alive and healthy, but no token comes out until `unwedge`."""
+        self._flowing.clear()
+
+    def unwedge(self) -> None:
+        self._flowing.set()
+
+    async def _next_token(self) -> None:
+        await asyncio.sleep(self.token_delay)
+        await self._flowing.wait()
 
     def _die(self, request: web.Request) -> web.StreamResponse:
         """Cut the connection like a killed engine; a real process also exits."""
@@ -92,11 +131,30 @@ class FakeEngine:
         return web.json_response({"object": "list", "data": [{"id": self.served_name}]})
 
     async def metrics(self, _: web.Request) -> web.Response:
+        """A few of vLLM's own metrics, under vLLM's names, types and labels."""
         labels = f'engine="0",model_name="{self.served_name}"'
-        return web.Response(
-            text=f"vllm:num_requests_running{{{labels}}} {self.running}.0\n"
-            f"vllm:num_requests_waiting{{{labels}}} 0.0\n"
-        )
+        kv_use = min(1.0, self.running / 8)
+        lines = [
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+            "# TYPE vllm:num_requests_running gauge",
+            f"vllm:num_requests_running{{{labels}}} {self.running}.0",
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
+            "# TYPE vllm:num_requests_waiting gauge",
+            f"vllm:num_requests_waiting{{{labels}}} 0.0",
+            "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
+            "# TYPE vllm:kv_cache_usage_perc gauge",
+            f"vllm:kv_cache_usage_perc{{{labels}}} {kv_use}",
+            "# HELP vllm:request_success_total Count of successfully processed requests.",
+            "# TYPE vllm:request_success_total counter",
+            f'vllm:request_success_total{{{labels},finished_reason="length"}} {self.finished}.0',
+            "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.",
+            "# TYPE vllm:prompt_tokens_total counter",
+            f"vllm:prompt_tokens_total{{{labels}}} {self.prompt_tokens}.0",
+            "# HELP vllm:generation_tokens_total Number of generation tokens processed.",
+            "# TYPE vllm:generation_tokens_total counter",
+            f"vllm:generation_tokens_total{{{labels}}} {self.tokens_sent}.0",
+        ]
+        return web.Response(text="\n".join(lines) + "\n")
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=False)
@@ -123,12 +181,17 @@ class FakeEngine:
                  "total_tokens": len(prompt.split()) + len(tokens)}  # fmt: skip
         kind = "chat.completion" if chat else "text_completion"
         self.running += 1
+        self.prompt_tokens += usage["prompt_tokens"]
         try:
             if body.get("stream"):
                 return await self._stream(request, tokens, chat, kind, usage, body)
-            for _ in tokens:
-                await asyncio.sleep(self.token_delay)
+            for n in range(len(tokens)):
+                await self._next_token()
+                if self.aborting:
+                    tokens, usage = tokens[:n], cut(usage, n)
+                    break
                 self._count(request)
+            self.finished += 1
         except asyncio.CancelledError:  # vLLM aborts a request whose connection closed
             self.aborted += 1
             raise
@@ -147,7 +210,15 @@ class FakeEngine:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for n, token in enumerate(tokens):
-            await asyncio.sleep(self.token_delay)
+            await self._next_token()
+            if self.aborting:
+                usage = cut(usage, n)
+                choice = {"index": 0, "finish_reason": "length"}
+                choice |= {"delta": {"content": ""}} if chat else {"text": ""}
+                chunk = {"id": "cmpl-fake", "object": f"{kind}.chunk", "model": self.served_name,
+                         "choices": [choice]}  # fmt: skip
+                await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                break
             if self.error_after is not None and self.tokens_sent >= self.error_after:
                 self.error_after = None  # once
                 error = {"error": {"message": "EngineCore encountered an issue",
@@ -167,13 +238,30 @@ class FakeEngine:
             final = {"id": "cmpl-fake", "object": f"{kind}.chunk", "model": self.served_name,
                      "choices": [], "usage": usage}  # fmt: skip
             await response.write(f"data: {json.dumps(final)}\n\n".encode())
+        self.finished += 1
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
 
 
-def make_app(engine: FakeEngine) -> web.Application:
-    app = web.Application(client_max_size=64 * 1024**2)  # long contexts, like vLLM
+def require_key(api_key: str) -> Middleware:
+    """vLLM's check: /v1 routes need the bearer key."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        wanted = f"Bearer {api_key}"
+        if request.path.startswith("/v1") and request.headers.get("Authorization") != wanted:
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        return await handler(request)
+
+    return check
+
+
+def make_app(engine: FakeEngine, api_key: str | None = None) -> web.Application:
+    app = web.Application(
+        middlewares=[require_key(api_key)] if api_key else [],
+        client_max_size=64 * 1024**2,  # long contexts, like vLLM
+    )
     app.router.add_get("/health", engine.health)
     app.router.add_get("/v1/models", engine.models)
     app.router.add_get("/metrics", engine.metrics)
@@ -188,6 +276,7 @@ async def main() -> None:
     parser.add_argument("--served-model-name", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"))
     args, _unknown = parser.parse_known_args()
 
     if os.environ.get("FAKE_IGNORE_SIGTERM") == "1":
@@ -208,7 +297,10 @@ async def main() -> None:
         crash_on=os.environ.get("FAKE_CRASH_ON"),
     )
     engine.exit_process = True
-    app = make_app(engine)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR1, engine.wedge)
+    loop.add_signal_handler(signal.SIGUSR2, engine.unwedge)
+    app = make_app(engine, args.api_key)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
@@ -220,8 +312,15 @@ async def main() -> None:
         print("fake engine: crashing as asked", flush=True)
         os._exit(1)
     stop = asyncio.Event()
+    abort_on_stop = os.environ.get("FAKE_SIGTERM_ABORT") == "1"
+
+    def on_sigterm() -> None:
+        if abort_on_stop:
+            engine.abort()
+        stop.set()
+
     if os.environ.get("FAKE_IGNORE_SIGTERM") != "1":
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     await stop.wait()
     await runner.cleanup()
     core.terminate()

@@ -4,7 +4,6 @@ argument parsers."""
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import subprocess
@@ -16,6 +15,7 @@ import pytest
 
 from gateway.daemon import parse_args as gateway_args
 from supervisor.daemon import parse_args as supervisor_args
+from tests.apt import apt_install
 from tests.conftest import REPO
 
 DEPLOY = REPO / "deploy"
@@ -98,28 +98,6 @@ def test_gateway_unit_outlives_supervisor_restarts() -> None:
     assert seconds(last(unit, "Service", "TimeoutStopSec")) > args.shutdown_timeout
 
 
-def _apt_install(packages: list[str]) -> str | None:
-    """Install Debian packages; None on success, else why not."""
-    if os.geteuid() != 0:
-        return f"not root (uid {os.geteuid()}), cannot apt-get install {' '.join(packages)}"
-    if shutil.which("apt-get") is None:
-        return f"no apt-get on this machine to install {' '.join(packages)}"
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    lock = ["-o", "DPkg::Lock::Timeout=120"]  # another apt run waits instead of failing
-    for step, timeout in (
-        (["apt-get", *lock, "update", "-q"], 300),
-        (["apt-get", *lock, "install", "-y", "-q", "--no-install-recommends", *packages], 300),
-    ):
-        try:
-            done = subprocess.run(step, env=env, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return f"`{' '.join(step)}` took more than {timeout} s"
-        if done.returncode != 0:
-            tail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-3:]
-            return f"`{' '.join(step)}` failed ({done.returncode}): {' | '.join(tail)}"
-    return None
-
-
 @pytest.fixture(scope="session")
 def systemd_analyze() -> str:
     """`systemd-analyze` (Debian's systemd package), installed once per session if missing.
@@ -131,7 +109,7 @@ def systemd_analyze() -> str:
         missing.append("procps")
     if missing:
         started = time.monotonic()
-        why_not = _apt_install(missing)
+        why_not = apt_install(missing)
         if why_not is not None:
             pytest.skip(f"cannot verify the systemd units: {why_not}")
         print(f"installed {' '.join(missing)} in {time.monotonic() - started:.0f} s")

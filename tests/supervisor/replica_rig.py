@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import cast
 
 from supervisor.engine import LaunchPlan
-from supervisor.events import Event, EventLog
+from supervisor.events import Event, EventKind, EventLog
 from supervisor.placement import Placement
 from supervisor.probe import EngineProbe
 from supervisor.replica import Replica, ReplicaTiming
@@ -141,7 +141,7 @@ class Rig:
             await self.replica.wait_for_state({state})
 
     def transitions(self) -> list[Event]:
-        return [e for e in self.events.recent("m-0") if e.kind == "transition"]
+        return self.events.recent("m-0", kind=EventKind.TRANSITION)
 
     def assert_edge(self, old: ReplicaState, new: ReplicaState, reason: str, since: float) -> Event:
         """The replica is in `new`, and its last event records `old -> new` after `since`, with

@@ -16,7 +16,7 @@ from tests.conftest import ManagerFactory, wait_until
 @pytest.fixture
 async def api(make_manager: ManagerFactory) -> AsyncIterator[tuple[httpx.AsyncClient, Manager]]:
     manager = make_manager()
-    app = create_app(manager, manager._events, token="s3cret")
+    app = create_app(manager, manager.events, token="s3cret")
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://sem") as client:
         client.headers["Authorization"] = "Bearer s3cret"

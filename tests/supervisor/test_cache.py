@@ -16,12 +16,14 @@ from huggingface_hub import constants
 
 from supervisor.api import create_app
 from supervisor.cache import CacheSettings, ModelCache
+from supervisor.cache_job import JobState
 from supervisor.config import ModelSpec, Source
 from supervisor.engine import free_port
 from supervisor.errors import HubAccessDenied
 from supervisor.hub import select_files
 from tests.conftest import ManagerFactory, wait_until
 from tests.hubrepos import GATED, TINY, TWO_A, TWO_B, UNWANTED, Hub
+from tests.supervisor.conftest import cache_admin
 
 
 @pytest.fixture
@@ -63,7 +65,7 @@ async def test_two_models_download_in_parallel_with_progress(make_cache, hub: Hu
     hub.throttle(3 << 20)  # per connection: the downloads take a second or two
     try:
         jobs = await cache.fetch_many([hf(TWO_A), hf(TWO_B)])
-        assert [j.state for j in jobs] == ["downloading", "downloading"]
+        assert [j.state for j in jobs] == [JobState.DOWNLOADING, JobState.DOWNLOADING]
         assert jobs[0].progress.total > 9 << 20 and jobs[1].progress.total > 4 << 20
         seen_both_moving = False
         while any(j.running for j in jobs):
@@ -101,7 +103,7 @@ async def test_unknown_repo_is_404_and_does_not_stop_the_others(make_cache):
     cache = make_cache()
     try:
         good, bad = await cache.fetch_many([hf(TWO_B), hf("nobody/nothing")])
-        assert bad.state == "failed" and bad.error is not None
+        assert bad.state is JobState.FAILED and bad.error is not None
         assert bad.error.status == 404 and bad.error.type == "repo_not_found"
         assert "nobody/nothing" in bad.error.message
         (rev,) = await cache.fetch_many([Source.parse(f"hf://{TWO_B}@v9")])
@@ -191,15 +193,9 @@ async def test_cached_models_are_used_offline(make_cache, hub: Hub):
 
 @pytest.fixture
 async def api(make_manager: ManagerFactory, make_cache) -> AsyncIterator[tuple]:
-    cache = make_cache()
-    manager = make_manager()
-    manager.cache = cache
-    app = create_app(manager, manager._events, cache=cache)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://sem") as client:
+    cache, manager = make_cache(), make_manager()
+    async with cache_admin(manager, cache) as client:
         yield client, manager, cache
-    await manager.shutdown(drain_timeout=1)
-    await cache.aclose()
 
 
 async def test_api_cache_list_and_free(api):
@@ -292,7 +288,7 @@ def test_cache_section_of_models_yaml(tmp_path: Path):
 async def test_cache_changes_need_the_admin_token(make_manager: ManagerFactory, make_cache):
     cache = make_cache()
     manager = make_manager()
-    app = create_app(manager, manager._events, token="s3cret", cache=cache)
+    app = create_app(manager, manager.events, token="s3cret", cache=cache)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as c:
         assert (await c.post("/cache", json={"models": [f"hf://{TWO_B}"]})).status_code == 401
         assert (await c.delete(f"/cache/hf://{TWO_B}")).status_code == 401

@@ -9,6 +9,7 @@ import pytest
 
 from supervisor.config import ModelSpec
 from supervisor.errors import InvalidSpec
+from supervisor.events import Event, EventKind
 from supervisor.manager import Manager
 from supervisor.states import ModelState, ReplicaState
 from supervisor.store import Store
@@ -25,6 +26,16 @@ def ready(manager: Manager, name: str) -> bool:
 
 def pids(manager: Manager, name: str) -> set[int]:
     return {r.process.pid for r in manager.get(name).replicas if r.process and not r.done}
+
+
+def drain(feed: asyncio.Queue[Event], kind: EventKind) -> list[Event]:
+    """The events of `kind` in the queue now, in order."""
+    assert not feed.full(), "a full subscription drops its oldest events"
+    events = []
+    while not feed.empty():
+        if (event := feed.get_nowait()).kind is kind:
+            events.append(event)
+    return events
 
 
 async def test_reload_adds_new_removes_unlisted_and_leaves_the_rest(
@@ -49,27 +60,29 @@ async def test_a_changed_model_with_two_replicas_is_rolled_without_downtime(
     await manager.reload([spec(model_dir, "m", replicas=2)], drain_timeout=1)
     await wait_until(lambda: len(manager.routes.models["m"].ready_replicas) == 2)
     before = pids(manager, "m")
+    ready = {r.id for r in manager.routes.models["m"].ready_replicas}
 
-    fewest_ready = 2
+    with manager.events.subscribe() as feed:  # every event from here on, in order
+        diff = await manager.reload([spec(model_dir, "m", replicas=2, max_num_seqs=7)], 1)
+        assert [s.name for s in diff.changed] == ["m"]
+        rollout = manager.get("m").rollout
+        assert rollout is not None
+        await asyncio.wait_for(asyncio.shield(rollout), timeout=30)
+        transitions = drain(feed, EventKind.TRANSITION)
 
-    async def watch() -> None:
-        nonlocal fewest_ready
-        while True:
-            fewest_ready = min(fewest_ready, len(manager.routes.models["m"].ready_replicas))
-            await asyncio.sleep(0.01)
-
-    watcher = asyncio.create_task(watch())
-    diff = await manager.reload([spec(model_dir, "m", replicas=2, max_num_seqs=7)], 1)
-    assert [s.name for s in diff.changed] == ["m"]
-    await wait_until(
-        lambda: (
-            not (pids(manager, "m") & before)
-            and len(manager.routes.models["m"].ready_replicas) == 2
-        ),
-        what="both replicas replaced and ready",
-    )
-    watcher.cancel()
+    # Every change of a replica's state is a transition, published at once: replaying them
+    # all gives the ready replicas of every route table the gateway could have seen.
+    fewest_ready = len(ready)
+    for event in transitions:
+        if event.data["new"] == "ready":
+            ready.add(event.subject)
+        else:
+            ready.discard(event.subject)
+        fewest_ready = min(fewest_ready, len(ready))
+    assert len(transitions) >= 8, "two replicas stopped (2 each), two started (2 each)"
     assert fewest_ready >= 1, "some replica was ready all the while"
+    assert not (pids(manager, "m") & before), "both replicas replaced"
+    assert len(manager.routes.models["m"].ready_replicas) == 2
     assert {r.max_num_seqs for r in manager.routes.models["m"].replicas} == {7}
 
 
@@ -135,5 +148,5 @@ async def test_at_start_an_invalid_model_is_skipped_and_the_others_start(
     await manager.restore(config, drain_timeout=1)
     await wait_until(lambda: ready(manager, "a"))
     assert [e.spec.name for e in manager.entries()] == ["a"]
-    assert [e.subject for e in manager._events.recent() if e.kind == "model_invalid"] == ["b"]
+    assert [e.subject for e in manager.events.recent(kind=EventKind.MODEL_INVALID)] == ["b"]
     assert list(store.applied_config()) == ["a"], "b is tried again at the next reload"

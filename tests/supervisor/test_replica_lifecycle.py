@@ -8,6 +8,8 @@ import psutil
 import pytest
 
 from supervisor.config import ModelSpec
+from supervisor.events import EventKind
+from supervisor.manager import Manager
 from supervisor.procgroup import group_members
 from supervisor.states import ReplicaState
 from tests.conftest import ManagerFactory, fake_engine_command, wait_until
@@ -17,8 +19,8 @@ def spec(model_dir: Path, name: str = "m", **extra: object) -> ModelSpec:
     return ModelSpec(name=name, source=f"path:{model_dir}", **extra)  # type: ignore[arg-type]
 
 
-def states(manager, replica_id: str) -> list[str]:
-    return [e.data["new"] for e in manager._events.recent(replica_id) if e.kind == "transition"]
+def states(manager: Manager, replica_id: str) -> list[str]:
+    return [e.data["new"] for e in manager.events.recent(replica_id, kind=EventKind.TRANSITION)]
 
 
 async def test_pending_to_starting_to_ready(make_manager: ManagerFactory, model_dir: Path):
@@ -69,7 +71,8 @@ async def test_ready_to_restarting_when_engine_crashes(
     await wait_until(lambda: len(states(manager, "m-0")) >= 4, what="a restart")
     history = states(manager, "m-0")
     assert history[:4] == ["starting", "ready", "restarting", "starting"]
-    restarting = [e for e in manager._events.recent("m-0") if e.data.get("new") == "restarting"]
+    transitions = manager.events.recent("m-0", kind=EventKind.TRANSITION)
+    restarting = [e for e in transitions if e.data["new"] == "restarting"]
     assert "engine exited with code 1" in restarting[0].message
 
 

@@ -11,8 +11,10 @@ import pytest
 
 from supervisor.config import ModelSpec
 from supervisor.errors import InvalidSpec
-from supervisor.manager import Manager, SchedulerSettings
+from supervisor.events import EventKind
+from supervisor.manager import Manager
 from supervisor.resources import StaticInventory
+from supervisor.scheduler import SchedulerSettings
 from supervisor.states import ReplicaState
 from tests.checkpoints import llama2_7b
 from tests.conftest import ManagerFactory, wait_until
@@ -30,8 +32,8 @@ def add_7b(manager: Manager, folder: Path, name: str, **extra: object):
     return manager.add(spec)
 
 
-def event_time(manager: Manager, kind: str, subject: str) -> float:
-    return next(e.time for e in manager._events.recent(subject) if e.kind == kind)
+def event_time(manager: Manager, kind: EventKind, subject: str) -> float:
+    return next(e.time for e in manager.events.recent(subject, kind=kind))
 
 
 async def test_two_7b_land_one_per_gpu_and_the_third_waits(
@@ -65,9 +67,11 @@ async def fill_then_release_one(manager: Manager, folder: Path):
     """llama-a and llama-b fill both GPUs, llama-c waits; then llama-a is removed.
     Returns (llama-a, llama-c)."""
     first = add_7b(manager, folder, "llama-a")
-    add_7b(manager, folder, "llama-b")
+    second = add_7b(manager, folder, "llama-b")
     third = add_7b(manager, folder, "llama-c")
-    await wait_until(lambda: first.state.value == "ready")
+    # Both ready first: an engine that becomes ready also wakes the scheduler (a GPU's
+    # one-engine-starting gate opens), which would blur what the callers test.
+    await wait_until(lambda: first.state.value == "ready" and second.state.value == "ready")
     await wait_until(lambda: third.replicas[0].reason.startswith("needs"))
     manager.remove("llama-a", drain_timeout=0)
     await wait_until(lambda: "llama-a" not in manager.routes.models)
@@ -83,8 +87,8 @@ async def test_third_model_starts_within_a_second_of_a_release(
     )
     first, third = await fill_then_release_one(manager, seven_b)
     await wait_until(lambda: third.state.value == "ready", what="third ready")
-    waited = event_time(manager, "placed", "llama-c-0") - event_time(
-        manager, "released", "llama-a-0"
+    waited = event_time(manager, EventKind.PLACED, "llama-c-0") - event_time(
+        manager, EventKind.RELEASED, "llama-a-0"
     )
     assert 0 <= waited < 1.0
     assert third.replicas[0].placement.device_ids == first.replicas[0].placement.device_ids
@@ -149,5 +153,5 @@ async def test_adding_never_disturbs_running_models(make_manager: ManagerFactory
     second = add_7b(manager, seven_b, "llama-b")
     await wait_until(lambda: second.state.value == "ready")
     assert first.replicas[0].process.pid == pid and first.replicas[0].restarts == 0
-    kinds = [e.kind for e in manager._events.recent("llama-b")]
-    assert kinds[:2] == ["model_added", "placed"]
+    kinds = [e.kind for e in manager.events.recent("llama-b")]
+    assert kinds[:2] == [EventKind.MODEL_ADDED, EventKind.PLACED]

@@ -1,0 +1,78 @@
+"""Sizing a model up: the local folder an engine loads and the memory one replica needs.
+
+Shared by the supervisor (before a model gets replicas) and `sem plan` (dryrun.py), which starts
+nothing. The memory comes from estimate.py: `size_up` is the one place a measured figure would
+replace the estimate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from supervisor.cache import ModelCache
+from supervisor.cache_job import Job
+from supervisor.config import ModelSpec, Source
+from supervisor.errors import InvalidSpec
+from supervisor.estimate import EstimateError, MemoryEstimate, estimate
+from supervisor.placement import never_fits
+from supervisor.resources import Device
+
+# What a model needs before it can have replicas: (engine's model folder, memory per replica),
+# or the download of its files that must come first.
+Prepared = tuple[str, MemoryEstimate] | Job
+
+
+def local_model_dir(spec: ModelSpec) -> Path:
+    """The local folder an engine will load; InvalidSpec if there is none."""
+    source = Source.parse(spec.source)
+    if source.kind == "path":
+        assert source.path is not None
+        if not (source.path / "config.json").is_file():
+            raise InvalidSpec(
+                f"source {spec.source}: no config.json in {source.path}"
+                " (expected a Hugging Face model folder; run `make models` for the demo models)"
+            )
+        return source.path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(source.repo, revision=source.revision, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise InvalidSpec(
+            f"source {spec.source} is not in the local Hugging Face cache; download it first"
+        ) from None
+
+
+def size_up(spec: ModelSpec, model_dir: Path | None, devices: list[Device]) -> MemoryEstimate:
+    """The memory one replica needs; InvalidSpec if it cannot be estimated or never fits."""
+    on_gpu = any(d.kind == "gpu" for d in devices)
+    try:
+        need = estimate(spec, model_dir, on_gpu=on_gpu)
+    except EstimateError as exc:
+        raise InvalidSpec(str(exc)) from None
+    eligible = [(d.label, d.total) for d in devices if on_gpu == (d.kind == "gpu")]
+    if problem := never_fits(need.per_device, spec.tensor_parallel, eligible):
+        raise InvalidSpec(f"{spec.name} can never be placed: {problem}")
+    return need
+
+
+def prepare(spec: ModelSpec, cache: ModelCache | None, devices: list[Device]) -> Prepared:
+    """The engine's model folder and the memory a replica needs, or the download that must
+    come first (an hf:// source not cached yet); InvalidSpec if neither can be had."""
+    if cache is None:
+        located: Path | Job = local_model_dir(spec)
+    else:
+        located = cache.prepare(Source.parse(spec.source))
+    if isinstance(located, Job):
+        return located
+    return str(located), size_up(spec, located, devices)
+
+
+async def after_download(
+    spec: ModelSpec, job: Job, devices: list[Device]
+) -> tuple[str, MemoryEstimate]:
+    """Once `job` has cached the model's files: its folder and the memory a replica needs.
+    The job's CacheError if the download failed, InvalidSpec if it cannot be sized."""
+    path = await job.wait()
+    return str(path), size_up(spec, path, devices)

@@ -1,0 +1,78 @@
+"""The manager on the simulated GPU box: its engines take memory as vLLM does, NVML sees it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from supervisor.config import ModelSpec
+from supervisor.manager import Manager
+from tests.checkpoints import llama2_7b
+from tests.conftest import ManagerFactory, wait_until
+from tests.gpusim.box import SimBox
+from tests.gpusim.ledger import GiB, SimGpu
+
+FAST = {"SIM_LOAD_SECONDS": "0.1", "SIM_PROFILE_SECONDS": "0.05"}
+
+
+def add_7b(manager: Manager, folder: Path, name: str):
+    return manager.add(ModelSpec(name=name, source=f"path:{folder}", max_model_len=4096))
+
+
+async def test_reference_box_two_7b_one_per_gpu_third_starts_after_a_removal(
+    make_manager: ManagerFactory, tmp_path: Path
+):
+    sim = SimBox.create(tmp_path, [SimGpu(0, 24 * GiB), SimGpu(1, 24 * GiB)])
+    manager = make_manager(command=sim.engine_command(**FAST), inventory=sim.inventory())
+    folder = llama2_7b(tmp_path / "llama2-7b")
+    first, second = add_7b(manager, folder, "llama-a"), add_7b(manager, folder, "llama-b")
+    await wait_until(lambda: first.state.value == "ready" and second.state.value == "ready")
+    held = [sum(b for _, b in sim.ledger.processes(gpu)) for gpu in (0, 1)]
+    assert all(17 * GiB < h < 18.6 * GiB for h in held), held
+    third = add_7b(manager, folder, "llama-c")
+    await wait_until(lambda: third.replicas[0].reason.startswith("needs"), what="a wait reason")
+    manager.remove("llama-a", drain_timeout=0)
+    await wait_until(lambda: third.state.value == "ready", what="llama-c ready on a freed GPU")
+    assert third.replicas[0].placement is not None
+    assert third.replicas[0].placement.device_ids == first.replicas[0].placement.device_ids
+
+
+async def waits_rather_than_fails(entry: Any, log: Path, refusal: str) -> None:
+    """Until the replica either waits with a reason or its engine logs vLLM's `refusal`;
+    then that it waits."""
+    replica = entry.replicas[0]
+
+    def refused() -> bool:
+        return log.exists() and refusal in log.read_text()
+
+    await wait_until(lambda: replica.reason.startswith("needs") or refused(), what="either")
+    assert not refused() and replica.state.value == "pending"
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12 point 1: placement.has_room not wired yet")
+async def test_a_gap_equal_to_the_reservation_waits_instead_of_failing_vllms_check(
+    make_manager: ManagerFactory, tmp_path: Path
+):
+    sim = SimBox.create(tmp_path, [SimGpu(0, 24 * GiB)])
+    sim.ledger.allocate("foreign", 0, int(5.7 * GiB), "another user's job")  # 18.3 GiB free
+    manager = make_manager(command=sim.engine_command(**FAST), inventory=sim.inventory())
+    entry = add_7b(manager, llama2_7b(tmp_path / "llama2-7b"), "llama-a")  # reserves 18.05 GiB
+    log = tmp_path / "state" / "logs" / "llama-a-0.log"
+    await waits_rather_than_fails(entry, log, "ValueError: Free memory on device cuda:0")
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12 point 4: gpu_budget.tp_reservations not wired")
+async def test_tensor_parallel_over_unequal_gpus_reserves_u_x_total_on_the_larger(
+    make_manager: ManagerFactory, tmp_path: Path
+):
+    """9.78 GiB a rank on 24 + 48 GiB: u = 0.4075, so vLLM wants 19.56 GiB free on GPU1."""
+    sim = SimBox.create(tmp_path, [SimGpu(0, 24 * GiB), SimGpu(1, 48 * GiB)])
+    sim.ledger.allocate("foreign", 1, 28 * GiB, "another user's job")  # 20 GiB free on GPU1
+    manager = make_manager(command=sim.engine_command(**FAST), inventory=sim.inventory())
+    spec = ModelSpec(name="tp", source=f"path:{llama2_7b(tmp_path / 'm')}", max_model_len=4096,
+                     tensor_parallel=2)  # fmt: skip
+    entry = manager.add(spec)
+    log = tmp_path / "state" / "logs" / "tp-0.log"
+    await waits_rather_than_fails(entry, log, "ValueError: Free memory on device cuda:1")
