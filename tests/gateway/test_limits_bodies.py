@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from contract.routes import RouteTable
@@ -140,6 +141,20 @@ async def test_the_body_budget_is_first_come_first_served_and_answers_503_when_f
     assert budget.held == 0
 
 
+def swallowing_engine() -> web.Application:
+    """An engine that reads a completion request and answers one token, without parsing: the
+    test's own event loop measures /health, so it must stay free."""
+
+    async def complete(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"choices": [{"text": " a", "finish_reason": "length"}],
+                                  "usage": {"completion_tokens": 1}})  # fmt: skip
+
+    app = web.Application(client_max_size=64 * MiB)
+    app.router.add_post("/v1/completions", complete)
+    return app
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -160,7 +175,7 @@ async def test_concurrent_near_cap_bodies_keep_memory_bounded_and_health_fast(ri
     """8 concurrent bodies just under the 8 MiB cap, against a gateway process allowed 16 MiB of
     bodies at once: its peak RSS grows by far less than the 8 bodies' worth of copies, /health
     stays fast, and every request is served (they wait their turn for memory)."""
-    url = await rig.engine(FakeEngine("m"))
+    url = await rig.engine(swallowing_engine())  # in this process: it must not parse 8 MiB
     port = free_port()
     gateway = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "--port", str(port), "--route", f"m={url}",
