@@ -40,9 +40,9 @@ async def test_a_client_that_stops_reading_loses_its_stream_and_its_slot(rig: Ri
         assert status == 200, answer
         assert answer["choices"][0]["text"] == " two one two one"
         waited = time.monotonic() - start
-        assert waited < 8, f"the third request waited {waited:.1f}s"
+        assert waited < 20, f"the third request waited {waited:.1f}s"  # without: 503 at 30 s
         assert gw.door.closed[Closed.NOT_READING] == 2
-        await wait_for(lambda: engine.aborted == 2, 5)  # the engine's generations were cancelled
+        await wait_for(lambda: engine.aborted == 2, 10)  # the engine's generations were cancelled
         for reader, _ in clients:
             await closed_within(reader, 5)
 
