@@ -12,8 +12,8 @@ complete one. So the end of a stream is judged, once per stream, from its last e
   provably complete ("stop", or every token asked for).
 
 Tokens are the engine's own count (`usage.completion_tokens`, which the gateway asks for in
-every chunk, see gateway.usage). A request with several choices (`n` > 1) is judged by its
-finish reasons and its replica only: its usage adds the choices up.
+every chunk, see gateway.usage). With several choices (`n` > 1) usage adds them up: the stream
+is short when the sum is under `n` x the limit and no choice stopped.
 """
 
 from __future__ import annotations
@@ -33,6 +33,16 @@ def asked_tokens(path: str, body: dict[str, Any]) -> int | None:
         if isinstance(body.get(key), int):
             return int(body[key])
     return None if path.endswith("/chat/completions") else VLLM_DEFAULT_MAX_TOKENS
+
+
+_LIMIT = re.compile(rb'"max(?:_completion)?_tokens":\s*(\d+)')
+
+
+def asked_limit(request: bytes) -> int | None:
+    """`asked_tokens` of a request's bytes, unparsed (a non-stream answer's judgment; None:
+    no limit found)."""
+    found = _LIMIT.findall(request)
+    return min(int(n) for n in found) if found else None
 
 
 def finish_reasons(tail: bytes) -> list[str]:
@@ -60,15 +70,14 @@ class Ending:
         """Why this end is not the model's; None if it is (or cannot be told from one)."""
         if "abort" in self.reasons:
             return "ended the stream with finish_reason abort"
-        complete = self.reasons == ["stop"] * self.choices or (
-            self.choices == 1 and self.tokens is not None and self.asked is not None
-            and self.tokens >= self.asked
-        )  # fmt: skip
+        wanted = -1 if self.asked is None else self.asked * self.choices
+        tokens = -1 if self.tokens is None else self.tokens  # -1: not known
+        known = wanted >= 0 and tokens >= 0
+        complete = self.reasons == ["stop"] * self.choices or (known and tokens >= wanted)
         if not self.replica_ready and not complete:
             return "ended the stream while being stopped"
-        short = self.tokens is not None and self.asked is not None and self.tokens < self.asked
-        if self.choices == 1 and "stop" not in self.reasons and short:
+        if "stop" not in self.reasons and known and tokens < wanted:
             finish = self.reasons[0] if self.reasons else "none"
-            return (f"ended the stream after {self.tokens} of {self.asked} tokens"
+            return (f"ended the stream after {self.tokens} of {wanted} tokens"
                     f" (finish_reason {finish})")  # fmt: skip
         return None

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from contract.routes import ReplicaRoute
-from gateway.ending import Ending, asked_tokens, ends_stream, finish_reasons
+from gateway.ending import Ending, asked_limit, asked_tokens, ends_stream, finish_reasons
 from gateway.errors import BadRequest, GatewayError, UpstreamError, UpstreamTimeout, error_body
 from gateway.metrics import Observation
 from gateway.progress import Attempt
@@ -191,6 +191,8 @@ class JsonRelay:
                 raw = await up.read()
         upstream = up
         watch.beat()
+        if upstream.status < 400 and (cut := cut_answer(self.body, raw)) is not None:
+            raise UpstreamError(f"engine {replica.id} {cut}")
         if self.reshape is None:
             check_answer(upstream.status, raw, replica)
             obs.tokens += completion_tokens(raw) or 0
@@ -202,6 +204,16 @@ class JsonRelay:
 
     async def give_up(self, error: GatewayError) -> web.StreamResponse:
         raise error  # never started: the error is the answer
+
+
+def cut_answer(request: bytes, answer: bytes) -> str | None:
+    """Why a whole (non-stream) answer is not the model's end (gateway.ending); None if it is.
+    Byte-level: the request's token limit and the answer's finish and usage, unparsed."""
+    reasons = finish_reasons(answer)
+    if "abort" not in reasons and (not reasons or "stop" in reasons):
+        return None  # the model stopped
+    asked = asked_limit(request)
+    return Ending(reasons, completion_tokens(answer), asked, len(reasons), True).cut()
 
 
 def in_band_error(out: bytes) -> tuple[int, str] | None:
@@ -342,7 +354,7 @@ class StreamRelay:
     def _judge(self, held: bytes, watch: Attempt) -> str | None:
         """Why the end the engine just gave is not the model's (gateway.ending); None if it
         is. Cheap: the held tail only, and a token count only when one is asked."""
-        counted = completion_tokens(held) if self.choices == 1 else None
+        counted = completion_tokens(held)
         if counted is None and self.choices == 1 and self.asked is not None:
             counted = Partial.of(self.log.sent).tokens  # an engine that sent no usage
         ending = Ending(
