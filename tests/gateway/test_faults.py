@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
 
 from aiohttp.test_utils import TestClient
 
+from contract.routes import RouteTable
+from gateway.progress import FirstByteClock
 from gateway.retry import RetryBudget
 from gateway.state import JOURNEYS, UPSTREAM
 from tests.fake_engine import FakeEngine
@@ -145,3 +148,37 @@ async def test_usage_the_client_asked_for_is_kept(rig):
     assert [("usage" in c) for c in chunks] == [False, False, False, True]
     assert chunks[-1]["usage"]["completion_tokens"] == 3
     assert json.dumps(chunks[-1]["choices"]) == "[]"
+
+
+async def test_a_stream_ended_by_a_replica_being_stopped_is_resumed_on_another(rig):
+    stopping, healthy = FakeEngine("m", token_delay=0.02), FakeEngine("m")
+    urls = [await rig.engine(stopping), await rig.engine(healthy)]
+    budget = RetryBudget(**vars(FAST) | {"stall_after": STALL_AFTER})
+    client = await rig.gateway(table(1, urls), retry=budget)
+    chat = {"model": "m", "messages": [{"role": "user", "content": "count 0"}], "stream": True}
+    task = asyncio.create_task(client.post("/v1/chat/completions", json=chat))
+    await until(lambda: stopping.tokens_sent >= 5)
+    draining = table(2, urls).models["m"]
+    replicas = (replace(draining.replicas[0], state="draining"), draining.replicas[1])
+    rig.watcher.update(RouteTable(2, {"m": replace(draining, replicas=replicas)}))
+    stopping.abort()  # no limit was asked: only the replica's state tells this end is a cut
+    events = await read_stream(await task)
+    chunks = [e for e in events if isinstance(e, dict)]
+    finishes = [c["finish_reason"] for e in chunks for c in e["choices"] if c["finish_reason"]]
+    assert finishes == ["length"] and events.count("[DONE]") == 1
+    assert len(healthy.requests) == 1 and healthy.requests[0]["continue_final_message"] is True
+    assert stream_text(events).startswith(numbers(5))
+
+
+def test_the_first_byte_deadline_is_learned_floored_capped_and_doubles_per_attempt():
+    clock = FirstByteClock(floor=5.0, cap=60.0, factor=3.0)
+    assert clock.deadline("m") == 5.0, "nothing seen yet: the floor"
+    for _ in range(99):
+        clock.seen("m", 0.1)
+    clock.seen("m", 4.0)  # one slow prefill in a hundred: the p99
+    assert clock.deadline("m") == 12.0
+    assert clock.deadline("m", attempt=2) == 24.0
+    for _ in range(10):
+        clock.seen("m", 100.0)
+    assert clock.deadline("m") == 60.0, "capped"
+    assert clock.deadline("other") == 5.0, "per model"
