@@ -82,8 +82,14 @@ class UsageFilter:
     def __call__(self, out: bytes) -> bytes:
         if self.continuous or b'"usage"' not in out:
             return out
-        final = _USAGE_ONLY.search(out)
-        if final is None:
+        if b'"choices":[]' in out or b'"choices": []' in out:  # the final usage-only event
+            final = _USAGE_ONLY.search(out)
+            if final is not None:
+                keep = out[final.start() : final.end()] if self.final else b""
+                return self(out[: final.start()]) + keep + self(out[final.end() :])
+        start = out.find(b',"usage":{')  # vLLM's compact form: cut by hand, no regex
+        end = out.find(b"}", start) + 1 if start >= 0 else 0
+        if not end:
             return _CHUNK_USAGE.sub(b"", out)
-        keep = out[final.start() : final.end()] if self.final else b""
-        return self(out[: final.start()]) + keep + self(out[final.end() :])
+        rest = out[end:]
+        return out[:start] + (self(rest) if b'"usage"' in rest else rest)

@@ -15,6 +15,7 @@ from contract.routes import RouteTable
 from gateway.progress import FirstByteClock
 from gateway.retry import RetryBudget
 from gateway.state import JOURNEYS, UPSTREAM
+from gateway.usage import ENGINE_STREAM_OPTIONS, UsageFilter, with_engine_usage
 from tests.fake_engine import FakeEngine
 from tests.gateway.conftest import Rig
 from tests.gateway.test_failover import FAST, read_stream, stream_text, table
@@ -182,3 +183,23 @@ def test_the_first_byte_deadline_is_learned_floored_capped_and_doubles_per_attem
         clock.seen("m", 100.0)
     assert clock.deadline("m") == 60.0, "capped"
     assert clock.deadline("other") == 5.0, "per model"
+
+
+def test_usage_is_asked_of_the_engine_and_stripped_byte_level_in_vllms_form():
+    raw = b'{"model": "m", "stream": true}\n'
+    asked = json.loads(with_engine_usage(raw, json.loads(raw)))
+    assert asked["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    mine = {"model": "m", "stream_options": {"include_usage": True}}
+    assert json.loads(with_engine_usage(json.dumps(mine).encode(), mine))["stream_options"] == (
+        ENGINE_STREAM_OPTIONS
+    )
+    chunk = b'data: {"id":"c","choices":[{"index":0,"text":"x"}]}\n\n'
+    counted = (
+        chunk[:-3] + b',"usage":{"prompt_tokens":5,"total_tokens":7,"completion_tokens":2}}\n\n'
+    )
+    final = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}\n\n'
+    assert UsageFilter({})(counted + counted + final) == chunk + chunk
+    with_final = UsageFilter({"stream_options": {"include_usage": True}})
+    assert with_final(counted + final) == chunk + final
+    everything = {"stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    assert UsageFilter(everything)(counted + final) == counted + final
