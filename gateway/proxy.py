@@ -68,53 +68,36 @@ class Relay(Protocol):
         """End a started answer with `error`."""
 
 
-def gateway_error(exc: BaseException, replica: ReplicaRoute) -> GatewayError | None:
+def gateway_error(
+    exc: BaseException, replica: ReplicaRoute, watch: Attempt | None = None
+) -> GatewayError | None:
     """`exc` as the gateway's typed error: network failures and timeouts of an engine call become
-    502 and 504; gateway errors stay as they are; anything else is None."""
+    502 and 504, an attempt its watch abandoned (gateway.progress: a stall, the first-byte
+    deadline; cancelled by a TimeoutError) 502, which is retried; gateway errors stay as they
+    are; anything else is None."""
     if isinstance(exc, GatewayError):
         return exc
     if isinstance(exc, EngineDisconnected):
         return UpstreamError(f"engine {replica.id} unreachable: {exc}")
     if isinstance(exc, TimeoutError):
+        if watch is not None and watch.reason is not None:
+            return UpstreamError(f"engine {replica.id} {watch.reason}")
         return UpstreamTimeout(f"engine {replica.id} did not answer in time")
     return None
 
 
-class engine_errors:  # used like a function: `with engine_errors(replica):`
-    """Network failures and timeouts of an engine call, raised as the gateway's typed errors."""
-
-    __slots__ = ("_replica",)
-
-    def __init__(self, replica: ReplicaRoute) -> None:
-        self._replica = replica
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        error = None if exc is None else gateway_error(exc, self._replica)
-        if error is not None and error is not exc:
-            raise error from None
-
-
-class abandoned:  # used like a function: `with abandoned(watch, replica):`
-    """An attempt given up by its watch (gateway.progress: a stall, the first-byte deadline)
-    raised as an engine failure, which is retried, instead of the TimeoutError that cancelled
-    it."""
+class engine_errors:  # used like a function: `with engine_errors(replica, watch):`
+    """Network failures and timeouts of an engine call, and an attempt abandoned by its `watch`
+    (before it began too), raised as the gateway's typed errors."""
 
     __slots__ = ("_replica", "_watch")
 
-    def __init__(self, watch: Attempt, replica: ReplicaRoute) -> None:
-        self._watch = watch
+    def __init__(self, replica: ReplicaRoute, watch: Attempt | None = None) -> None:
         self._replica = replica
+        self._watch = watch
 
     def __enter__(self) -> None:
-        if self._watch.reason is not None:
+        if self._watch is not None and self._watch.reason is not None:
             raise UpstreamError(f"engine {self._replica.id} {self._watch.reason}")
 
     def __exit__(
@@ -123,8 +106,9 @@ class abandoned:  # used like a function: `with abandoned(watch, replica):`
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if isinstance(exc, TimeoutError) and self._watch.reason is not None:
-            raise UpstreamError(f"engine {self._replica.id} {self._watch.reason}") from None
+        error = None if exc is None else gateway_error(exc, self._replica, self._watch)
+        if error is not None and error is not exc:
+            raise error from None
 
 
 def engine_call(pool: UpstreamPool, replica: ReplicaRoute, path: str, body: bytes) -> Exchange:
@@ -186,7 +170,7 @@ class JsonRelay:
     async def attempt(
         self, replica: ReplicaRoute, obs: Observation, watch: Attempt
     ) -> web.StreamResponse:
-        with engine_errors(replica), abandoned(watch, replica):
+        with engine_errors(replica, watch):
             async with watch.guard, engine_call(self.pool, replica, self.path, self.body) as up:
                 raw = await up.read()
         upstream = up
@@ -298,7 +282,7 @@ class StreamRelay:
             follow["stream_options"] = {**(follow.get("stream_options") or {}),
                                         **ENGINE_STREAM_OPTIONS}  # fmt: skip
             payload, splice = json.dumps(follow).encode(), Splice(partial, self.chat)
-        with engine_errors(replica), abandoned(watch, replica):
+        with engine_errors(replica, watch):
             async with watch.guard:
                 return await self._relay(replica, obs, watch, payload, splice)
 
