@@ -34,9 +34,7 @@ TORCH_OOM = (
 )
 UNRECOGNIZED = "vllm serve: error: unrecognized arguments: --max-num-seq 4"
 BAD_VALUE = "vllm serve: error: argument --dtype: invalid choice: 'fp13'"
-UNSUPPORTED_ARCH = (
-    "ValueError: Model architectures ['FooForCausalLM'] are not supported for now."
-)
+UNSUPPORTED_ARCH = "ValueError: Model architectures ['FooForCausalLM'] are not supported for now."
 NOT_SUPPORTED = "ValueError: Sleep mode is not supported on current platform."
 HEAD_DIM = "RuntimeError: Unsupported CPU attention configuration: head_dim=16"
 PYDANTIC = "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig"
