@@ -87,9 +87,14 @@ def classify(exit_code: int | None, log_tail: str) -> StartFailure:
                 break
     if exit_code is not None and exit_code < 0:  # killed by a signal: not the engine's verdict
         kind, line = FailureKind.OTHER, ""
-    found = _KV_LINE.findall(log_tail)
-    kv = int(float(found[-1]) * 1024**3) if found else None
-    return StartFailure(kind, line, kv)
+    return StartFailure(kind, line, kv_available(log_tail))
+
+
+def kv_available(log_tail: str, ranks: int = 1) -> int | None:
+    """Bytes vLLM found for its KV cache at its last start: the smallest of the last `ranks`
+    "Available KV cache memory" lines (one a rank; the log is appended to across starts)."""
+    found = _KV_LINE.findall(log_tail)[-ranks:]
+    return int(min(float(v) for v in found) * 1024**3) if found else None
 
 
 def read_tail(path: Path, size: int = TAIL_BYTES) -> str:

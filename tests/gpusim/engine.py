@@ -21,7 +21,8 @@ Memory is released when the process is gone (the ledger's release lag), SIGKILL 
 
 Knobs (env, bytes unless said): SIM_CONTEXT_BYTES (518 MiB), SIM_NCCL_BYTES (512 MiB),
 SIM_ACTIVATION_BYTES (1 GiB), SIM_NON_TORCH_BYTES (256 MiB), SIM_LOAD_SECONDS (0.5),
-SIM_PROFILE_SECONDS (0.2), SIM_WEIGHTS_FACTOR (1.0: real weights / what the checkpoint says).
+SIM_PROFILE_SECONDS (0.2), SIM_WEIGHTS_FACTOR (1.0: real weights / what the checkpoint says),
+SIM_STRICT_ARGS (unset: unknown flags are ignored; "1": refused as vLLM's argparse does).
 Weights follow supervisor/estimate.py's rule (tested against vLLM's figures separately).
 """
 
@@ -237,6 +238,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--kv-cache-dtype", default="auto")
+    if os.environ.get("SIM_STRICT_ARGS") == "1":
+        return parser.parse_args(argv)  # exits 2: "error: unrecognized arguments: ..."
     args, _unknown = parser.parse_known_args(argv)
     return args
 
