@@ -193,7 +193,10 @@ async def test_starting_to_failed_at_once_when_the_engine_refuses_its_arguments(
 @covers(S.STARTING, S.PENDING)
 async def test_starting_to_pending_when_out_of_memory_at_start(make_rig):
     rig = make_rig()
-    rig.log_text = "Available KV cache memory: -0.5 GiB\nValueError: No available memory for the cache blocks.\n"
+    rig.log_text = (
+        "Available KV cache memory: -0.5 GiB\n"
+        "ValueError: No available memory for the cache blocks.\n"
+    )
     rig.start()
     engine = await rig.launcher.engine(1)
     since = time.time()
