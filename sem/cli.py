@@ -245,8 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="where each replica of CONFIG would go; starts nothing")
     p.add_argument("config", type=Path)
     p.add_argument("--inventory", help="e.g. 2x24GiB, 24GiB,16GiB or cpu:8GiB (default: detect)")
-    p.add_argument("--state-dir", type=Path, default=None,
-                   help="plan specs measured there (its sem.db) with their measured need")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="plan specs measured there (its sem.db) with their measured need",
+    )
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("cache", help="fetch models into the cache (progress), `ls`, `rm SOURCE`",
