@@ -238,6 +238,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--kv-cache-dtype", default="auto")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--enforce-eager", action="store_true")
     if os.environ.get("SIM_STRICT_ARGS") == "1":
         return parser.parse_args(argv)  # exits 2: "error: unrecognized arguments: ..."
     args, _unknown = parser.parse_known_args(argv)
