@@ -15,6 +15,8 @@ What is measured, and why (docs/gpu-accounting.md, "Measured estimates"):
   processes: the need is the process group's USS x (1 + MARGIN). USS, not RSS: the API server,
   engine core and workers share libraries (torch alone is hundreds of MiB), and summed RSS
   counts those once per process; USS counts what the group would give back if it exited.
+  Pages count only once touched, and the KV cache is touched as it fills: a figure below the
+  reservation proves nothing, so on the CPU a measurement only ever raises the need.
 - An engine that failed at start for want of memory (start_failure.py) is measured from its
   log the same way when vLLM said how much KV memory it found (negative included); after
   CUDA's own out-of-memory the need is raised by RAISE; after vLLM's free-memory check the
@@ -63,8 +65,10 @@ def gpu_need(budget: int, kv_available: int, intended_kv: int) -> int:
     return math.ceil((budget - kv_available) * (1 + MARGIN)) + intended_kv
 
 
-def cpu_need(used: int) -> int:
-    return math.ceil(used * (1 + MARGIN))
+def cpu_need(used: int, reserved: int) -> int:
+    """The CPU need after the group was seen holding `used` bytes on a `reserved` reservation:
+    raised when it held more, never lowered (untouched KV pages are not counted yet)."""
+    return max(reserved, math.ceil(used * (1 + MARGIN)))
 
 
 def after_start_failure(failure: StartFailure, budget: int, intended_kv: int) -> int | None:
@@ -173,8 +177,8 @@ class Measurer:
         name, budget = entry.spec.name, placement.per_device
         if not plan.gpu_ids:
             used = self._group_memory(process.pgid)
-            return Measurement(name, replica.digest, "cpu", cpu_need(used), used, budget, None,
-                               source)  # fmt: skip
+            need = cpu_need(used, budget)
+            return Measurement(name, replica.digest, "cpu", need, used, budget, None, source)
         if self._gpu_memory is None:
             return None
         usage = attribute(self._gpu_memory.usage(), {process.pgid: replica.id})

@@ -45,7 +45,8 @@ def test_the_gpu_need_gives_the_intended_kv_cache_with_the_margin_on_the_rest():
     assert gpu_need(18 * GiB, 3 * GiB, 4 * GiB) == math.ceil(15 * GiB * (1 + MARGIN)) + 4 * GiB
     # A start that found negative KV memory still says what the rest took.
     assert gpu_need(18 * GiB, -GiB, 4 * GiB) == math.ceil(19 * GiB * (1 + MARGIN)) + 4 * GiB
-    assert cpu_need(10 * GiB) == math.ceil(10 * GiB * (1 + MARGIN))
+    assert cpu_need(10 * GiB, 8 * GiB) == math.ceil(10 * GiB * (1 + MARGIN))
+    assert cpu_need(GiB, 8 * GiB) == 8 * GiB, "on the CPU untouched KV pages do not count yet"
 
 
 def test_an_out_of_memory_start_raises_the_need_only_where_the_need_was_short():
