@@ -175,15 +175,25 @@ async def test_starting_to_failed_when_the_engine_cannot_be_executed(make_rig):
     assert rig.replica.restarts == 0, "retrying cannot help: no backoff"
 
 
-@covers(S.STARTING, S.FAILED)
-async def test_starting_to_failed_at_once_when_the_engine_refuses_its_arguments(make_rig):
+async def exit_while_starting(
+    make_rig: Callable[..., Rig], log: str, code: int, then: ReplicaState
+) -> tuple[Rig, FakeEngine, float]:
+    """A replica whose first engine wrote `log` and exited with `code` before it was ready,
+    once the replica reached `then`; the time just before the exit."""
     rig = make_rig()
-    rig.log_text = "usage: vllm serve\nvllm serve: error: unrecognized arguments: --bogus\n"
+    rig.log_text = log
     rig.start()
     engine = await rig.launcher.engine(1)
     since = time.time()
-    engine.exit(2)
-    await rig.reach(S.FAILED)
+    engine.exit(code)
+    await rig.reach(then)
+    return rig, engine, since
+
+
+@covers(S.STARTING, S.FAILED)
+async def test_starting_to_failed_at_once_when_the_engine_refuses_its_arguments(make_rig):
+    log = "usage: vllm serve\nvllm serve: error: unrecognized arguments: --bogus\n"
+    rig, _, since = await exit_while_starting(make_rig, log, 2, S.FAILED)
     rig.assert_edge(S.STARTING, S.FAILED,
                     "engine refused its configuration: vllm serve: error: unrecognized arguments:"
                     " --bogus", since)  # fmt: skip
@@ -192,16 +202,9 @@ async def test_starting_to_failed_at_once_when_the_engine_refuses_its_arguments(
 
 @covers(S.STARTING, S.PENDING)
 async def test_starting_to_pending_when_out_of_memory_at_start(make_rig):
-    rig = make_rig()
-    rig.log_text = (
-        "Available KV cache memory: -0.5 GiB\n"
-        "ValueError: No available memory for the cache blocks.\n"
-    )
-    rig.start()
-    engine = await rig.launcher.engine(1)
-    since = time.time()
-    engine.exit(1)
-    await rig.reach(S.PENDING)
+    log = "Available KV cache memory: -0.5 GiB\nValueError: No available memory for the cache"
+    log += " blocks.\n"
+    rig, engine, since = await exit_while_starting(make_rig, log, 1, S.PENDING)
     rig.assert_edge(S.STARTING, S.PENDING,
                     "out of memory at start: ValueError: No available memory for the cache"
                     " blocks.; to be placed again", since)  # fmt: skip
