@@ -213,10 +213,11 @@ async def _serve(
     events = EventLog()
     probe = EngineProbe()
     timing = ReplicaTiming(start_timeout=args.start_timeout, stop_grace=args.stop_grace)
+    gpus = NvmlProcessMemory() if isinstance(inventory, NvmlInventory) else None
     manager = Manager(
         settings=settings, inventory=inventory, probe=probe, events=events, timing=timing,
         scheduling=SchedulerSettings(recheck_interval=config.recheck_seconds), store=store,
-        cache=cache,
+        cache=cache, gpu_memory=gpus,
     )  # fmt: skip
     await asyncio.to_thread(private_folder, settings.state_dir / "logs")  # engine logs
     log.info("devices: %s", describe(manager.devices))
@@ -224,7 +225,6 @@ async def _serve(
 
     reload = Reloader(args.config, manager, config, args.drain_timeout)
     hosts = allowed_hosts(args.host, args.allowed_hosts.split(","))
-    gpus = NvmlProcessMemory() if isinstance(inventory, NvmlInventory) else None
     metrics = SupervisorMetrics(manager, events, EngineScraper(), gpus)
     await metrics.start()  # before restore(): its events count too
     app = create_app(

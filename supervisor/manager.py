@@ -15,7 +15,9 @@ from supervisor.cache import ModelCache
 from supervisor.config import ModelSpec
 from supervisor.demand import DemandBoard
 from supervisor.events import EventLog
+from supervisor.gpu_usage import ProcessMemory
 from supervisor.launch import EngineSettings, ReplicaFactory
+from supervisor.measure import Measurer
 from supervisor.models import ModelEntry
 from supervisor.probe import EngineProbe
 from supervisor.reconcile import ConfigDiff
@@ -47,7 +49,10 @@ class Manager:
         store: Store | None = None,
         cache: ModelCache | None = None,
         demand: DemandBoard | None = None,
+        gpu_memory: ProcessMemory | None = None,
     ) -> None:
+        """`gpu_memory`: NVML's per-process figures, to measure what engines use on a GPU
+        (measure.py); without it only CPU engines and start failures correct estimates."""
         self.events = events  # every decision and transition, for the API and the tests
         self.demand = demand or DemandBoard()  # what the gateway reports (contract.report)
         store = store or Store(None)
@@ -60,7 +65,7 @@ class Manager:
         )  # fmt: skip
         self._registry = Registry(
             events=events, store=store, factory=factory, scheduler=self._scheduler,
-            routes=self._routes, cache=cache,
+            routes=self._routes, cache=cache, measurer=Measurer(store, events, gpu_memory),
         )  # fmt: skip
         self._rollouts = Rollouts(self._registry, store, events)
         self._restorer = Restorer(

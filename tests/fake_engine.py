@@ -75,8 +75,12 @@ class FakeEngine:
         die_after: int | None = None,
         error_after: int | None = None,
         crash_on: str | None = None,
+        tokens_per_chunk: int = 1,
+        empty_every: int = 0,
     ) -> None:
         self.served_name = served_name
+        self.tokens_per_chunk = tokens_per_chunk  # >1: like speculative decoding
+        self.empty_every = empty_every  # >0: an empty-text chunk after every that many chunks
         self.running = 0
         if token_delay is None:
             token_delay = float(os.environ.get("FAKE_TOKEN_DELAY", "0"))
@@ -209,15 +213,27 @@ class FakeEngine:
     ) -> web.StreamResponse:  # fmt: skip
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        for n, token in enumerate(tokens):
+        options = body.get("stream_options")
+        options = options if isinstance(options, dict) else {}
+        continuous = bool(options.get("include_usage") and options.get("continuous_usage_stats"))
+        per = self.tokens_per_chunk
+        groups = [tokens[i : i + per] for i in range(0, len(tokens), per)]
+        sent = 0  # tokens, not chunks
+
+        async def write(choice: dict[str, object]) -> None:
+            chunk: dict[str, object] = {"id": "cmpl-fake", "object": f"{kind}.chunk",
+                                        "model": self.served_name, "choices": [choice]}  # fmt: skip
+            if continuous:
+                chunk["usage"] = cut(usage, sent)
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+        for n, group in enumerate(groups):
+            token = "".join(group)
             await self._next_token()
             if self.aborting:
-                usage = cut(usage, n)
+                usage = cut(usage, sent)
                 choice = {"index": 0, "finish_reason": "length"}
-                choice |= {"delta": {"content": ""}} if chat else {"text": ""}
-                chunk = {"id": "cmpl-fake", "object": f"{kind}.chunk", "model": self.served_name,
-                         "choices": [choice]}  # fmt: skip
-                await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                await write(choice | ({"delta": {"content": ""}} if chat else {"text": ""}))
                 break
             if self.error_after is not None and self.tokens_sent >= self.error_after:
                 self.error_after = None  # once
@@ -226,15 +242,15 @@ class FakeEngine:
                 await response.write(f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode())
                 await response.write_eof()
                 return response
-            self._count(request)
-            last = n == len(tokens) - 1
+            self._count(request, len(group))
+            sent += len(group)
+            last = n == len(groups) - 1
             choice: dict[str, object] = {"index": 0, "finish_reason": "length" if last else None}
-            choice |= {"delta": {"content": token}} if chat else {"text": token}
-            chunk = {"id": "cmpl-fake", "object": f"{kind}.chunk", "model": self.served_name,
-                     "choices": [choice]}  # fmt: skip
-            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        options = body.get("stream_options")
-        if isinstance(options, dict) and options.get("include_usage"):
+            await write(choice | ({"delta": {"content": token}} if chat else {"text": token}))
+            if self.empty_every and (n + 1) % self.empty_every == 0 and not last:
+                await write({"index": 0, "finish_reason": None}
+                            | ({"delta": {"content": ""}} if chat else {"text": ""}))  # fmt: skip
+        if options.get("include_usage"):
             final = {"id": "cmpl-fake", "object": f"{kind}.chunk", "model": self.served_name,
                      "choices": [], "usage": usage}  # fmt: skip
             await response.write(f"data: {json.dumps(final)}\n\n".encode())
