@@ -59,38 +59,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+LIMIT_HELP = {  # each front-door limit's option (gateway.limits.Limits' fields, dashed)
+    "header_timeout": "s from accept to a connection's first request headers",
+    "body_timeout": "s between two reads of a request body (408 past it)",
+    "client_write_timeout": "s a client may leave its answer unread before it loses the"
+    " connection (its engine request is cancelled)",
+    "keepalive_timeout": "s an idle client connection is kept",
+    "max_connections": "open client connections; more are closed at accept (0: half of ulimit -n)",
+    "max_body": "bytes of one request body (413 past it)",
+    "max_body_memory": "bytes of request bodies held at once (503 past it)",
+    "max_json_depth": "nesting of arrays and objects in a body (400 past it)",
+}
+
+
 def add_limits(p: argparse.ArgumentParser) -> None:
-    """The front door's options (gateway.limits), each defaulting to Limits' default."""
-    d = Limits()
+    """The front door's options, each defaulting to Limits' default."""
     g = p.add_argument_group("front door limits")
-    g.add_argument("--header-timeout", type=float, default=d.header_timeout,
-                   help="s from accept to a connection's first request headers")  # fmt: skip
-    g.add_argument("--body-timeout", type=float, default=d.body_timeout,
-                   help="s between two reads of a request body (408 past it)")  # fmt: skip
-    g.add_argument("--client-write-timeout", type=float, default=d.client_write_timeout,
-                   help="s a client may leave its answer unread before it loses the"
-                   " connection (its engine request is cancelled)")  # fmt: skip
-    g.add_argument("--keepalive-timeout", type=float, default=d.keepalive_timeout,
-                   help="s an idle client connection is kept")  # fmt: skip
-    g.add_argument("--max-connections", type=int, default=d.max_connections,
-                   help="open client connections; more are closed at accept"
-                   " (0: half of `ulimit -n`)")  # fmt: skip
-    g.add_argument("--max-body", type=int, default=d.max_body,
-                   help="bytes of one request body (413 past it)")  # fmt: skip
-    g.add_argument("--max-body-memory", type=int, default=d.max_body_memory,
-                   help="bytes of request bodies held at once (503 past it)")  # fmt: skip
-    g.add_argument("--max-json-depth", type=int, default=d.max_json_depth,
-                   help="nesting of arrays and objects in a body (400 past it)")  # fmt: skip
+    for name, help_ in LIMIT_HELP.items():
+        default = getattr(Limits(), name)
+        g.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default,
+                       help=help_)  # fmt: skip
 
 
 def limits_of(args: argparse.Namespace) -> Limits:
-    return Limits(
-        header_timeout=args.header_timeout, body_timeout=args.body_timeout,
-        client_write_timeout=args.client_write_timeout,
-        keepalive_timeout=args.keepalive_timeout, max_connections=args.max_connections,
-        max_body=args.max_body, max_body_memory=args.max_body_memory,
-        max_json_depth=args.max_json_depth,
-    )  # fmt: skip
+    return Limits(**{name: getattr(args, name) for name in LIMIT_HELP})
 
 
 def static_routes(specs: list[str]) -> RouteTable:
