@@ -33,10 +33,20 @@ class ReplicaLoad:
 
 
 @dataclass(frozen=True)
+class KeyUsage:
+    """One API key's use since the gateway started (gateway.keys)."""
+
+    requests: int = 0
+    tokens: int = 0  # completion tokens charged
+    last_used: float = 0.0  # unix time (0: not since the gateway started)
+
+
+@dataclass(frozen=True)
 class GatewayReport:
     time: float = 0.0  # unix time the gateway made it
     models: dict[str, ModelDemand] = field(default_factory=dict)
     replicas: dict[str, ReplicaLoad] = field(default_factory=dict)  # by replica id
+    keys: dict[str, KeyUsage] = field(default_factory=dict)  # by API key id
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -49,6 +59,10 @@ class GatewayReport:
             "replicas": {
                 rid: {"in_flight": r.in_flight, "stalled_for": r.stalled_for}
                 for rid, r in self.replicas.items()
+            },
+            "keys": {
+                kid: {"requests": u.requests, "tokens": u.tokens, "last_used": u.last_used}
+                for kid, u in self.keys.items()
             },
         }  # fmt: skip
 
@@ -66,4 +80,8 @@ class GatewayReport:
             )
             for rid, r in dict(data.get("replicas", {})).items()
         }
-        return cls(time=float(data["time"]), models=models, replicas=replicas)
+        keys = {
+            str(kid): KeyUsage(int(u["requests"]), int(u["tokens"]), float(u["last_used"]))
+            for kid, u in dict(data.get("keys", {})).items()
+        }
+        return cls(time=float(data["time"]), models=models, replicas=replicas, keys=keys)

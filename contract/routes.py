@@ -6,8 +6,15 @@ gateway). The wire form is plain JSON; `RouteTable.from_json(t.to_json()) == t`.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
+
+
+def key_hash(key: str) -> str:
+    """What sem keeps of an API key: its sha256 (hex). Keys are 32 random bytes, so a plain
+    hash cannot be reversed by guessing; the hashes are not secret, the keys are."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -18,7 +25,7 @@ class ReplicaRoute:
     state: str
     url: str | None  # base URL of the engine's OpenAI server, None until it has a port
     max_num_seqs: int
-    api_key: str | None = None  # the engine demands it as a bearer token (cluster engines)
+    api_key: str | None = None  # the engine demands it as a bearer token (every engine sem starts)
 
     @property
     def ready(self) -> bool:
@@ -40,11 +47,50 @@ class ModelRoute:
 
 
 @dataclass(frozen=True)
+class KeyRoute:
+    """An API key as the gateway checks it: its hash, never the key itself."""
+
+    id: str
+    hash: str  # key_hash of the key
+    models: tuple[str, ...] | None = None  # the models it may use; None: all
+    requests_per_minute: int | None = None  # None: no limit
+    tokens_per_minute: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "hash": self.hash,
+            "models": None if self.models is None else list(self.models),
+            "requests_per_minute": self.requests_per_minute,
+            "tokens_per_minute": self.tokens_per_minute,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> KeyRoute:
+        models = data.get("models")
+        return cls(
+            id=str(data["id"]),
+            hash=str(data["hash"]),
+            models=None if models is None else tuple(str(m) for m in models),
+            requests_per_minute=_optional_int(data.get("requests_per_minute")),
+            tokens_per_minute=_optional_int(data.get("tokens_per_minute")),
+        )
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+@dataclass(frozen=True)
 class RouteTable:
-    """A versioned snapshot: a higher version is always newer."""
+    """A versioned snapshot: a higher version is always newer.
+
+    `keys`: the gateway's API keys (empty: keys are off unless the gateway requires them). With
+    them and the engines' own keys the table is a secret (see docs/security.md)."""
 
     version: int = 0
     models: dict[str, ModelRoute] = field(default_factory=dict)
+    keys: tuple[KeyRoute, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -57,6 +103,7 @@ class RouteTable:
                 }
                 for name, m in self.models.items()
             },
+            "keys": [k.to_json() for k in self.keys],
         }
 
     @classmethod
@@ -79,7 +126,8 @@ class RouteTable:
             )
             for name, m in data.get("models", {}).items()
         }
-        return cls(version=int(data["version"]), models=models)
+        keys = tuple(KeyRoute.from_json(k) for k in data.get("keys", []))
+        return cls(version=int(data["version"]), models=models, keys=keys)
 
 
 def _replica_json(r: ReplicaRoute) -> dict[str, Any]:

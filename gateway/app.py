@@ -11,6 +11,7 @@ retries, metrics) -> the relay (gateway.proxy) -> the engine client (gateway.ups
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,6 +26,7 @@ from gateway.errors import GatewayError, InvalidField, InvalidRequest, error_res
 from gateway.frontdoor import FrontDoor, middleware_for
 from gateway.generate import ENGINE_PATH, GenerateAnswer, GenerateRequest, generate_events
 from gateway.journey import Journeys
+from gateway.keys import KeyGate
 from gateway.limits import Limits
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.openai_requests import REQUESTS
@@ -32,7 +34,7 @@ from gateway.openapi import add_routes
 from gateway.proxy import JsonRelay, Relay, StreamRelay
 from gateway.retry import RetryBudget
 from gateway.routes import RouteWatcher
-from gateway.state import ADMISSION, DOOR, JOURNEYS, METRICS, RETRY, UPSTREAM, WATCHER
+from gateway.state import ADMISSION, DOOR, JOURNEYS, KEYS, METRICS, RETRY, UPSTREAM, WATCHER
 from gateway.upstream import UpstreamPool
 
 REQUEST_ID = "X-Request-Id"  # the client's name for a request, used in the logs
@@ -102,20 +104,28 @@ async def openai_route(request: web.Request) -> web.StreamResponse:
     return await hand_over(request, relay, body["model"], raw)
 
 
-def hand_over(
+async def hand_over(
     request: web.Request, relay: Relay, model: str, body: bytes
-) -> Awaitable[web.StreamResponse]:
-    """The request's journey (gateway.journey), with what it needs from the HTTP request."""
-    return request.app[JOURNEYS].run(
-        relay, model, request.path, body, priority_of(request), request.headers.get(REQUEST_ID)
-    )
+) -> web.StreamResponse:
+    """The request's journey (gateway.journey), with what it needs from the HTTP request, once
+    its API key lets it (gateway.keys: 401, 403 or 429 if not)."""
+    keys = request.app[KEYS]
+    key_id = keys.admit(request.headers.get("Authorization"), model)
+    charge = None if key_id is None else functools.partial(keys.charge, key_id)
+    return await request.app[JOURNEYS].run(
+        relay, model, request.path, body, priority_of(request), request.headers.get(REQUEST_ID),
+        charge,
+    )  # fmt: skip
 
 
 async def list_models(request: web.Request) -> web.Response:
+    """The models; with API keys on, those the presented key may use."""
     table = request.app[WATCHER].table
+    key = request.app[KEYS].identify(request.headers.get("Authorization"))
     data = [
         {"id": name, "object": "model", "owned_by": "sem", "sem_state": route.state}
         for name, route in sorted(table.models.items())
+        if key is None or key.models is None or name in key.models
     ]
     return web.json_response({"object": "list", "data": data})
 
@@ -150,9 +160,11 @@ def create_app(
     upstream_timeout: float = defaults.UPSTREAM_TIMEOUT,
     retry: RetryBudget | None = None,
     limits: Limits | None = None,
+    require_keys: bool = False,
 ) -> web.Application:
     """The gateway app; it owns its pool of engine connections (closed at the app's cleanup)
-    and its front door (gateway.frontdoor: serve it with `app[DOOR].listen`)."""
+    and its front door (gateway.frontdoor: serve it with `app[DOOR].listen`). API keys
+    (gateway.keys) are checked when the route table has some, or always with `require_keys`."""
     door = FrontDoor(limits or Limits())
     app = web.Application(
         middlewares=[errors_middleware, middleware_for(door)], client_max_size=door.limits.max_body
@@ -164,6 +176,8 @@ def create_app(
     app[ADMISSION] = admission or Admission(watcher)
     app[METRICS] = GatewayMetrics(watcher, app[ADMISSION])
     app[METRICS].registry.register(door.collector())
+    app[KEYS] = KeyGate(watcher, require=require_keys)
+    app[KEYS].register(app[METRICS].registry)
     app[JOURNEYS] = Journeys(watcher, app[ADMISSION], app[RETRY], app[METRICS])
     app.router.add_post("/generate", generate)
     app.router.add_post("/v1/completions", openai_route)

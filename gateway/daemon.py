@@ -21,7 +21,7 @@ from gateway.limits import Limits
 from gateway.reporter import Reporter
 from gateway.retry import RetryBudget
 from gateway.routes import RouteWatcher
-from gateway.state import DOOR, JOURNEYS
+from gateway.state import DOOR, JOURNEYS, KEYS
 
 log = logging.getLogger("sem.gateway")
 
@@ -32,7 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=defaults.GATEWAY_PORT)
     p.add_argument("--supervisor", default=defaults.SUPERVISOR_URL)
     p.add_argument("--admin-token", default=os.environ.get("SEM_ADMIN_TOKEN"),
-                   help="the supervisor's admin token (demand reports need it)")  # fmt: skip
+                   help="the supervisor's admin token (the route table and demand reports"
+                   " need it)")  # fmt: skip
+    p.add_argument("--require-keys", action="store_true",
+                   help="refuse requests without an API key even while no key exists"
+                   " (keys are checked as soon as one exists: `sem keys create`)")  # fmt: skip
     p.add_argument("--report-interval", type=float, default=1.0,
                    help="seconds between demand reports to the supervisor")  # fmt: skip
     p.add_argument("--route", action="append", default=[], metavar="MODEL=URL[@SLOTS]",
@@ -107,7 +111,7 @@ async def serve(args: argparse.Namespace) -> int:
         log.error("--route: %s", exc)
         return 2
     control = aiohttp.ClientSession(trust_env=False)
-    watcher = RouteWatcher(args.supervisor, control)
+    watcher = RouteWatcher(args.supervisor, control, token=args.admin_token)
     if fixed is not None:
         watcher.update(fixed)
     # With static routes there is no supervisor to follow.
@@ -119,10 +123,11 @@ async def serve(args: argparse.Namespace) -> int:
     )  # fmt: skip
     app = create_app(
         watcher, admission, upstream_timeout=args.upstream_timeout, retry=retry,
-        limits=limits_of(args),
+        limits=limits_of(args), require_keys=args.require_keys,
     )  # fmt: skip
     reporter = Reporter(args.supervisor, control, admission, args.admin_token,
-                        args.report_interval, stalls=app[JOURNEYS].progress.stalls)  # fmt: skip
+                        args.report_interval, stalls=app[JOURNEYS].progress.stalls,
+                        usage=app[KEYS].usage)  # fmt: skip
     report_task = None if fixed else asyncio.create_task(reporter.run(), name="reporter")
     # handler_cancellation: a client that disconnects cancels its handler, which closes the
     # upstream request, and vLLM aborts the generation (freeing its slot).

@@ -93,6 +93,27 @@ class RequestQuarantined(GatewayError):
     type = "request_quarantined"
 
 
+class InvalidApiKey(GatewayError):
+    """No API key, or one the gateway does not know (OpenAI's 401)."""
+
+    status = 401
+    type = "invalid_api_key"
+
+
+class ModelNotAllowed(GatewayError):
+    """The API key may not use this model."""
+
+    status = 403
+    type = "model_not_allowed"
+
+
+class KeyRateLimited(GatewayError):
+    """The API key is over its requests or tokens per minute: Retry-After says when to retry."""
+
+    status = 429
+    type = "rate_limit_exceeded"
+
+
 class QueueFull(GatewayError):
     status = 429
     type = "queue_full"

@@ -20,6 +20,7 @@ import enum
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -73,10 +74,12 @@ class Journeys:
         body: bytes,
         priority: int,
         request_id: str | None,
+        charge: Callable[[int], None] | None = None,
     ) -> web.StreamResponse:
         """`relay`'s answer to a request for `model` on `route` (`body`: the bytes it came with,
         which identify it for the quarantine). `request_id` names it in the logs (one is made up
-        if it has none and the logs need one)."""
+        if it has none and the logs need one). `charge(tokens)` is called at the end with the
+        completion tokens it cost (its API key pays them: gateway.keys)."""
         label = model if model in self._watcher.table.models else UNKNOWN_MODEL
         obs = Observation(self._metrics.model(label), route)
         admission, budget = self._admission, self._budget
@@ -113,6 +116,8 @@ class Journeys:
             raise
         finally:
             obs.finished(error)
+            if charge is not None:
+                charge(obs.tokens)
 
     def _ready(self, replica: ReplicaRoute) -> bool:
         """`replica` is still ready in the route table, on the same engine."""

@@ -2,8 +2,9 @@
 
 The supervisor decides what runs; the gateway alone sees what clients want. So the gateway
 posts what it sees: per model, requests queued and in flight and when one last arrived; per
-replica, requests in flight. A request for a model with no ready replica (not loaded, starting)
-sends a report at once (`nudge`), so the supervisor can act on it without waiting for the tick.
+replica, requests in flight; per API key, its use (shown by `sem keys ls`). A request for a
+model with no ready replica (not loaded, starting) sends a report at once (`nudge`), so the
+supervisor can act on it without waiting for the tick.
 A supervisor that is away costs nothing but a log line: the next tick tries again.
 """
 
@@ -17,12 +18,13 @@ from collections.abc import Callable
 
 import aiohttp
 
-from contract.report import GatewayReport, ModelDemand, ReplicaLoad
+from contract.report import GatewayReport, KeyUsage, ModelDemand, ReplicaLoad
 from gateway.admission import Admission
 
 log = logging.getLogger("sem.gateway.report")
 
 Stalls = Callable[[], dict[str, float]]  # replica id -> seconds without a byte, work in flight
+Usage = Callable[[], dict[str, KeyUsage]]  # API key id -> its use (gateway.keys)
 
 
 class Reporter:
@@ -34,6 +36,7 @@ class Reporter:
         token: str | None = None,
         interval: float = 1.0,
         stalls: Stalls | None = None,
+        usage: Usage | None = None,
     ) -> None:
         self._url = supervisor_url.rstrip("/") + "/gateway/report"
         self._session = session
@@ -41,6 +44,7 @@ class Reporter:
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._interval = interval
         self._stalls = stalls or dict
+        self._usage = usage or dict
         self._nudged = asyncio.Event()
         self._reachable = True
         admission.on_unserved = self.nudge
@@ -65,7 +69,7 @@ class Reporter:
             rid: ReplicaLoad(in_flight=n, stalled_for=stalls.get(rid))
             for rid, n in admission.outstanding.items()
         }
-        return GatewayReport(time=time.time(), models=models, replicas=replicas)
+        return GatewayReport(time=time.time(), models=models, replicas=replicas, keys=self._usage())
 
     async def run(self) -> None:
         """Report until cancelled."""

@@ -22,9 +22,16 @@ class RouteWatcher:
     """
 
     def __init__(
-        self, supervisor_url: str, session: aiohttp.ClientSession, poll_timeout: float = 25.0
+        self,
+        supervisor_url: str,
+        session: aiohttp.ClientSession,
+        poll_timeout: float = 25.0,
+        token: str | None = None,
     ) -> None:
+        """`token`: the supervisor's admin token; the route table carries secrets (engine and
+        API key hashes) and the supervisor answers it only with the token when it has one."""
         self._url = supervisor_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._session = session
         self._poll_timeout = poll_timeout
         self.table = RouteTable(version=-1)
@@ -64,6 +71,7 @@ class RouteWatcher:
                 async with self._session.get(
                     f"{self._url}/routes",
                     params={"after": after, "timeout": self._poll_timeout},
+                    headers=self._headers,
                     timeout=aiohttp.ClientTimeout(total=self._poll_timeout + 10),
                 ) as response:
                     response.raise_for_status()

@@ -1,5 +1,6 @@
 """What the gateway app holds: the route watcher, the upstream client, admission control, the
-retry budget, the metrics, the front door, and what runs each request's journey through them."""
+retry budget, the metrics, the front door, the API keys, and what runs each request's journey
+through them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from aiohttp import web
 from gateway.admission import Admission
 from gateway.frontdoor import FrontDoor
 from gateway.journey import Journeys
+from gateway.keys import KeyGate
 from gateway.metrics import GatewayMetrics
 from gateway.retry import RetryBudget
 from gateway.routes import RouteWatcher
@@ -20,3 +22,4 @@ METRICS = web.AppKey("metrics", GatewayMetrics)
 RETRY = web.AppKey("retry", RetryBudget)
 JOURNEYS = web.AppKey("journeys", Journeys)
 DOOR = web.AppKey("door", FrontDoor)
+KEYS = web.AppKey("keys", KeyGate)

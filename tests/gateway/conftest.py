@@ -56,11 +56,12 @@ class Rig:
         routes: RouteTable,
         retry: RetryBudget | None = None,
         queue_timeout: float = defaults.QUEUE_TIMEOUT,
+        require_keys: bool = False,
     ) -> TestClient:
         """A gateway serving `routes` (as if the supervisor had published them)."""
         self.watcher.update(routes)
         admission = Admission(self.watcher, queue_timeout=queue_timeout)
-        app = create_app(self.watcher, admission, retry=retry)
+        app = create_app(self.watcher, admission, retry=retry, require_keys=require_keys)
         client = TestClient(TestServer(app, handler_cancellation=True))
         await client.start_server()
         self._clients.append(client)
