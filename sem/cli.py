@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from contract import defaults
-from sem import cachecmd
+from sem import cachecmd, keyscmd
 from sem.chaos import command as chaoscmd
 from sem.launcher import RunOptions, run
 
@@ -258,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     cachecmd.configure(p)
     p.set_defaults(func=lambda args: cachecmd.run(args, admin_request))
+
+    p = sub.add_parser("keys", help="API keys of the gateway: `create`, `ls`, `rm ID`",
+                       description=keyscmd.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    keyscmd.configure(p)
+    p.set_defaults(func=lambda args: keyscmd.run(args, admin_request))
 
     p = sub.add_parser("chaos", help="fault scenarios against a running sem, under load",
                        description=chaoscmd.__doc__,

@@ -86,7 +86,8 @@ def gateway_argv(opts: RunOptions) -> list[str]:
 
 async def _announce(opts: RunOptions) -> None:
     """Print where sem listens once the gateway answers, then each model as it becomes ready."""
-    async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
+    auth = {"Authorization": f"Bearer {opts.token}"} if opts.token else {}  # /routes needs it
+    async with httpx.AsyncClient(trust_env=False, timeout=30, headers=auth) as client:
         while True:
             with contextlib.suppress(httpx.HTTPError):
                 if (await client.get(f"{opts.gateway_url}/health")).status_code == 200:

@@ -25,6 +25,7 @@ from supervisor.demand import DemandBoard
 from supervisor.errors import InvalidConfig, SupervisorError, Unauthorized
 from supervisor.events import EventLog
 from supervisor.hosts import HostCheck
+from supervisor.keys_api import keys_router
 from supervisor.manager import Manager
 from supervisor.metrics import SupervisorMetrics
 from supervisor.metrics_api import metrics_router
@@ -131,12 +132,14 @@ def create_app(
         """Devices with total, free (measured) and reserved (by sem) bytes, and who holds what."""
         return {"devices": await manager.resources()}
 
-    @app.get("/routes")
+    @app.get("/routes", dependencies=mutating)
     async def routes(
         after: Annotated[int, Query(ge=-1)] = -1,
         timeout: Annotated[float, Query(ge=0, le=60)] = 0.0,
     ) -> dict[str, Any]:
-        """The route table; with `after=V&timeout=S`, a long-poll for a version newer than V."""
+        """The route table; with `after=V&timeout=S`, a long-poll for a version newer than V.
+        It holds secrets (engine keys, API key hashes): the admin token is required when one
+        is set; without one the API listens on loopback only (docs/security.md)."""
         table = await manager.wait_routes(after, timeout) if timeout else manager.routes
         return table.to_json()
 
@@ -164,4 +167,5 @@ def create_app(
         app.include_router(metrics_router(metrics))
     if demand is not None:
         app.include_router(report_router(demand, mutating))
+    app.include_router(keys_router(manager.keys, demand or manager.demand, mutating))
     return app

@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from contract.report import GatewayReport, ModelDemand, ReplicaLoad
+from contract.report import GatewayReport, KeyUsage, ModelDemand, ReplicaLoad
 
 
 class DemandBoard:
@@ -23,6 +23,8 @@ class DemandBoard:
         self._report: GatewayReport | None = None
         self._changed = asyncio.Event()  # replaced by a fresh one at every report
         self._listeners: list[Callable[[GatewayReport], None]] = []
+        # Per API key: its use as last reported, kept when reports stop (`sem keys ls`).
+        self.key_usage: dict[str, KeyUsage] = {}
 
     def subscribe(self, listener: Callable[[GatewayReport], None]) -> None:
         """Call `listener(report)` on every report (it must not block)."""
@@ -31,6 +33,7 @@ class DemandBoard:
     def post(self, report: GatewayReport) -> None:
         """A new report from the gateway; it replaces the previous one whole."""
         self._report = report
+        self.key_usage.update(report.keys)
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
         for listener in self._listeners:

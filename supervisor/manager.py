@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from contract.routes import RouteTable
+from contract.routes import KeyRoute, RouteTable
+from supervisor.api_keys import KeyRing
 from supervisor.cache import ModelCache
 from supervisor.config import ModelSpec
 from supervisor.demand import DemandBoard
@@ -58,7 +59,8 @@ class Manager:
         store = store or Store(None)
         timing = timing or ReplicaTiming()
         self._scheduler = Scheduler(inventory, events, scheduling or SchedulerSettings())
-        self._routes = RoutePublisher()
+        self.keys = KeyRing(store, self._publish_keys)  # the gateway's API keys
+        self._routes = RoutePublisher(self.keys.routes())
         factory = ReplicaFactory(
             settings=settings, probe=probe, events=events, policy=policy or RestartPolicy(),
             timing=timing, store=store, devices=lambda: self._scheduler.devices,
@@ -98,6 +100,10 @@ class Manager:
     @property
     def routes(self) -> RouteTable:
         return self._routes.table
+
+    def _publish_keys(self, keys: tuple[KeyRoute, ...]) -> None:
+        self._routes.keys = keys
+        self._registry.publish()
 
     async def wait_routes(self, after: int, timeout: float) -> RouteTable:
         """The route table once its version is past `after`, or as it is after `timeout` s."""

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import Mapping
 
-from contract.routes import ModelRoute, ReplicaRoute, RouteTable
+from contract.routes import KeyRoute, ModelRoute, ReplicaRoute, RouteTable
 from supervisor.models import ModelEntry
 from supervisor.states import ReplicaState
 
@@ -22,8 +22,10 @@ def replica_route_state(entry: ModelEntry, state: ReplicaState) -> ReplicaState:
     return ReplicaState.DRAINING if entry.leaving else state
 
 
-def build_routes(models: Mapping[str, ModelEntry], version: int) -> RouteTable:
-    """The route table of these models, at `version` (pure)."""
+def build_routes(
+    models: Mapping[str, ModelEntry], version: int, keys: tuple[KeyRoute, ...] = ()
+) -> RouteTable:
+    """The route table of these models and API keys, at `version` (pure)."""
     return RouteTable(
         version=version,
         models={
@@ -45,20 +47,22 @@ def build_routes(models: Mapping[str, ModelEntry], version: int) -> RouteTable:
             )
             for name, entry in models.items()
         },
+        keys=keys,
     )
 
 
 class RoutePublisher:
     """The latest route table, and the long-polls waiting for a newer one."""
 
-    def __init__(self) -> None:
-        self.table = RouteTable()
+    def __init__(self, keys: tuple[KeyRoute, ...] = ()) -> None:
+        self.keys = keys  # the gateway's API keys (supervisor.api_keys)
+        self.table = RouteTable(keys=keys)
         self._changed = asyncio.Event()  # replaced by a fresh one at every publish
         self._closed = False  # shut down: long-polls answer at once
 
     def publish(self, models: Mapping[str, ModelEntry]) -> None:
         """Rebuild the route table with a new version and wake the long-polls."""
-        self.table = build_routes(models, self.table.version + 1)
+        self.table = build_routes(models, self.table.version + 1, self.keys)
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 

@@ -1,6 +1,6 @@
 """The supervisor's memory across restarts: desired state and engine records, in SQLite.
 
-Four tables in `<state-dir>/sem.db`:
+Five tables in `<state-dir>/sem.db`:
 - `desired`: the models sem should run (name -> spec, origin `config` or `api`): models.yaml as
   last applied plus runtime adds and removes. A whole-system stop keeps it; only removals change it.
 - `applied_config`: models.yaml as last applied, so a reload (or a start after an edit) applies
@@ -12,6 +12,10 @@ Four tables in `<state-dir>/sem.db`:
 - `measured` (schema 2): what an engine of a model and spec digest was measured to need
   (measure.py), so later placements of that spec use it instead of the estimate. A database of
   schema 1 gains the table when a newer sem opens it; nothing else changes.
+- `api_keys` (schema 3): the gateway's API keys, by id: name, sha256 of the key (never the key),
+  the models it may use, its limits. Schema 3 also gives `engines` an `api_key` column: the
+  secret each engine demands, so a re-adopted engine can still be called. An older database
+  gains both when a newer sem opens it (its engines have no key: they are called without one).
 
 Writes are tiny and rare (a model added, an engine started or stopped) and SQLite runs in WAL
 mode with synchronous=NORMAL, where a commit is a write() without fsync: microseconds, so the
@@ -39,8 +43,8 @@ from typing import Literal
 from supervisor.config import ModelSpec
 
 Origin = Literal["config", "api"]
-SCHEMA_VERSION = 2
-KNOWN_VERSIONS = (0, 1, 2)  # 0: a new file; 1: before `measured`
+SCHEMA_VERSION = 3
+KNOWN_VERSIONS = (0, 1, 2, 3)  # 0: a new file; 1: before `measured`; 2: before `api_keys`
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -52,13 +56,17 @@ CREATE TABLE IF NOT EXISTS engines (
     replica TEXT PRIMARY KEY, model TEXT NOT NULL, pid INTEGER NOT NULL,
     create_time REAL NOT NULL, port INTEGER NOT NULL, spec_digest TEXT NOT NULL,
     devices TEXT NOT NULL, reserved INTEGER NOT NULL, log_path TEXT NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL, api_key TEXT
 );
 CREATE TABLE IF NOT EXISTS measured (
     model TEXT NOT NULL, spec_digest TEXT NOT NULL, device_kind TEXT NOT NULL,
     need INTEGER NOT NULL, used INTEGER NOT NULL, budget INTEGER NOT NULL,
     kv_cache INTEGER, source TEXT NOT NULL, updated REAL NOT NULL,
     PRIMARY KEY (model, spec_digest, device_kind)
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, hash TEXT NOT NULL UNIQUE, models TEXT,
+    requests_per_minute INTEGER, tokens_per_minute INTEGER, created REAL NOT NULL
 );
 """
 
@@ -89,6 +97,20 @@ class EngineRecord:
     devices: tuple[str, ...]
     reserved: int  # bytes per device
     log_path: Path
+    api_key: str | None = None  # the secret the engine demands (None: one of an older sem)
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """An API key of the gateway as kept: its hash, never the key."""
+
+    id: str
+    name: str
+    hash: str
+    models: tuple[str, ...] | None  # None: every model
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+    created: float  # unix time
 
 
 @dataclass(frozen=True)
@@ -141,6 +163,7 @@ class Store:
                 raise StoreError(
                     f"{path}: schema version {version}, this sem knows {SCHEMA_VERSION}"
                 )
+            self._upgrade_engines()
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             for suffix in ("-wal", "-shm"):  # made by an older sem, perhaps world-readable
                 if path is not None and (side := Path(f"{path}{suffix}")).exists():
@@ -152,6 +175,12 @@ class Store:
 
     def close(self) -> None:
         self._db.close()
+
+    def _upgrade_engines(self) -> None:
+        """Schema 3: `engines` of an older file gains its `api_key` column."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(engines)")}
+        if "api_key" not in columns:
+            self._db.execute("ALTER TABLE engines ADD COLUMN api_key TEXT")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -204,21 +233,22 @@ class Store:
     def engines(self) -> list[EngineRecord]:
         rows = self._db.execute(
             "SELECT replica, model, pid, create_time, port, spec_digest, devices, reserved,"
-            " log_path FROM engines"
+            " log_path, api_key FROM engines"
         )
         return [
-            EngineRecord(r, m, pid, ct, port, d, tuple(json.loads(dev)), res, Path(log))
-            for r, m, pid, ct, port, d, dev, res, log in rows
+            EngineRecord(r, m, pid, ct, port, d, tuple(json.loads(dev)), res, Path(log), key)
+            for r, m, pid, ct, port, d, dev, res, log, key in rows
         ]
 
     def put_engine(self, record: EngineRecord) -> None:
         self._db.execute(
             "INSERT OR REPLACE INTO engines (replica, model, pid, create_time, port, spec_digest,"
-            " devices, reserved, log_path, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " devices, reserved, log_path, updated, api_key)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 record.replica, record.model, record.pid, record.create_time, record.port,
                 record.spec_digest, json.dumps(list(record.devices)), record.reserved,
-                str(record.log_path), time.time(),
+                str(record.log_path), time.time(), record.api_key,
             ),
         )  # fmt: skip
 
@@ -242,3 +272,28 @@ class Store:
             (m.model, m.spec_digest, m.device_kind, m.need, m.used, m.budget, m.kv_cache,
              m.source, time.time()),
         )  # fmt: skip
+
+    # -- API keys ----------------------------------------------------------------------------
+
+    def api_keys(self) -> list[KeyRecord]:
+        rows = self._db.execute(
+            "SELECT id, name, hash, models, requests_per_minute, tokens_per_minute, created"
+            " FROM api_keys ORDER BY created, id"
+        )
+        return [
+            KeyRecord(kid, name, h, None if m is None else tuple(json.loads(m)), rpm, tpm, c)
+            for kid, name, h, m, rpm, tpm, c in rows
+        ]
+
+    def put_api_key(self, key: KeyRecord) -> None:
+        models = None if key.models is None else json.dumps(list(key.models))
+        self._db.execute(
+            "INSERT INTO api_keys (id, name, hash, models, requests_per_minute,"
+            " tokens_per_minute, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (key.id, key.name, key.hash, models, key.requests_per_minute,
+             key.tokens_per_minute, key.created),
+        )  # fmt: skip
+
+    def drop_api_key(self, key_id: str) -> bool:
+        """Forget key `key_id`; False if there was none."""
+        return self._db.execute("DELETE FROM api_keys WHERE id = ?", (key_id,)).rowcount > 0

@@ -16,7 +16,7 @@ from sem.cli import memory_column
 from supervisor.config import ModelSpec
 from supervisor.measure import MARGIN, RAISE, after_start_failure, cpu_need, gpu_need, group_uss
 from supervisor.start_failure import FailureKind, StartFailure
-from supervisor.store import Measurement, Store, StoreError, spec_digest
+from supervisor.store import SCHEMA_VERSION, Measurement, Store, StoreError, spec_digest
 from tests.checkpoints import llama2_7b
 from tests.conftest import REPO
 
@@ -75,11 +75,11 @@ def test_a_schema_1_database_gains_the_measured_table_and_keeps_its_rows(tmp_pat
     again = Store(path)
     assert again.measurement("a", "d1", "gpu") == found
     assert again.measurement("a", "d1", "cpu") is None
-    assert again._db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert again._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     again.close()
     with sqlite3.connect(path) as db:
-        db.execute("PRAGMA user_version=3")
-    with pytest.raises(StoreError, match="schema version 3"):
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}"):
         Store(path)
 
 

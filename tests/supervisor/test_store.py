@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from supervisor.config import ModelSpec
 from supervisor.reconcile import diff_config
-from supervisor.store import EngineRecord, Store, StoreError, spec_digest
+from supervisor.store import (
+    SCHEMA_VERSION,
+    EngineRecord,
+    KeyRecord,
+    Store,
+    StoreError,
+    spec_digest,
+)
 
 
 def spec(name: str, **extra: object) -> ModelSpec:
@@ -24,7 +32,7 @@ def test_desired_state_and_engine_records_survive_reopening(tmp_path: Path):
     store.set_meta("instance", "abc")
     record = EngineRecord(
         "a-0", "a", 1234, 1700000000.25, 41000, spec_digest(spec("a")), ("0", "1"),
-        2**30, tmp_path / "a-0.log",
+        2**30, tmp_path / "a-0.log", "engine-secret",
     )  # fmt: skip
     store.put_engine(record)
     store.close()
@@ -66,3 +74,47 @@ def test_a_reload_acts_on_the_files_changes_only():
 def test_scaling_or_reprioritising_does_not_change_the_engine_digest():
     assert spec_digest(spec("a")) == spec_digest(spec("a", replicas=3, priority=5))
     assert spec_digest(spec("a")) != spec_digest(spec("a", max_model_len=512))
+
+
+def test_api_keys_are_kept_by_hash_and_dropped_by_id(tmp_path: Path):
+    path = tmp_path / "sem.db"
+    store = Store(path)
+    everything = KeyRecord("k1", "ci", "ab" * 32, None, None, None, 1.0)
+    limited = KeyRecord("k2", "team", "cd" * 32, ("a", "b"), 60, 1000, 2.0)
+    store.put_api_key(everything)
+    store.put_api_key(limited)
+    store.close()
+    again = Store(path)
+    assert again.api_keys() == [everything, limited]
+    assert again.drop_api_key("k1") and not again.drop_api_key("k1")
+    assert again.api_keys() == [limited]
+
+
+# sem.db as sem wrote it at schema 2: engines without their key, no api_keys table.
+SCHEMA_2_ENGINES = """
+CREATE TABLE engines (
+    replica TEXT PRIMARY KEY, model TEXT NOT NULL, pid INTEGER NOT NULL,
+    create_time REAL NOT NULL, port INTEGER NOT NULL, spec_digest TEXT NOT NULL,
+    devices TEXT NOT NULL, reserved INTEGER NOT NULL, log_path TEXT NOT NULL,
+    updated REAL NOT NULL
+);
+INSERT INTO engines VALUES ('a-0', 'a', 12, 1.5, 41000, 'd', '["0"]', 1024, '/l', 1.0);
+PRAGMA user_version=2;
+"""
+
+
+def test_a_schema_2_database_gains_engine_keys_and_api_keys(tmp_path: Path):
+    path = tmp_path / "sem.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(SCHEMA_2_ENGINES)
+    store = Store(path)
+    old = EngineRecord("a-0", "a", 12, 1.5, 41000, "d", ("0",), 1024, Path("/l"))
+    assert store.engines() == [old] and old.api_key is None
+    keyed = EngineRecord("a-1", "a", 13, 2.5, 41001, "d", ("0",), 1024, Path("/l"), "s3cret")
+    store.put_engine(keyed)
+    store.put_api_key(KeyRecord("k1", "ci", "ab" * 32, None, None, None, 1.0))
+    store.close()
+    again = Store(path)
+    assert again.engines() == [old, keyed]
+    assert [k.id for k in again.api_keys()] == ["k1"]
+    assert again._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
