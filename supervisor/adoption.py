@@ -31,7 +31,7 @@ async def why_not_adoptable(
         return f"engine pid {record.pid} is gone"
     if record.spec_digest != spec_digest(spec):
         return f"engine pid {record.pid} was started from another spec of {spec.name}"
-    served = await probe.served_models(f"http://127.0.0.1:{record.port}")
+    served = await probe.served_models(f"http://127.0.0.1:{record.port}", record.api_key)
     if served and spec.name not in served:
         return f"port {record.port} serves {', '.join(served)}, not {spec.name}"
     return None  # alive; if it does not answer yet it is still starting, and is watched as such

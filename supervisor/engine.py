@@ -59,7 +59,7 @@ class LaunchPlan:
     env: Mapping[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"  # the address it listens on: a cluster node's own (cluster/)
     node: str | None = None  # the Ray node it runs on; None: this machine
-    api_key: str | None = None  # demanded on /v1 (vLLM --api-key); only the gateway has it
+    api_key: str | None = None  # demanded on /v1 (vLLM --api-key); only sem and its gateway know it
 
 
 def _flag(key: str, value: EngineArg) -> list[str]:

@@ -96,8 +96,9 @@ def launch_plan(
         env=spec.env,
         host=on.host,
         node=on.node or None,
-        # On a cluster an engine listens on its node's address: only the gateway may use it.
-        api_key=secrets.token_urlsafe(24) if on.node else None,
+        # Every engine demands a secret of its own on /v1 that only the gateway knows, so no
+        # other process (on this machine, or a cluster node's network) can bypass the gateway.
+        api_key=secrets.token_urlsafe(24),
     )
 
 
@@ -176,4 +177,5 @@ def engine_record(replica: Replica, plan: LaunchPlan, pid: int) -> EngineRecord:
         create_time=start_time(pid) or 0.0, port=plan.port, spec_digest=replica.digest,
         devices=placement.device_ids if placement else (),
         reserved=placement.per_device if placement else 0, log_path=plan.log_path,
+        api_key=plan.api_key,
     )  # fmt: skip

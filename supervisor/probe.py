@@ -34,10 +34,12 @@ class EngineProbe:
         values = [float(v) for _, v in _GAUGE.findall(response.text)]
         return int(sum(values)) if values else None
 
-    async def served_models(self, base_url: str) -> list[str]:
-        """The model names the engine serves (its /v1/models); empty if it does not answer."""
+    async def served_models(self, base_url: str, api_key: str | None = None) -> list[str]:
+        """The model names the engine serves (its /v1/models, behind the engine's `api_key`
+        as all /v1 routes are); empty if it does not answer. /health and /metrics are open."""
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         try:
-            response = await self._client.get(f"{base_url}/v1/models")
+            response = await self._client.get(f"{base_url}/v1/models", headers=headers)
             data = response.json() if response.status_code == 200 else {}
             return [str(m["id"]) for m in data.get("data", [])]
         except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):

@@ -84,10 +84,12 @@ class Restorer:
             placement = Placement(replica.id, record.devices, record.reserved, "re-adopted")
             if remote is None:
                 replica.adopt(placement, adopted_engine(record))
-            else:  # on a cluster node: with the key its engine demands
+                key = record.api_key
+            else:  # on a cluster node
                 replica.adopt(placement, remote[record.replica])
-                assert replica.plan is not None
-                replica.plan = replace(replica.plan, api_key=remote[record.replica].api_key)
+                key = remote[record.replica].api_key
+            assert replica.plan is not None
+            replica.plan = replace(replica.plan, api_key=key)  # the key its engine demands
             entry.replicas.append(replica)
             adopted.add(replica.id)
         return adopted

@@ -88,8 +88,9 @@ async def serving(manager: Manager, model_dir: Path, name: str = "m", **fields: 
 
 async def complete(replica: Replica, requests: int, max_tokens: int) -> None:
     """Completions straight to the replica's engine (the gateway is not part of these tests)."""
-    assert replica.url is not None
-    async with httpx.AsyncClient(base_url=replica.url) as engine:
+    assert replica.url is not None and replica.plan is not None
+    key = {"Authorization": f"Bearer {replica.plan.api_key}"}  # every engine demands its key
+    async with httpx.AsyncClient(base_url=replica.url, headers=key) as engine:
         for _ in range(requests):
             body = {"model": replica.model, "prompt": "one two", "max_tokens": max_tokens}
             assert (await engine.post("/v1/completions", json=body)).status_code == 200
