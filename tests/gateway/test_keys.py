@@ -3,14 +3,18 @@ get 401, other models 403, a key over its requests or tokens per minute 429 with
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
+import aiohttp
 import openai
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from contract.routes import KeyRoute, RouteTable, key_hash
 from gateway.keys import Bucket
+from gateway.routes import RouteWatcher
 from tests.fake_engine import FakeEngine
 from tests.gateway.conftest import Rig, ready_model
 
@@ -112,3 +116,29 @@ def test_a_bucket_refills_at_its_rate():
     assert bucket.wait(now=1.0) == pytest.approx(1.0)
     assert bucket.wait(now=2.0) == 0.0
     assert bucket.wait(now=1000.0) == 0.0 and bucket.level == 60
+
+
+async def test_the_route_watcher_sends_the_admin_token():
+    """The route table holds secrets: the supervisor answers it only with the admin token."""
+    table = RouteTable(3, {}, (key_route(),))
+
+    async def routes(request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != "Bearer admin-s3cret":
+            return web.json_response({"error": {"type": "unauthorized"}}, status=401)
+        return web.json_response(table.to_json())
+
+    app = web.Application()
+    app.router.add_get("/routes", routes)
+    async with TestServer(app) as supervisor, aiohttp.ClientSession() as session:
+        url = str(supervisor.make_url(""))
+        watcher = RouteWatcher(url, session, poll_timeout=0.1, token="admin-s3cret")
+        refused = RouteWatcher(url, session, poll_timeout=0.1)
+        tasks = [asyncio.create_task(w.run()) for w in (watcher, refused)]
+        try:
+            await watcher.wait_change(timeout=10)
+            assert watcher.table == table and watcher.connected
+            assert not refused.connected and refused.table.version == -1
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
