@@ -90,7 +90,7 @@ class KeyGate:
         if not self.on:
             return None
         scheme, _, presented = (authorization or "").partition(" ")
-        key = self._by_hash.get(key_hash(presented.strip())) if scheme == "Bearer" else None
+        key = self._by_hash.get(key_hash(presented.strip())) if scheme.lower() == "bearer" else None
         if key is None:
             raise InvalidApiKey(
                 "missing or unknown API key (send it as Authorization: Bearer <key>)"

@@ -51,14 +51,14 @@ def key_route(record: KeyRecord) -> KeyRoute:
 
 
 def key_json(record: KeyRecord, usage: KeyUsage | None) -> dict[str, Any]:
-    """A key as the admin API answers it: everything but its hash (and never the key)."""
+    """A key as the admin API answers it: what the gateway gets but its hash, with its name and
+    use (never the key)."""
     usage = usage or KeyUsage()
+    answer = key_route(record).to_json()
+    del answer["hash"]
     return {
-        "id": record.id,
+        **answer,
         "name": record.name,
-        "models": None if record.models is None else list(record.models),
-        "requests_per_minute": record.requests_per_minute,
-        "tokens_per_minute": record.tokens_per_minute,
         "created": record.created,
         "last_used": usage.last_used or None,
         "requests": usage.requests,
