@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,6 +78,13 @@ def _bad_revision(revision: str) -> str | None:
     return None
 
 
+class LoadMode(StrEnum):
+    """How a model is kept loaded (docs/elastic.md)."""
+
+    ALWAYS = "always"  # its replicas run from the start, whatever the traffic (the default)
+    ON_DEMAND = "on_demand"  # starts unloaded; the first request for it loads it
+
+
 class ModelSpec(BaseModel):
     """One model as the operator asks for it (models.yaml entry or POST /models body)."""
 
@@ -95,6 +103,31 @@ class ModelSpec(BaseModel):
     priority: int = Field(default=0, description="higher is placed first when memory is short")
     engine_args: dict[str, EngineArg] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
+    load: LoadMode = Field(default=LoadMode.ALWAYS, description="always or on_demand")
+    idle_unload: str | float | None = Field(
+        default=None, description="unload after this long without a request, e.g. 10m"
+    )
+    evictable: bool | None = Field(
+        default=None,
+        description="may be unloaded to make room for another; default: if load is on_demand",
+    )
+
+    @field_validator("idle_unload")
+    @classmethod
+    def _check_idle_unload(cls, value: str | float | None) -> str | float | None:
+        if value is not None and parse_duration(value) <= 0:
+            raise ValueError("idle_unload must be a positive duration")
+        return value
+
+    @property
+    def may_evict(self) -> bool:
+        """`evictable`, or by default: a model loaded on demand may go, one always loaded not."""
+        return self.load is LoadMode.ON_DEMAND if self.evictable is None else self.evictable
+
+    @property
+    def idle_seconds(self) -> float | None:
+        """`idle_unload` in seconds; None: never unloaded for idleness."""
+        return None if self.idle_unload is None else parse_duration(self.idle_unload)
 
     @field_validator("source")
     @classmethod
@@ -151,6 +184,9 @@ class SemConfig(BaseModel):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     cpu_memory_budget: str = Field(default="auto", description="CPU mode: memory sem may use")
     recheck_interval: str | float = Field(default="10s")
+    min_residency: str | float = Field(
+        default="30s", description="a model loaded on demand stays at least this long"
+    )
     models: list[ModelSpec] = Field(default_factory=list)
 
     @field_validator("devices")
@@ -169,6 +205,13 @@ class SemConfig(BaseModel):
             raise ValueError("recheck_interval must be positive")
         return value
 
+    @field_validator("min_residency")
+    @classmethod
+    def _check_residency(cls, value: str | float) -> str | float:
+        if parse_duration(value) < 0:
+            raise ValueError("min_residency must not be negative")
+        return value
+
     @model_validator(mode="after")
     def _unique_names(self) -> SemConfig:
         seen: set[str] = set()
@@ -181,6 +224,10 @@ class SemConfig(BaseModel):
     @property
     def recheck_seconds(self) -> float:
         return parse_duration(self.recheck_interval)
+
+    @property
+    def residency_seconds(self) -> float:
+        return parse_duration(self.min_residency)
 
 
 def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:

@@ -14,6 +14,8 @@ from contract.routes import RouteTable
 from supervisor.cache import ModelCache
 from supervisor.config import ModelSpec
 from supervisor.demand import DemandBoard
+from supervisor.elastic import Elastic
+from supervisor.elastic_policy import ElasticSettings
 from supervisor.events import EventLog
 from supervisor.launch import EngineSettings, ReplicaFactory
 from supervisor.models import ModelEntry
@@ -47,6 +49,7 @@ class Manager:
         store: Store | None = None,
         cache: ModelCache | None = None,
         demand: DemandBoard | None = None,
+        elastic: ElasticSettings | None = None,
     ) -> None:
         self.events = events  # every decision and transition, for the API and the tests
         self.demand = demand or DemandBoard()  # what the gateway reports (contract.report)
@@ -62,6 +65,11 @@ class Manager:
             events=events, store=store, factory=factory, scheduler=self._scheduler,
             routes=self._routes, cache=cache,
         )  # fmt: skip
+        self.elastic = Elastic(
+            self._registry, self._scheduler, self.demand, events, store,
+            elastic or ElasticSettings(),
+        )  # fmt: skip
+        self._registry.replica_watchers.append(self.elastic.note_replica)
         self._rollouts = Rollouts(self._registry, store, events)
         self._restorer = Restorer(self._registry, store, probe, events, timing.stop_grace)
 
@@ -104,8 +112,10 @@ class Manager:
     # -- commands ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Run the scheduler (placement of pending replicas) until shutdown."""
+        """Run the scheduler (placement of pending replicas) and the elastic loop (load on
+        demand, idle unload, eviction) until shutdown."""
         self._scheduler.start(self._registry.entries, self._registry.publish)
+        self.elastic.start()
 
     async def schedule(self) -> None:
         """One planning round: place what fits now, say why the rest waits."""
@@ -139,6 +149,7 @@ class Manager:
 
     async def shutdown(self, drain_timeout: float) -> None:
         """Stop every model (drained up to the deadline) and wait until all engines are gone."""
+        await self.elastic.stop()  # no more loads or unloads
         await self._scheduler.stop()  # no more placements
         await self._registry.close(drain_timeout)
         self._routes.close()  # long-polls answer at once from now on

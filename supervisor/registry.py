@@ -9,10 +9,11 @@ published in the route table; a change that may let a replica be placed wakes th
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from supervisor.cache import ModelCache
 from supervisor.cache_job import Job
-from supervisor.config import ModelSpec, Source
+from supervisor.config import LoadMode, ModelSpec, Source
 from supervisor.errors import ModelExists, ModelNotFound, SupervisorError
 from supervisor.events import EventLog
 from supervisor.launch import ReplicaFactory
@@ -47,6 +48,7 @@ class Registry:
         self._removals: set[asyncio.Task[None]] = set()
         self._downloads: set[asyncio.Task[None]] = set()
         self._closing = False  # shutting down: a finished download adds no replicas
+        self.replica_watchers: list[Callable[[Replica], None]] = []  # told of every transition
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -138,6 +140,25 @@ class Registry:
             entry.replicas.append(self.new_replica(entry, entry.free_replica_id()))
         self._changed()
 
+    def load(self, entry: ModelEntry, reason: str) -> None:
+        """An unloaded model becomes active: its replicas queue for placement."""
+        entry.replicas = [r for r in entry.replicas if not r.done]  # ids free for reuse
+        entry.transition(ModelPhase.ACTIVE, reason)
+        leaving = sum(1 for r in entry.replicas if r.state is ReplicaState.DRAINING)
+        self.add_replicas(entry, entry.spec.replicas + leaving)
+
+    def unload(self, entry: ModelEntry, reason: str, drain_timeout: float) -> None:
+        """An active model becomes unloaded: its replicas drain and stop, and their memory goes
+        back to the pending queue (each stop wakes the scheduler). It stays known: a request
+        for it waits in the gateway's queue and loads it again."""
+        entry.transition(ModelPhase.UNLOADED, reason)
+        task = asyncio.create_task(
+            self._stop_replicas(entry, drain_timeout), name=f"unload-{entry.spec.name}"
+        )
+        self._removals.add(task)
+        task.add_done_callback(self._removals.discard)
+        self.publish()
+
     def begin_removal(self, entry: ModelEntry, drain_timeout: float) -> None:
         if entry.leaving:
             return
@@ -193,7 +214,12 @@ class Registry:
         self._admit(entry)
 
     def _admit(self, entry: ModelEntry, replicas: int | None = None) -> None:
-        """A sized-up model joins the pending queue with `replicas` (default: the spec's)."""
+        """A sized-up model joins the pending queue with `replicas` (default: the spec's), or
+        with `load: on_demand` (and no replicas asked for) waits unloaded for a request."""
+        if replicas is None and entry.spec.load is LoadMode.ON_DEMAND:
+            entry.transition(ModelPhase.UNLOADED, "loads on demand: waiting for a request")
+            self.publish()
+            return
         entry.transition(
             ModelPhase.ACTIVE,
             f"added from {entry.spec.source};"
@@ -201,8 +227,11 @@ class Registry:
         )
         self.add_replicas(entry, replicas)
 
+    async def _stop_replicas(self, entry: ModelEntry, drain_timeout: float) -> None:
+        await asyncio.gather(*(r.stop(drain_timeout) for r in list(entry.replicas)))
+
     async def _remove(self, entry: ModelEntry, drain_timeout: float) -> None:
-        await asyncio.gather(*(r.stop(drain_timeout) for r in entry.replicas))
+        await self._stop_replicas(entry, drain_timeout)
         if self._models.get(entry.spec.name) is entry:  # not replaced by a new one meanwhile
             del self._models[entry.spec.name]
         entry.transition(ModelPhase.REMOVED, "all replicas stopped")
@@ -212,4 +241,6 @@ class Registry:
         if replica.state in (ReplicaState.STOPPED, ReplicaState.FAILED, ReplicaState.RESTARTING):
             self._store.drop_engine(replica.id)  # its engine is gone (or being replaced)
         self._scheduler.note_change(replica)
+        for watcher in self.replica_watchers:
+            watcher(replica)
         self.publish()

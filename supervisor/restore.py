@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 
 from supervisor.adoption import adopted_engine, is_our_engine, why_not_adoptable
+from supervisor.config import LoadMode
+from supervisor.elastic import ADOPTED
 from supervisor.errors import SupervisorError
 from supervisor.events import EventKind, EventLog
 from supervisor.models import ModelEntry
@@ -54,7 +56,10 @@ class Restorer:
             if entry.download is not None:
                 continue  # not cached: no engine can have run from it
             adopted |= await self._adopt(entry, [r for r in records if r.model == spec.name])
-            self._registry.add_replicas(entry)
+            if entry.replicas or spec.load is not LoadMode.ON_DEMAND:
+                self._registry.add_replicas(entry)
+            else:  # nothing of it ran before: it waits for a request, as at a first start
+                self._registry.unload(entry, "loads on demand: waiting for a request", 0)
         leftovers = [r for r in records if r.replica not in adopted]
         await asyncio.gather(*(self._retire(record) for record in leftovers))
 
@@ -70,7 +75,7 @@ class Restorer:
                                   f"{why}; starting afresh")  # fmt: skip
                 continue
             replica = self._registry.new_replica(entry, record.replica)
-            placement = Placement(replica.id, record.devices, record.reserved, "re-adopted")
+            placement = Placement(replica.id, record.devices, record.reserved, ADOPTED)
             replica.adopt(placement, adopted_engine(record))
             entry.replicas.append(replica)
             adopted.add(replica.id)
