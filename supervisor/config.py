@@ -6,12 +6,22 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # public, documented
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)  # fmt: skip
+from pydantic_core import PydanticCustomError
 
 from supervisor.fence import EngineArg as EngineArg  # re-exported: engine.py's value type
 from supervisor.fence import check_engine_args, check_env
@@ -85,6 +95,29 @@ class LoadMode(StrEnum):
     ON_DEMAND = "on_demand"  # starts unloaded; the first request for it loads it
 
 
+class ReplicaRange(BaseModel):
+    """`replicas: {min, max, target_queue_per_replica}`: autoscaled within the range
+    (autoscale_policy.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min: int = Field(default=1, ge=1, le=64)
+    max: int = Field(ge=1, le=64)
+    target_queue_per_replica: float = Field(
+        default=4.0, gt=0, description="requests queued per replica above which one is added"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReplicaRange:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is more than max ({self.max})")
+        return self
+
+
+_COUNT: TypeAdapter[int] = TypeAdapter(Annotated[int, Field(ge=1, le=64)])
+_RANGE: TypeAdapter[ReplicaRange] = TypeAdapter(ReplicaRange)
+
+
 class ModelSpec(BaseModel):
     """One model as the operator asks for it (models.yaml entry or POST /models body)."""
 
@@ -92,7 +125,9 @@ class ModelSpec(BaseModel):
 
     name: str = Field(pattern=_NAME, description="name clients use in the `model` field")
     source: str = Field(description="hf://org/name[@revision] or path:/some/dir")
-    replicas: int = Field(default=1, ge=1, le=64)
+    replicas: int | ReplicaRange = Field(
+        default=1, description="a count (1-64), or {min, max, target_queue_per_replica}"
+    )
     tensor_parallel: int = Field(default=1, ge=1, le=16)
     memory: str = Field(default="auto", description="per replica: auto (estimated) or e.g. 20GiB")
     max_model_len: int | None = Field(default=None, ge=16)
@@ -118,6 +153,31 @@ class ModelSpec(BaseModel):
         if value is not None and parse_duration(value) <= 0:
             raise ValueError("idle_unload must be a positive duration")
         return value
+
+    @field_validator("replicas", mode="plain")
+    @classmethod
+    def _check_replicas(cls, value: object) -> int | ReplicaRange:
+        """A count or a range, each with its own errors (a plain union would report both)."""
+        adapter = _RANGE if isinstance(value, dict | ReplicaRange) else _COUNT
+        try:
+            return adapter.validate_python(value)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = f"{format_loc(tuple(first['loc']))}: " if first["loc"] else ""
+            raise PydanticCustomError(first["type"], where + first["msg"]) from None
+
+    @field_serializer("replicas")
+    def _dump_replicas(self, value: int | ReplicaRange) -> int | dict[str, Any]:
+        return value if isinstance(value, int) else value.model_dump()
+
+    @property
+    def min_replicas(self) -> int:
+        """The replicas it starts with: the count, or the range's minimum."""
+        return self.replicas.min if isinstance(self.replicas, ReplicaRange) else self.replicas
+
+    @property
+    def autoscale(self) -> ReplicaRange | None:
+        return self.replicas if isinstance(self.replicas, ReplicaRange) else None
 
     @property
     def may_evict(self) -> bool:

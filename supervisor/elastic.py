@@ -1,4 +1,5 @@
-"""Elastic models: load on demand, unload when idle, evict to make room (policy: elastic_policy).
+"""Elastic models: load on demand, unload when idle, evict to make room (policy: elastic_policy),
+and autoscale replicas (autoscaler.py).
 
 The controller wakes at every gateway report (about once a second, and at once when a request
 finds no ready replica), snapshots the models and the devices, asks `elastic_policy.decide` what
@@ -19,8 +20,16 @@ import contextlib
 import logging
 import time
 
+from supervisor.autoscaler import Autoscaler
 from supervisor.demand import DemandBoard
-from supervisor.elastic_policy import Decision, ElasticSettings, ModelView, UnloadWhy, decide
+from supervisor.elastic_policy import (
+    Decision,
+    ElasticSettings,
+    ModelView,
+    UnloadWhy,
+    decide,
+    waiting_for_memory,
+)  # fmt: skip
 from supervisor.events import EventKind, EventLog
 from supervisor.models import ModelEntry
 from supervisor.registry import Registry
@@ -59,6 +68,7 @@ class Elastic:
         self._drain_timeout = drain_timeout
         self._starting: dict[str, float] = {}  # replica id -> time.monotonic() it spawned
         self._task: asyncio.Task[None] | None = None
+        self.autoscaler = Autoscaler(registry, demand, events, settings.scale, drain_timeout)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="elastic")
@@ -129,6 +139,7 @@ class Elastic:
             self._registry.unload(by_name[unload.model], unload.reason, self._drain_timeout)
         for load in decision.loads:
             self._registry.load(by_name[load.model], load.reason)
+        self.autoscaler.step(entries, devices, waiting_for_memory(views))
         return decision
 
     def view(self, entry: ModelEntry) -> ModelView:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from contract import defaults
+from supervisor.autoscale_policy import ScaleSettings, Waiting
 from supervisor.placement import DeviceView
 
 
@@ -53,6 +54,7 @@ class ModelView:
 class ElasticSettings:
     min_residency: float = 30.0  # seconds a loaded model is safe from eviction
     wait_bound: float = defaults.QUEUE_TIMEOUT  # a request's longest wait in the gateway
+    scale: ScaleSettings = field(default_factory=ScaleSettings)  # replica autoscaling
 
 
 class UnloadWhy(StrEnum):
@@ -118,6 +120,16 @@ def decide(
         for device_id in _fitting(want, free)[: want.tensor_parallel]:
             free[device_id] -= want.need  # spoken for: not counted again for the next one
     return Decision(loads, unloads)
+
+
+def waiting_for_memory(models: list[ModelView]) -> list[Waiting]:
+    """The models that wait for memory: unloaded with requests queued, or a replica pending
+    (the autoscaler leaves them the room)."""
+    return [
+        Waiting(m.name, m.priority, m.need)
+        for m in models
+        if (not m.loaded and m.queued > 0) or (m.loaded and m.pending)
+    ]
 
 
 def _idle(model: ModelView, now: float) -> Unload | None:

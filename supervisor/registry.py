@@ -135,17 +135,30 @@ class Registry:
 
     def add_replicas(self, entry: ModelEntry, upto: int | None = None) -> None:
         """New pending replicas until the model has `upto` (default: as the spec says)."""
-        upto = entry.spec.replicas if upto is None else upto
+        upto = entry.spec.min_replicas if upto is None else upto
         while len([r for r in entry.replicas if not r.done]) < upto:
             entry.replicas.append(self.new_replica(entry, entry.free_replica_id()))
         self._changed()
+
+    def retire_replica(self, entry: ModelEntry, replica: Replica, drain_timeout: float) -> None:
+        """One replica fewer (autoscaling down): it drains and stops, then leaves the list."""
+
+        async def retire() -> None:
+            await replica.stop(drain_timeout)
+            if replica in entry.replicas:
+                entry.replicas.remove(replica)
+            self.publish()
+
+        task = asyncio.create_task(retire(), name=f"retire-{replica.id}")
+        self._removals.add(task)
+        task.add_done_callback(self._removals.discard)
 
     def load(self, entry: ModelEntry, reason: str) -> None:
         """An unloaded model becomes active: its replicas queue for placement."""
         entry.replicas = [r for r in entry.replicas if not r.done]  # ids free for reuse
         entry.transition(ModelPhase.ACTIVE, reason)
         leaving = sum(1 for r in entry.replicas if r.state is ReplicaState.DRAINING)
-        self.add_replicas(entry, entry.spec.replicas + leaving)
+        self.add_replicas(entry, entry.spec.min_replicas + leaving)
 
     def unload(self, entry: ModelEntry, reason: str, drain_timeout: float) -> None:
         """An active model becomes unloaded: its replicas drain and stop, and their memory goes

@@ -68,7 +68,7 @@ class Restorer:
         count; the ids of the replicas that did."""
         adopted: set[str] = set()
         for record in records:
-            if len(entry.replicas) == entry.spec.replicas:
+            if len(entry.replicas) == entry.spec.min_replicas:
                 break
             if why := await why_not_adoptable(record, entry.spec, self._probe):
                 self._events.emit(EventKind.NOT_ADOPTED, record.replica,

@@ -15,10 +15,13 @@ from pathlib import Path
 import pytest
 
 from contract.report import GatewayReport, ModelDemand
+from supervisor.autoscale_policy import ScaleSettings
 from supervisor.config import ModelSpec
 from supervisor.elastic_policy import ElasticSettings
-from supervisor.events import EventKind
+from supervisor.engine_metrics import EngineScraper
+from supervisor.events import Event, EventKind
 from supervisor.manager import Manager
+from supervisor.metrics import SupervisorMetrics
 from supervisor.models import ModelEntry
 from supervisor.resources import StaticInventory
 from supervisor.states import ModelPhase, ModelState, ReplicaState
@@ -169,3 +172,51 @@ async def test_a_model_loaded_always_is_not_evicted_by_default(
         await wait_until(lambda: second.phase is ModelPhase.ACTIVE, what="b loading")
         assert manager.elastic.step().unloads == []
     assert ready(always)
+
+
+async def test_replicas_scale_up_under_a_queue_and_back_down_when_calm(
+    make_manager: ManagerFactory, model_dir: Path
+):
+    quick = ScaleSettings(window=0.3, calm=0.5, cooldown=0.2)
+    manager = make_manager(elastic=ElasticSettings(scale=quick))
+    entry = manager.add(ModelSpec(name="m", source=f"path:{model_dir}",
+                                  replicas={"min": 1, "max": 2, "target_queue_per_replica": 2}))  # type: ignore[arg-type]  # fmt: skip
+    await wait_until(lambda: ready(entry), what="m ready")
+
+    def live() -> list[str]:
+        return [r.id for r in entry.replicas if r.state is ReplicaState.READY]
+
+    demand = {"m": ModelDemand(queued=5, in_flight=1)}
+    async with gateway(manager, lambda: demand):
+        await wait_until(lambda: len(live()) == 2, what="a second replica")
+        up = manager.events.recent("m", kind=EventKind.SCALED)
+        assert [e.data["delta"] for e in up] == [1]
+        assert up[0].message.startswith("5 queued on 1 replica(s) for ")
+        demand = {"m": ModelDemand(in_flight=1)}
+        await wait_until(lambda: len(live()) == 1, what="back to one replica")
+    await wait_until(lambda: len(entry.replicas) == 1, what="the retired replica gone")
+    scaled = manager.events.recent("m", kind=EventKind.SCALED)
+    assert [e.data["delta"] for e in scaled] == [1, -1]
+    assert scaled[1].message.startswith("calm for ")
+    assert len(manager.routes.models["m"].replicas) == 1
+
+
+async def test_elastic_decisions_are_counted_by_action(make_manager: ManagerFactory):
+    manager = make_manager()
+    metrics = SupervisorMetrics(manager, manager.events, EngineScraper())
+    for kind, data in [
+        (EventKind.MODEL_LOADING, {}), (EventKind.MODEL_UNLOADED, {}), (EventKind.EVICTING, {}),
+        (EventKind.SCALED, {"delta": 1}), (EventKind.SCALED, {"delta": 1}),
+        (EventKind.SCALED, {"delta": -1}),
+    ]:  # fmt: skip
+        metrics.count(Event(kind, "m", "why", data=data))
+
+    def counted(action: str) -> float | None:
+        return metrics.registry.get_sample_value(
+            "sem_supervisor_elastic_decisions_total", {"model": "m", "action": action}
+        )
+
+    assert [counted(a) for a in ("load", "unload", "evict", "scale_up", "scale_down")] == [
+        1, 1, 1, 2, 1,
+    ]  # fmt: skip
+    await metrics.aclose()
