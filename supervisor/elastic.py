@@ -21,6 +21,7 @@ import logging
 import time
 
 from supervisor.autoscaler import Autoscaler
+from supervisor.config import LoadMode
 from supervisor.demand import DemandBoard
 from supervisor.elastic_policy import (
     Decision,
@@ -156,6 +157,7 @@ class Elastic:
             name=entry.spec.name, loaded=entry.phase is ModelPhase.ACTIVE,
             need=entry.sized.per_device, tensor_parallel=entry.spec.tensor_parallel,
             priority=entry.spec.priority, evictable=entry.spec.may_evict,
+            on_demand=entry.spec.load is LoadMode.ON_DEMAND,
             idle_unload=entry.spec.idle_seconds,
             queued=demand.queued if demand else 0, in_flight=demand.in_flight if demand else 0,
             last_used=max(demand.last_request if demand else 0.0, entry.loaded_at),

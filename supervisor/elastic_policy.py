@@ -6,6 +6,8 @@ decisions out; bench/elastic.py drives the same function in a simulation.
 
 - Load: an unloaded model with requests queued for it is loaded; every request queued meanwhile
   rides on the one load (a swap is paid once per batch, not per request).
+- Unwanted: a model loaded on demand that still waits for memory when no request waits for it
+  any more goes back to unloaded: it would only take room from the next.
 - Idle unload: a loaded model with `idle_unload` and nothing queued or in flight for that long
   (counted from its last request, or from its load) is unloaded. Without a fresh gateway report
   nothing counts as idle: the supervisor cannot see requests itself.
@@ -39,6 +41,7 @@ class ModelView:
     tensor_parallel: int = 1
     priority: int = 0
     evictable: bool = True
+    on_demand: bool = False  # `load: on_demand`: loaded for requests, not for its own sake
     idle_unload: float | None = None  # seconds; None: never unloaded for idleness
     queued: int = 0  # requests waiting in the gateway
     in_flight: int = 0
@@ -60,6 +63,7 @@ class ElasticSettings:
 class UnloadWhy(StrEnum):
     IDLE = "idle"
     EVICTED = "evicted"
+    UNWANTED = "unwanted"  # loaded on demand, still waiting for memory, and nobody waits now
 
 
 @dataclass(frozen=True)
@@ -96,14 +100,18 @@ def decide(
         for m in models
         if not m.loaded and m.queued > 0
     ]
-    unloads = [idle for m in models if demand_known and (idle := _idle(m, now)) is not None]
+    unloads = [
+        unload for m in models
+        if demand_known and (unload := _idle(m, now) or _unwanted(m)) is not None
+    ]  # fmt: skip
     loading = {load.model for load in loads}
-    wanting = sorted(
-        (m for m in models if m.name in loading or (m.loaded and m.pending)),
-        key=lambda m: (-m.priority, -m.waited),
-    )
-    free = _free_after(devices, models, {u.model for u in unloads})
     gone = {u.model for u in unloads}
+    wanting = sorted(
+        (m for m in models
+         if m.name not in gone and (m.name in loading or (m.loaded and m.pending))),
+        key=lambda m: (-m.priority, -m.waited),
+    )  # fmt: skip
+    free = _free_after(devices, models, gone)
     for want in wanting if demand_known else ():
         candidates = [
             m for m in models
@@ -143,6 +151,17 @@ def _idle(model: ModelView, now: float) -> Unload | None:
         f"idle for {idle_for:.0f}s (idle_unload {model.idle_unload:g}s)",
         freed=sum(model.reserved.values()),
     )  # fmt: skip
+
+
+def _unwanted(model: ModelView) -> Unload | None:
+    """A model loaded on demand whose replica still waits for memory while nobody waits for
+    it any more (its requests timed out or left): it would only take room from the next."""
+    if not (model.on_demand and model.loaded and model.pending and not model.reserved):
+        return None
+    if model.queued or model.in_flight:
+        return None
+    why = f"no request waits for it any more after {model.waited:.0f}s without memory"
+    return Unload(model.name, UnloadWhy.UNWANTED, why)
 
 
 def _may_evict(model: ModelView, want: ModelView, now: float, settings: ElasticSettings) -> bool:

@@ -196,3 +196,14 @@ def test_tensor_parallel_needs_room_on_as_many_devices():
     assert unloads(decide(models, devices, NOW, SETTINGS)) == {
         "x": UnloadWhy.EVICTED, "y": UnloadWhy.EVICTED,
     }  # fmt: skip
+
+
+def test_a_load_nobody_waits_for_any_more_is_given_up_while_still_without_memory():
+    stale = ModelView("b", loaded=True, need=18 * GiB, on_demand=True, pending=True, waited=70)
+    decision = decide([loaded("a"), stale], [device(6)], NOW, SETTINGS)
+    assert unloads(decision) == {"b": UnloadWhy.UNWANTED}  # and a is not evicted for it
+    assert decision.unloads[0].reason == (
+        "no request waits for it any more after 70s without memory"
+    )
+    always = ModelView("b", loaded=True, need=18 * GiB, pending=True, waited=70)
+    assert decide([always], [device(6)], NOW, SETTINGS).unloads == []  # it wants to run
