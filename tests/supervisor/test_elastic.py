@@ -69,6 +69,14 @@ async def gateway(manager: Manager, demand: Demand) -> AsyncIterator[None]:
             await task
 
 
+def two_on_room_for_one(
+    make_manager: ManagerFactory, folder: Path
+) -> tuple[Manager, ModelEntry, ModelEntry]:
+    """Models a and b, on demand, on a device that holds one; no minimum residency."""
+    manager = make_manager(inventory=StaticInventory.parse(ONE_GPU), elastic=NO_RESIDENCY)
+    return manager, add_7b(manager, folder, "a"), add_7b(manager, folder, "b")
+
+
 def ready(entry: ModelEntry) -> bool:
     return entry.state is ModelState.READY
 
@@ -130,8 +138,7 @@ async def test_a_busy_model_is_not_idle(make_manager: ManagerFactory, seven_b: P
 async def test_an_idle_model_is_evicted_for_one_that_has_requests_waiting(
     make_manager: ManagerFactory, seven_b: Path
 ):
-    manager = make_manager(inventory=StaticInventory.parse(ONE_GPU), elastic=NO_RESIDENCY)
-    first, second = add_7b(manager, seven_b, "a"), add_7b(manager, seven_b, "b")
+    manager, first, second = two_on_room_for_one(make_manager, seven_b)
     demand = {"a": ModelDemand(queued=1)}
     async with gateway(manager, lambda: demand):
         await wait_until(lambda: ready(first), what="a loaded")
@@ -146,8 +153,7 @@ async def test_an_idle_model_is_evicted_for_one_that_has_requests_waiting(
 async def test_a_model_with_requests_in_flight_is_not_evicted_for_an_equal_priority(
     make_manager: ManagerFactory, seven_b: Path
 ):
-    manager = make_manager(inventory=StaticInventory.parse(ONE_GPU), elastic=NO_RESIDENCY)
-    first, second = add_7b(manager, seven_b, "a"), add_7b(manager, seven_b, "b")
+    manager, first, second = two_on_room_for_one(make_manager, seven_b)
     demand = {"a": ModelDemand(queued=1)}
     async with gateway(manager, lambda: demand):
         await wait_until(lambda: ready(first), what="a loaded")
