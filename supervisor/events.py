@@ -25,6 +25,7 @@ class EventKind(StrEnum):
     TRANSITION = "transition"  # a replica changed state (data: model, old, new, reason)
     PLACED = "placed"  # the scheduler placed a replica (data: devices)
     PENDING = "pending"  # the scheduler's reason a replica waits changed
+    MEASURED = "measured"  # an engine's real need was measured (measure.py)
     RELEASED = "released"  # a stopped or failed replica's reservation is free again
     MODEL_DOWNLOADING = "model_downloading"  # a model's files are cached first
     MODEL_ADDED = "model_added"  # a model is sized up; its replicas queue for placement
@@ -41,6 +42,7 @@ class EventKind(StrEnum):
     EVICTING = "evicting"  # a model is unloaded to make room for another (data: for, freed)
     SCALED = "scaled"  # the autoscaler added or removed a replica (data: delta)
     LOAD_MEASURED = "load_measured"  # a replica went from starting to ready (data: seconds)
+    NODE_LOST = "node_lost"  # a cluster node left: its replica is replaced on another node
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,9 @@ from supervisor.demand import DemandBoard
 from supervisor.elastic import Elastic
 from supervisor.elastic_policy import ElasticSettings
 from supervisor.events import EventLog
+from supervisor.gpu_usage import ProcessMemory
 from supervisor.launch import EngineSettings, ReplicaFactory
+from supervisor.measure import Measurer
 from supervisor.models import ModelEntry
 from supervisor.probe import EngineProbe
 from supervisor.reconcile import ConfigDiff
@@ -50,7 +52,10 @@ class Manager:
         cache: ModelCache | None = None,
         demand: DemandBoard | None = None,
         elastic: ElasticSettings | None = None,
+        gpu_memory: ProcessMemory | None = None,
     ) -> None:
+        """`gpu_memory`: NVML's per-process figures, to measure what engines use on a GPU
+        (measure.py); without it only CPU engines and start failures correct estimates."""
         self.events = events  # every decision and transition, for the API and the tests
         self.demand = demand or DemandBoard()  # what the gateway reports (contract.report)
         store = store or Store(None)
@@ -63,7 +68,7 @@ class Manager:
         )  # fmt: skip
         self._registry = Registry(
             events=events, store=store, factory=factory, scheduler=self._scheduler,
-            routes=self._routes, cache=cache,
+            routes=self._routes, cache=cache, measurer=Measurer(store, events, gpu_memory),
         )  # fmt: skip
         self.elastic = Elastic(
             self._registry, self._scheduler, self.demand, events, store,
@@ -71,7 +76,9 @@ class Manager:
         )  # fmt: skip
         self._registry.replica_watchers.append(self.elastic.note_replica)
         self._rollouts = Rollouts(self._registry, store, events)
-        self._restorer = Restorer(self._registry, store, probe, events, timing.stop_grace)
+        self._restorer = Restorer(
+            self._registry, store, probe, events, timing.stop_grace, adopt=settings.adopt
+        )
 
     @property
     def cache(self) -> ModelCache | None:
@@ -121,6 +128,11 @@ class Manager:
         """One planning round: place what fits now, say why the rest waits."""
         if await self._scheduler.schedule(self._registry.entries()):
             self._registry.publish()
+
+    def nodes_changed(self, lost: set[str]) -> None:
+        """Cluster nodes joined or left (supervisor/cluster/): the lost nodes' replicas are
+        replaced on the nodes left, and a joined node's room counts at once."""
+        self._registry.replace_lost(lost)
 
     def add(self, spec: ModelSpec, origin: Origin = "api") -> ModelEntry:
         """A new model (replicas pending); kept in the desired state across restarts."""
