@@ -226,3 +226,23 @@ async def test_elastic_decisions_are_counted_by_action(make_manager: ManagerFact
         1, 1, 1, 2, 1,
     ]  # fmt: skip
     await metrics.aclose()
+
+
+async def test_a_restart_keeps_an_on_demand_model_unloaded_and_its_load_time(
+    make_manager: ManagerFactory, seven_b: Path, tmp_path: Path
+):
+    store = Store(tmp_path / "sem.db")
+    first = make_manager(inventory=StaticInventory.parse(ONE_GPU), store=store)
+    entry = add_7b(first, seven_b, "a")
+    async with gateway(first, lambda: {"a": ModelDemand(queued=1)}):
+        await wait_until(lambda: ready(entry), what="a loaded")
+    first.remove("a", drain_timeout=0)  # its engine stops: nothing to re-adopt
+    await wait_until(lambda: "a" not in first.routes.models, what="a gone")
+    store.put_desired(entry.spec, "api")  # as if the supervisor had been restarted instead
+
+    second = make_manager(inventory=StaticInventory.parse(ONE_GPU), store=store)
+    await second.restore([], drain_timeout=1)
+    again = second.get("a")
+    assert again.phase is ModelPhase.UNLOADED and again.replicas == []
+    second.elastic.step()
+    assert second.routes.models["a"].load_seconds == pytest.approx(entry.load_seconds, abs=1e-3)
