@@ -28,6 +28,7 @@ from contract import defaults
 from supervisor.api import create_app
 from supervisor.cache import CacheSettings, ModelCache
 from supervisor.config import ConfigError, InvalidModel, ModelSpec, SemConfig, load_config
+from supervisor.elastic_policy import ElasticSettings
 from supervisor.engine import EngineCommand, spawn_engine
 from supervisor.engine_metrics import EngineScraper
 from supervisor.errors import SupervisorError
@@ -218,6 +219,7 @@ async def _serve(
         settings=settings, inventory=inventory, probe=probe, events=events, timing=timing,
         scheduling=SchedulerSettings(recheck_interval=config.recheck_seconds), store=store,
         cache=cache, gpu_memory=gpus,
+        elastic=ElasticSettings(min_residency=config.residency_seconds),
     )  # fmt: skip
     await asyncio.to_thread(private_folder, settings.state_dir / "logs")  # engine logs
     log.info("devices: %s", describe(manager.devices))

@@ -37,6 +37,11 @@ class EventKind(StrEnum):
     NOT_ADOPTED = "not_adopted"  # an engine of an earlier run could not be taken over
     RETIRED = "retired"  # an engine of an earlier run with no place now was stopped
     RELOADED = "reloaded"  # models.yaml was applied
+    MODEL_LOADING = "model_loading"  # an unloaded model is loaded (a request asked for it)
+    MODEL_UNLOADED = "model_unloaded"  # a model was unloaded (idle, evicted, on demand)
+    EVICTING = "evicting"  # a model is unloaded to make room for another (data: for, freed)
+    SCALED = "scaled"  # the autoscaler added or removed a replica (data: delta)
+    LOAD_MEASURED = "load_measured"  # a replica went from starting to ready (data: seconds)
     NODE_LOST = "node_lost"  # a cluster node left: its replica is replaced on another node
 
 

@@ -14,6 +14,8 @@ from contract.routes import RouteTable
 from supervisor.cache import ModelCache
 from supervisor.config import ModelSpec
 from supervisor.demand import DemandBoard
+from supervisor.elastic import Elastic
+from supervisor.elastic_policy import ElasticSettings
 from supervisor.events import EventLog
 from supervisor.gpu_usage import ProcessMemory
 from supervisor.launch import EngineSettings, ReplicaFactory
@@ -49,6 +51,7 @@ class Manager:
         store: Store | None = None,
         cache: ModelCache | None = None,
         demand: DemandBoard | None = None,
+        elastic: ElasticSettings | None = None,
         gpu_memory: ProcessMemory | None = None,
     ) -> None:
         """`gpu_memory`: NVML's per-process figures, to measure what engines use on a GPU
@@ -67,6 +70,11 @@ class Manager:
             events=events, store=store, factory=factory, scheduler=self._scheduler,
             routes=self._routes, cache=cache, measurer=Measurer(store, events, gpu_memory),
         )  # fmt: skip
+        self.elastic = Elastic(
+            self._registry, self._scheduler, self.demand, events, store,
+            elastic or ElasticSettings(),
+        )  # fmt: skip
+        self._registry.replica_watchers.append(self.elastic.note_replica)
         self._rollouts = Rollouts(self._registry, store, events)
         self._restorer = Restorer(
             self._registry, store, probe, events, timing.stop_grace, adopt=settings.adopt
@@ -111,8 +119,10 @@ class Manager:
     # -- commands ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Run the scheduler (placement of pending replicas) until shutdown."""
+        """Run the scheduler (placement of pending replicas) and the elastic loop (load on
+        demand, idle unload, eviction) until shutdown."""
         self._scheduler.start(self._registry.entries, self._registry.publish)
+        self.elastic.start()
 
     async def schedule(self) -> None:
         """One planning round: place what fits now, say why the rest waits."""
@@ -151,6 +161,7 @@ class Manager:
 
     async def shutdown(self, drain_timeout: float) -> None:
         """Stop every model (drained up to the deadline) and wait until all engines are gone."""
+        await self.elastic.stop()  # no more loads or unloads
         await self._scheduler.stop()  # no more placements
         await self._registry.close(drain_timeout)
         self._routes.close()  # long-polls answer at once from now on

@@ -18,7 +18,7 @@ from supervisor.models import ModelEntry
 from supervisor.reconcile import ConfigDiff, diff_config
 from supervisor.registry import Registry
 from supervisor.sizing import Prepared, after_download
-from supervisor.states import ReplicaState
+from supervisor.states import ModelPhase, ReplicaState
 from supervisor.store import Store, spec_digest
 
 log = logging.getLogger("sem.rollout")
@@ -83,7 +83,7 @@ class Rollouts:
         self, entry: ModelEntry, spec: ModelSpec, prepared: Prepared, drain_timeout: float
     ) -> None:
         self._events.emit(
-            EventKind.MODEL_CHANGED, spec.name, f"new spec; {spec.replicas} replica(s)"
+            EventKind.MODEL_CHANGED, spec.name, f"new spec; {spec.min_replicas} replica(s)"
         )
         entry.origin = "config"
         if entry.rollout is not None:
@@ -103,9 +103,11 @@ class Rollouts:
         if isinstance(prepared, Job):
             prepared = await after_download(spec, prepared, self._registry.devices)
         entry.spec, (entry.model_ref, entry.estimate) = spec, prepared
+        if entry.phase is ModelPhase.UNLOADED:
+            return  # nothing runs: its next load starts from the new spec
         digest = spec_digest(spec)
         live = [r for r in entry.replicas if not r.done]
-        extras = live[spec.replicas :]
+        extras = live[spec.min_replicas :]
         await asyncio.gather(*(r.stop(drain_timeout) for r in extras))
         for old in [r for r in live if r not in extras and r.digest != digest]:
             new = self._registry.add_replica(entry)

@@ -42,6 +42,7 @@ def build_routes(models: Mapping[str, ModelEntry], version: int) -> RouteTable:
                     for r in entry.replicas
                     if not r.done
                 ),
+                load_seconds=entry.load_seconds,
             )
             for name, entry in models.items()
         },
