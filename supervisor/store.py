@@ -63,12 +63,17 @@ CREATE TABLE IF NOT EXISTS measured (
 """
 
 
+POLICY_FIELDS = {"replicas", "priority", "load", "idle_unload", "evictable"}
+
+
 def spec_digest(spec: ModelSpec) -> str:
     """What an engine was started from: equal digests mean the same engine command line.
 
-    `replicas` and `priority` are left out: neither changes an engine.
+    Policy is left out (`replicas`, `priority`, `load`, `idle_unload`, `evictable`): none of it
+    changes an engine, so changing it rolls nothing, and engines started before those fields
+    existed keep their digest (they are re-adopted after an upgrade).
     """
-    data = spec.model_dump(mode="json", exclude={"replicas", "priority"})
+    data = spec.model_dump(mode="json", exclude=POLICY_FIELDS)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
