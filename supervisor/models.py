@@ -42,6 +42,7 @@ class ModelEntry:
     rollout: asyncio.Task[None] | None = None  # replacing replicas after a spec change
     download: Job | None = None  # caching its hf:// source first (phase `downloading`)
     failure: str = ""  # why it could not be cached or sized (phase `failed`)
+    rollout_failure: str = ""  # why its last new spec was not applied (it runs the old one)
 
     def transition(self, new: ModelPhase, reason: str) -> None:
         """Enter phase `new` (if the table allows it) and record the event that says why."""
@@ -76,6 +77,8 @@ class ModelEntry:
     def reason(self) -> str:
         if self.failure:  # kept while a failed model is removed
             return self.failure
+        if self.rollout_failure and not self.leaving:
+            return self.rollout_failure
         if self.download is not None:
             return self.download.describe()
         # The reason of the replica that decides the aggregate state says most.
