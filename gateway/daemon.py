@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 
 import aiohttp
 from aiohttp import web
@@ -36,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--route", action="append", default=[], metavar="MODEL=URL[@SLOTS]",
                    help="serve MODEL from an engine at URL, without a supervisor"
                    " (repeatable; SLOTS: requests in flight, default 4096)")  # fmt: skip
+    p.add_argument("--listen-fd", type=int, default=None,
+                   help="serve on this inherited listening socket instead of binding --port"
+                   " (`sem run` keeps it open across gateway restarts)")  # fmt: skip
     p.add_argument("--shutdown-timeout", type=float, default=10.0)
     p.add_argument(
         "--max-queue", type=int, default=defaults.MAX_QUEUE, help="waiting requests per model"
@@ -100,7 +104,11 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stopping.set)
     try:
         await runner.setup()
-        site = web.TCPSite(runner, args.host, args.port, backlog=4096, reuse_address=True)
+        site: web.BaseSite
+        if args.listen_fd is not None:
+            site = web.SockSite(runner, socket.socket(fileno=args.listen_fd), backlog=4096)
+        else:
+            site = web.TCPSite(runner, args.host, args.port, backlog=4096, reuse_address=True)
         try:
             await site.start()
         except OSError as exc:
