@@ -83,7 +83,7 @@ def engine_call(pool: UpstreamPool, replica: ReplicaRoute, path: str, body: byte
     """POST `body` to the engine: `async with engine_call(...) as upstream` (inside
     `engine_errors`)."""
     assert replica.url is not None  # ready replicas have one
-    return pool.post(replica.url, path, body)
+    return pool.post(replica.url, path, body, replica.api_key)
 
 
 def check_answer(status: int, raw: bytes, replica: ReplicaRoute) -> None:

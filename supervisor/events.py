@@ -37,6 +37,7 @@ class EventKind(StrEnum):
     NOT_ADOPTED = "not_adopted"  # an engine of an earlier run could not be taken over
     RETIRED = "retired"  # an engine of an earlier run with no place now was stopped
     RELOADED = "reloaded"  # models.yaml was applied
+    NODE_LOST = "node_lost"  # a cluster node left: its replica is replaced on another node
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,9 @@ class Manager:
             routes=self._routes, cache=cache,
         )  # fmt: skip
         self._rollouts = Rollouts(self._registry, store, events)
-        self._restorer = Restorer(self._registry, store, probe, events, timing.stop_grace)
+        self._restorer = Restorer(
+            self._registry, store, probe, events, timing.stop_grace, adopt=settings.adopt
+        )
 
     @property
     def cache(self) -> ModelCache | None:
@@ -114,6 +116,11 @@ class Manager:
         """One planning round: place what fits now, say why the rest waits."""
         if await self._scheduler.schedule(self._registry.entries()):
             self._registry.publish()
+
+    def nodes_changed(self, lost: set[str]) -> None:
+        """Cluster nodes joined or left (supervisor/cluster/): the lost nodes' replicas are
+        replaced on the nodes left, and a joined node's room counts at once."""
+        self._registry.replace_lost(lost)
 
     def add(self, spec: ModelSpec, origin: Origin = "api") -> ModelEntry:
         """A new model (replicas pending); kept in the desired state across restarts."""

@@ -11,11 +11,16 @@ A pure decision over snapshots: no I/O, no logging, no clock, no mutation of its
   fits, so memory that frees up goes to it rather than to a stream of smaller models.
 - On a GPU, one engine starts at a time: vLLM checks free memory at its own start, so two engines
   starting together on one GPU can both count the same memory.
+- Nodes (a Ray cluster, supervisor/cluster/): a replica's devices are all on one node, and a
+  replica goes to a node that holds no replica of its model yet when one can take it (so the loss
+  of a node leaves the model serving); best fit decides among the rest. On one box every device
+  is on the same node "" and this changes nothing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 
 from supervisor.gpu_budget import fits
 from supervisor.units import GiB
@@ -30,6 +35,7 @@ class DeviceView:
     reserved: int  # by sem's replicas
     starting: bool = False  # an engine of sem's is starting on it (GPUs only: one at a time)
     kind: str = "gpu"
+    node: str = ""  # the cluster node it is on ("" on one box)
 
     @property
     def available(self) -> int:
@@ -44,6 +50,8 @@ class Request:
     priority: int = 0
     seq: int = 0  # arrival order
     waited: float = 0.0  # seconds pending so far
+    group: str = ""  # its model: replicas of one group spread over nodes
+    avoid_nodes: frozenset[str] = frozenset()  # nodes its group's placed replicas are on
 
 
 @dataclass(frozen=True)
@@ -107,7 +115,31 @@ def _wait_reason(request: Request, devices: list[DeviceView]) -> str:
             return f"{what}; {starting[0]} has room but another engine is starting on it"
         return f"{what} on 1 device; largest free is {gib(best.available)} on {best.label}"
     fitting = [d.label for d in devices if d.available >= request.need and not d.starting]
+    if len(fitting) >= request.devices:
+        return f"{what}; {len(fitting)} GPUs have that free, but no node has {request.devices}"
     return f"{what}; only {len(fitting)} GPU(s) have that free ({', '.join(fitting) or 'none'})"
+
+
+def choose(fitting: list[DeviceView], request: Request, used: Iterable[str]) -> list[DeviceView]:
+    """The request's devices among those that can take it (empty if none will do): all on one
+    node, a node not in `used` if one can take it, then best fit."""
+    used = set(used)
+    nodes = sorted({d.node for d in fitting})
+    best: tuple[tuple[bool, int, tuple[str, ...]], list[DeviceView]] | None = None
+    for node in nodes:
+        on_node = sorted(
+            (d for d in fitting if d.node == node), key=lambda d: (d.available - request.need, d.id)
+        )[: request.devices]
+        if len(on_node) < request.devices:
+            continue
+        score = (
+            node in used and node != "",
+            sum(d.available - request.need for d in on_node),
+            tuple(d.id for d in on_node),
+        )
+        if best is None or score < best[0]:
+            best = score, on_node
+    return best[1] if best else []
 
 
 def plan(
@@ -117,6 +149,7 @@ def plan(
     reserved = {d.id: d.reserved for d in devices}
     free = {d.id: d.free for d in devices}
     starting = {d.id: d.starting for d in devices}
+    used: dict[str, set[str]] = {}  # group -> nodes its replicas are on (this round included)
     result = Plan()
     blocked_by: Request | None = None
     for request in sorted(requests, key=lambda r: (-r.priority, r.seq)):
@@ -131,20 +164,21 @@ def plan(
             )
             continue
         current = [
-            DeviceView(d.id, d.label, d.total, free[d.id], reserved[d.id], starting[d.id], d.kind)
+            replace(d, free=free[d.id], reserved=reserved[d.id], starting=starting[d.id])
             for d in views.values()
         ]
         fitting = [
             d for d in current
             if d.available >= request.need and not (d.kind == "gpu" and d.starting)
         ]  # fmt: skip
-        if len(fitting) < request.devices:
+        group_nodes = used.setdefault(request.group, set(request.avoid_nodes))
+        chosen = choose(fitting, request, group_nodes if request.group else ())
+        if not chosen:
             result.waits.append(Wait(request.replica_id, _wait_reason(request, current)))
             if request.waited >= starvation_guard:
                 blocked_by = request
             continue
-        chosen = sorted(fitting, key=lambda d: (d.available - request.need, d.id))
-        chosen = chosen[: request.devices]
+        group_nodes.add(chosen[0].node)
         for d in chosen:
             reserved[d.id] += request.need
             free[d.id] -= request.need

@@ -14,7 +14,7 @@ from supervisor.cache import ModelCache
 from supervisor.cache_job import Job
 from supervisor.config import ModelSpec, Source
 from supervisor.errors import ModelExists, ModelNotFound, SupervisorError
-from supervisor.events import EventLog
+from supervisor.events import EventKind, EventLog
 from supervisor.launch import ReplicaFactory
 from supervisor.models import ModelEntry
 from supervisor.replica import Replica
@@ -137,6 +137,25 @@ class Registry:
         while len([r for r in entry.replicas if not r.done]) < upto:
             entry.replicas.append(self.new_replica(entry, entry.free_replica_id()))
         self._changed()
+
+    def replace_lost(self, lost: set[str]) -> None:
+        """Cluster nodes left: a replica on one is gone with it, so it is stopped (nothing is
+        left to drain) and a new pending one takes its place on a node that is left."""
+        for entry in self._models.values():
+            for replica in entry.replicas:
+                if replica.plan is not None and replica.plan.node in lost and not replica.done:
+                    self._events.emit(EventKind.NODE_LOST, replica.id, "its node left; replacing")
+                    task = asyncio.create_task(self._replace(entry, replica), name=replica.id)
+                    self._removals.add(task)
+                    task.add_done_callback(self._removals.discard)
+        self._scheduler.replan()  # joined nodes too: replicas that wait for room may fit
+
+    async def _replace(self, entry: ModelEntry, replica: Replica) -> None:
+        await replica.stop(0.0)
+        if replica in entry.replicas:
+            entry.replicas.remove(replica)
+        if not entry.leaving and not self._closing:
+            self.add_replicas(entry)
 
     def begin_removal(self, entry: ModelEntry, drain_timeout: float) -> None:
         if entry.leaving:

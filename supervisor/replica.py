@@ -110,7 +110,7 @@ class Replica:
 
     @property
     def url(self) -> str | None:
-        return f"http://127.0.0.1:{self.plan.port}" if self.plan else None
+        return f"http://{self.plan.host}:{self.plan.port}" if self.plan else None
 
     @property
     def started(self) -> bool:

@@ -31,7 +31,7 @@ def device_views(devices: list[Device], replicas: Iterable[Replica]) -> list[Dev
                 if replica.state in STARTING_STATES:
                     starting[device_id] = True
     return [
-        DeviceView(d.id, d.label, d.total, d.free, reserved[d.id], starting[d.id], d.kind)
+        DeviceView(d.id, d.label, d.total, d.free, reserved[d.id], starting[d.id], d.kind, d.node)
         for d in devices
     ]
 

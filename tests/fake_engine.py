@@ -22,6 +22,9 @@ Fault signals (what `sem chaos` sends the stand-in):
   SIGUSR1                 wedge: /health stays 200, but no request makes progress any more
                           (like a deadlocked EngineCore behind a live API process)
   SIGUSR2                 unwedge: requests go on where they stood
+
+Like vLLM, `--api-key KEY` (or VLLM_API_KEY) makes every /v1 route demand `Authorization: Bearer
+KEY` (401 `{"error": "Unauthorized"}` otherwise); /health and /metrics stay open.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import sys
 import time
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 
 def engine_core() -> None:
@@ -241,8 +245,21 @@ class FakeEngine:
         return response
 
 
-def make_app(engine: FakeEngine) -> web.Application:
-    app = web.Application()
+def require_key(api_key: str) -> Middleware:
+    """vLLM's check: /v1 routes need the bearer key."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        wanted = f"Bearer {api_key}"
+        if request.path.startswith("/v1") and request.headers.get("Authorization") != wanted:
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        return await handler(request)
+
+    return check
+
+
+def make_app(engine: FakeEngine, api_key: str | None = None) -> web.Application:
+    app = web.Application(middlewares=[require_key(api_key)] if api_key else [])
     app.router.add_get("/health", engine.health)
     app.router.add_get("/v1/models", engine.models)
     app.router.add_get("/metrics", engine.metrics)
@@ -257,6 +274,7 @@ async def main() -> None:
     parser.add_argument("--served-model-name", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"))
     args, _unknown = parser.parse_known_args()
 
     if os.environ.get("FAKE_IGNORE_SIGTERM") == "1":
@@ -280,7 +298,7 @@ async def main() -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGUSR1, engine.wedge)
     loop.add_signal_handler(signal.SIGUSR2, engine.unwedge)
-    app = make_app(engine)
+    app = make_app(engine, args.api_key)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
