@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from tests.e2e.conftest import StartSem
 from tests.e2e.helpers import Load, SemRun, poll, posting
@@ -66,7 +67,7 @@ def gateway_pid(run: SemRun) -> int | None:
     """The gateway child's pid; None while there is none (between a death and a restart)."""
     try:
         return run.child_pid("gateway")
-    except AssertionError:
+    except (AssertionError, psutil.Error):  # none yet, or the dead one not reaped yet
         return None
 
 
