@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--stop-grace", type=float, default=10.0, help="SIGTERM to SIGKILL, per engine")
     p.add_argument("--start-timeout", type=float, default=600.0)
+    p.add_argument("--stall-after", type=float, default=10.0,
+                   help="an engine with requests in flight and no progress this many seconds"
+                   " is wedged: restarted (docs/faults.md)")  # fmt: skip
     p.add_argument("--token", default=os.environ.get("SEM_ADMIN_TOKEN"),
                    help="bearer token for mutating calls; required beyond loopback")  # fmt: skip
     p.add_argument(
@@ -213,7 +216,9 @@ async def _serve(
     )
     events = EventLog()
     probe = EngineProbe()
-    timing = ReplicaTiming(start_timeout=args.start_timeout, stop_grace=args.stop_grace)
+    timing = ReplicaTiming(
+        start_timeout=args.start_timeout, stop_grace=args.stop_grace, stall_after=args.stall_after
+    )
     gpus = NvmlProcessMemory() if isinstance(inventory, NvmlInventory) else None
     manager = Manager(
         settings=settings, inventory=inventory, probe=probe, events=events, timing=timing,

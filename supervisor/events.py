@@ -31,6 +31,7 @@ class EventKind(StrEnum):
     MODEL_ADDED = "model_added"  # a model is sized up; its replicas queue for placement
     MODEL_FAILED = "model_failed"  # a model's files could not be cached or sized
     MODEL_CHANGED = "model_changed"  # a reload changed a model's spec: a rollout begins
+    ROLLOUT_FAILED = "rollout_failed"  # a new spec's files could not be cached or sized
     MODEL_REMOVING = "model_removing"  # a model was removed: its replicas drain
     MODEL_REMOVED = "model_removed"  # every replica of a removed model stopped
     MODEL_INVALID = "model_invalid"  # a model of models.yaml was skipped at start

@@ -26,6 +26,7 @@ from supervisor.engine import (
 )
 from supervisor.estimate import MemoryEstimate, cpu_kv_cache_gib
 from supervisor.events import EventLog
+from supervisor.gateway_view import GatewayView
 from supervisor.placement import Placement
 from supervisor.probe import EngineProbe
 from supervisor.replica import Replica, ReplicaTiming
@@ -114,8 +115,10 @@ class ReplicaFactory:
         timing: ReplicaTiming,
         store: Store,
         devices: Callable[[], list[Device]],
+        gateway: GatewayView | None = None,
     ) -> None:
         self._settings = settings
+        self._gateway = gateway
         self._probe = probe
         self._events = events
         self._policy = policy
@@ -161,6 +164,7 @@ class ReplicaFactory:
             policy=self._policy,
             timing=self.timing,
             reason="waiting for placement",
+            gateway=self._gateway,
         )
         replica.seq = next(self._seq)
         replica.digest = spec_digest(spec)

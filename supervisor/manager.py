@@ -17,6 +17,7 @@ from supervisor.demand import DemandBoard
 from supervisor.elastic import Elastic
 from supervisor.elastic_policy import ElasticSettings
 from supervisor.events import EventLog
+from supervisor.gateway_view import GatewayView
 from supervisor.gpu_usage import ProcessMemory
 from supervisor.launch import EngineSettings, ReplicaFactory
 from supervisor.measure import Measurer
@@ -65,6 +66,7 @@ class Manager:
         factory = ReplicaFactory(
             settings=settings, probe=probe, events=events, policy=policy or RestartPolicy(),
             timing=timing, store=store, devices=lambda: self._scheduler.devices,
+            gateway=GatewayView(self.demand, self._routes),
         )  # fmt: skip
         self._registry = Registry(
             events=events, store=store, factory=factory, scheduler=self._scheduler,
@@ -107,9 +109,10 @@ class Manager:
     def routes(self) -> RouteTable:
         return self._routes.table
 
-    async def wait_routes(self, after: int, timeout: float) -> RouteTable:
-        """The route table once its version is past `after`, or as it is after `timeout` s."""
-        return await self._routes.wait(after, timeout)
+    async def wait_routes(self, after: int, timeout: float, gateway: bool = False) -> RouteTable:
+        """The route table once its version is past `after`, or as it is after `timeout` s;
+        `gateway`: the gateway asks, and holds table `after` (route_table.py)."""
+        return await self._routes.wait(after, timeout, gateway)
 
     async def resources(self) -> list[dict[str, Any]]:
         """Devices measured now, with what sem's replicas reserve on each."""

@@ -47,6 +47,7 @@ class ModelEntry:
     loaded_at: float = 0.0  # unix time it last became active (minimum residency counts from it)
     load_seconds: float | None = None  # measured start-to-ready time of its engines (elastic.py)
     unloaded_why: str = ""  # why it is unloaded (phase `unloaded`)
+    rollout_failure: str = ""  # why its last new spec was not applied (it runs the old one)
 
     def transition(self, new: ModelPhase, reason: str) -> None:
         """Enter phase `new` (if the table allows it) and record the event that says why."""
@@ -88,6 +89,8 @@ class ModelEntry:
     def reason(self) -> str:
         if self.failure:  # kept while a failed model is removed
             return self.failure
+        if self.rollout_failure and not self.leaving:
+            return self.rollout_failure
         if self.download is not None:
             return self.download.describe()
         if self.phase is ModelPhase.UNLOADED:

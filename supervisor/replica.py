@@ -17,6 +17,8 @@ from typing import Any
 
 from supervisor.engine import EngineHandle, LaunchPlan
 from supervisor.events import EventKind, EventLog
+from supervisor.gateway_view import GatewayView
+from supervisor.liveness import ProgressTracker, Signal, gateway_stall
 from supervisor.placement import Placement
 from supervisor.probe import EngineProbe
 from supervisor.restart import RestartPolicy
@@ -34,6 +36,7 @@ class ReplicaTiming:
     start_timeout: float = 600.0  # spawn to /health 200 (vLLM itself gives up at 600 s)
     health_interval: float = 2.0  # /health poll period once ready
     health_failures: int = 3  # this many failed polls in a row: unhealthy
+    stall_after: float = 10.0  # work in flight and no progress this long: wedged (liveness.py)
     progress_interval: float = 10.0  # log a "still starting" line this often
     stop_grace: float = 15.0  # SIGTERM to SIGKILL
     drain_poll: float = 0.25
@@ -75,6 +78,7 @@ class Replica:
         timing: ReplicaTiming,
         initial: ReplicaState = ReplicaState.PENDING,
         reason: str = "created",
+        gateway: GatewayView | None = None,
     ) -> None:
         self.id = replica_id
         self.model = model
@@ -85,6 +89,7 @@ class Replica:
         self._on_change = on_change
         self._policy = policy
         self._timing = timing
+        self._gateway = gateway  # its load and route table as the gateway sees them
         self.state = initial
         self.reason = reason
         self.since = time.time()
@@ -274,6 +279,8 @@ class Replica:
         # STARTING/READY -> RESTARTING, before the (up to stop_grace) stop of the rest of the
         # group: the gateway must stop sending requests to it at once.
         self._transition(ReplicaState.RESTARTING, f"{failure}; restart in {delay:g}s")
+        if process.returncode is None:
+            await self._leave_routes()
         await process.stop(self._timing.stop_grace)  # leave no half-dead group behind
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.0, delay - (time.monotonic() - now))):
@@ -322,29 +329,67 @@ class Replica:
                          log_tail(process, lines=1))  # fmt: skip
 
     async def _watch(self, process: EngineHandle) -> tuple[str, str]:
+        """Until the engine exits, a stop is requested, or it is unhealthy by any signal."""
         failures = 0
-        assert self.url is not None
+        progress = ProgressTracker(self._timing.stall_after)
         while True:
             outcome = await self._wait_for(process, timeout=self._timing.health_interval)
             if outcome == _Outcome.STOP:
                 return outcome, "stop requested"
             if outcome == _Outcome.EXITED:
                 return outcome, f"engine exited with code {process.returncode}"
-            if await self._probe.healthy(self.url):
-                failures = 0
-                continue
-            failures += 1
+            healthy, wedged = await self._check(progress)
+            if wedged is not None:
+                return _Outcome.UNHEALTHY, wedged
+            failures = 0 if healthy else failures + 1
             if failures >= self._timing.health_failures:
-                return _Outcome.UNHEALTHY, f"/health failed {failures} times in a row"
+                return _Outcome.UNHEALTHY, f"{Signal.HEALTH} failed {failures} times in a row"
+
+    async def _check(self, progress: ProgressTracker) -> tuple[bool, str | None]:
+        """One liveness round: /health and the engine's counters, asked together, while the
+        gateway's report is read every second (a frozen engine answers neither: its probes
+        hang until they time out). Whether /health said 200, and why it is wedged, if it is."""
+        assert self.url is not None
+        checks = asyncio.gather(self._probe.healthy(self.url), self._probe.counters(self.url))
+        try:
+            while True:
+                load = self._gateway.load(self.id) if self._gateway else None
+                if (stalled := gateway_stall(load, self._timing.stall_after)) is not None:
+                    return False, stalled
+                if (await asyncio.wait({checks}, timeout=1.0))[0]:
+                    break
+        finally:
+            checks.cancel()
+        healthy, counters = checks.result()
+        return healthy, progress.observe(counters, time.monotonic())
+
+    async def _leave_routes(self, blind_wait: float = 0.0) -> None:
+        """Once the replica has left the route table (it is no longer ready): wait until the
+        gateway holds that table, so that no request reaches the engine once it is signalled
+        (vLLM ends open streams as if finished on SIGTERM: engine-notes.md). Bounded: a gateway
+        that does not answer costs `route_wait` s, then the engine is stopped all the same.
+        Without a view of the gateway: `blind_wait` s."""
+        if self._gateway is None:
+            if blind_wait:
+                await asyncio.sleep(blind_wait)
+        elif not await self._gateway.unrouted():
+            log.warning("%s: the gateway did not confirm the new route table in time", self.id)
+
+    async def _outstanding(self) -> int:
+        """Requests still on the engine: its own count, or the gateway's when the engine keeps
+        none (disable_log_stats); 0 if neither knows."""
+        assert self.url is not None
+        if (engine := await self._probe.outstanding(self.url)) is not None:
+            return engine
+        load = self._gateway.load(self.id) if self._gateway else None
+        return load.in_flight if load is not None else 0
 
     async def _drain_and_stop(self, process: EngineHandle) -> None:
         # STARTING/READY -> DRAINING: the route table drops us, so no new requests arrive.
         self._transition(ReplicaState.DRAINING, "stop requested")
-        assert self.url is not None
-        await asyncio.sleep(self._timing.drain_poll)  # let the gateway see the new routes
+        await self._leave_routes(blind_wait=self._timing.drain_poll)
         while time.monotonic() < self._drain_deadline and process.returncode is None:
-            outstanding = await self._probe.outstanding(self.url)
-            if not outstanding:  # 0, or the engine cannot tell us
+            if not await self._outstanding():
                 break
             await asyncio.sleep(self._timing.drain_poll)
         killed = await process.stop(self._timing.stop_grace)
