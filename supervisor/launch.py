@@ -23,6 +23,7 @@ from supervisor.engine import (
 )
 from supervisor.estimate import MemoryEstimate, cpu_kv_cache_gib
 from supervisor.events import EventLog
+from supervisor.gpu_budget import tp_utilization
 from supervisor.placement import Placement
 from supervisor.probe import EngineProbe
 from supervisor.replica import Replica, ReplicaTiming
@@ -53,9 +54,11 @@ def gpu_ids(placement: Placement | None, devices: Mapping[str, Device]) -> tuple
 
 def gpu_memory_utilization(placement: Placement, devices: Mapping[str, Device]) -> float:
     """vLLM's --gpu-memory-utilization for a GPU placement: the share of each GPU the replica
-    reserved. vLLM takes one figure for all ranks, so the smallest GPU's share is given."""
-    total = min(devices[i].total for i in placement.device_ids)
-    return min(MAX_GPU_UTILIZATION, placement.per_device / total)
+    reserved, rounded up (gpu_budget.utilization). vLLM applies one figure to every rank's own
+    total, so the smallest GPU's share is given; the placement reserved that share of the
+    larger ones (gpu_budget.tp_reservations)."""
+    totals = [devices[i].total for i in placement.device_ids]
+    return min(MAX_GPU_UTILIZATION, tp_utilization(placement.per_device, totals))
 
 
 def launch_plan(
@@ -165,4 +168,5 @@ def engine_record(replica: Replica, plan: LaunchPlan, pid: int) -> EngineRecord:
         create_time=start_time(pid) or 0.0, port=plan.port, spec_digest=replica.digest,
         devices=placement.device_ids if placement else (),
         reserved=placement.per_device if placement else 0, log_path=plan.log_path,
+        reservations=tuple(placement.reserved().values()) if placement else (),
     )  # fmt: skip

@@ -70,7 +70,8 @@ class Restorer:
                                   f"{why}; starting afresh")  # fmt: skip
                 continue
             replica = self._registry.new_replica(entry, record.replica)
-            placement = Placement(replica.id, record.devices, record.reserved, "re-adopted")
+            placement = Placement(replica.id, record.devices, record.reserved, "re-adopted",
+                                  record.reservations)  # fmt: skip
             replica.adopt(placement, adopted_engine(record))
             entry.replicas.append(replica)
             adopted.add(replica.id)

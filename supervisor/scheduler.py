@@ -58,10 +58,11 @@ class Scheduler:
     def note_change(self, replica: Replica) -> None:
         """React to a replica's transition: a release, or an engine that finished starting."""
         if replica.state in (ReplicaState.STOPPED, ReplicaState.FAILED) and replica.placement:
+            reserved = replica.placement.reserved()
             self._events.emit(
                 EventKind.RELEASED, replica.id,
-                f"released {replica.placement.per_device / 2**30:.2f} GiB on"
-                f" {'+'.join(replica.placement.device_ids)}",
+                f"released {'+'.join(f'{b / 2**30:.2f}' for b in reserved.values())} GiB on"
+                f" {'+'.join(reserved)}",
             )  # fmt: skip
             if self._settings.release_triggers:
                 self.replan()

@@ -52,7 +52,7 @@ def size_up(spec: ModelSpec, model_dir: Path | None, devices: list[Device]) -> M
     except EstimateError as exc:
         raise InvalidSpec(str(exc)) from None
     eligible = [(d.label, d.total) for d in devices if on_gpu == (d.kind == "gpu")]
-    if problem := never_fits(need.per_device, spec.tensor_parallel, eligible):
+    if problem := never_fits(need.per_device, spec.tensor_parallel, eligible, on_gpu):
         raise InvalidSpec(f"{spec.name} can never be placed: {problem}")
     return need
 

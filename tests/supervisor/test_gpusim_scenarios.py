@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from supervisor.config import ModelSpec
 from supervisor.manager import Manager
 from tests.checkpoints import llama2_7b
@@ -51,7 +49,6 @@ async def waits_rather_than_fails(entry: Any, log: Path, refusal: str) -> None:
     assert not refused() and replica.state.value == "pending"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 point 1: placement.has_room not wired yet")
 async def test_a_gap_equal_to_the_reservation_waits_instead_of_failing_vllms_check(
     make_manager: ManagerFactory, tmp_path: Path
 ):
@@ -63,7 +60,6 @@ async def test_a_gap_equal_to_the_reservation_waits_instead_of_failing_vllms_che
     await waits_rather_than_fails(entry, log, "ValueError: Free memory on device cuda:0")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 point 4: gpu_budget.tp_reservations not wired")
 async def test_tensor_parallel_over_unequal_gpus_reserves_u_x_total_on_the_larger(
     make_manager: ManagerFactory, tmp_path: Path
 ):

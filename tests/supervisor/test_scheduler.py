@@ -47,7 +47,7 @@ async def test_two_7b_land_one_per_gpu_and_the_third_waits(
     await wait_until(lambda: third.replicas[0].reason.startswith("needs"), what="a wait reason")
     assert third.state.value == "pending"
     assert third.replicas[0].reason == (
-        "needs 18.1 GiB on 1 device; largest free is 5.9 GiB on GPU0"
+        "needs 18.05 GiB + 0.51 GiB context on 1 GPU; largest free is 5.9 GiB on GPU0"
     )
     gpus = {}
     for entry in (first, second):
@@ -138,7 +138,9 @@ async def test_tensor_parallel_2_waits_for_both_gpus(make_manager: ManagerFactor
 
 async def test_a_model_that_can_never_fit_is_refused(make_manager: ManagerFactory, seven_b: Path):
     manager = make_manager(inventory=StaticInventory.parse(TWO_GPUS))
-    with pytest.raises(InvalidSpec, match=r"can never be placed: needs 40\.0 GiB"):
+    with pytest.raises(
+        InvalidSpec, match=r"can never be placed: needs 40\.00 GiB \+ 0\.51 GiB context"
+    ):
         add_7b(manager, seven_b, "huge", memory="40GiB")
     with pytest.raises(InvalidSpec, match="needs 4 GPUs; there are 2"):
         add_7b(manager, seven_b, "wide", tensor_parallel=4)
