@@ -164,6 +164,8 @@ class Replica:
 
     async def stop(self, drain_timeout: float) -> None:
         """Drain (up to `drain_timeout` s), stop the engine, and return once stopped."""
+        if self.state is ReplicaState.STOPPED:  # stopped already: nothing to do
+            return
         self._drain_deadline = time.monotonic() + drain_timeout
         self._stop_requested.set()
         if self._task is None:
@@ -194,6 +196,9 @@ class Replica:
                 await self.process.stop(self._timing.stop_grace)
             with contextlib.suppress(RuntimeError):
                 self._transition(ReplicaState.FAILED, f"internal error: {exc!r}")
+            if self.state is ReplicaState.FAILED:  # failed, like a crash loop: until removed
+                await self._stop_requested.wait()
+                self._transition(ReplicaState.STOPPED, "removed")  # FAILED -> STOPPED
 
     async def _lifecycle(self, adopted: EngineHandle | None) -> None:
         while True:
