@@ -8,6 +8,7 @@ a launch that records the engine in the store (so a later supervisor can re-adop
 from __future__ import annotations
 
 import itertools
+import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from supervisor.events import EventLog
 from supervisor.gpu_budget import tp_utilization
 from supervisor.placement import Placement
 from supervisor.probe import EngineProbe
-from supervisor.replica import Replica, ReplicaTiming
+from supervisor.replica import Replica, ReplicaTiming, StartTurn
 from supervisor.resources import Device
 from supervisor.restart import RestartPolicy
 from supervisor.store import EngineRecord, Store, spec_digest
@@ -106,6 +107,8 @@ class ReplicaFactory:
         timing: ReplicaTiming,
         store: Store,
         devices: Callable[[], list[Device]],
+        start_turn: StartTurn | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self._settings = settings
         self._probe = probe
@@ -114,6 +117,8 @@ class ReplicaFactory:
         self.timing = timing
         self._store = store
         self._devices = devices
+        self._start_turn = start_turn  # restarts wait for their GPU here (start_gate.py)
+        self._rng = rng or random.Random()  # one generator for every replica's backoff jitter
         self._seq = itertools.count()
 
     def new(
@@ -153,6 +158,8 @@ class ReplicaFactory:
             policy=self._policy,
             timing=self.timing,
             reason="waiting for placement",
+            start_turn=self._start_turn,
+            rng=self._rng,
         )
         replica.seq = next(self._seq)
         replica.digest = spec_digest(spec)

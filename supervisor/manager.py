@@ -8,6 +8,7 @@ sizing (sizing.py). The manager wires them together and keeps the public command
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from contract.routes import RouteTable
@@ -47,6 +48,7 @@ class Manager:
         store: Store | None = None,
         cache: ModelCache | None = None,
         demand: DemandBoard | None = None,
+        rng: random.Random | None = None,  # the restarts' jitter (seeded in tests)
     ) -> None:
         self.events = events  # every decision and transition, for the API and the tests
         self.demand = demand or DemandBoard()  # what the gateway reports (contract.report)
@@ -57,6 +59,7 @@ class Manager:
         factory = ReplicaFactory(
             settings=settings, probe=probe, events=events, policy=policy or RestartPolicy(),
             timing=timing, store=store, devices=lambda: self._scheduler.devices,
+            start_turn=self._scheduler.gate.wait_turn, rng=rng,
         )  # fmt: skip
         self._registry = Registry(
             events=events, store=store, factory=factory, scheduler=self._scheduler,

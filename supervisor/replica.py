@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, replace
@@ -26,6 +27,8 @@ log = logging.getLogger("sem.replica")
 
 Launch = Callable[[LaunchPlan], Awaitable[EngineHandle]]
 PlanFactory = Callable[[Placement | None], LaunchPlan]
+# Until a restarting replica may start its engine again (start_gate.StartGate.wait_turn).
+StartTurn = Callable[["Replica"], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,8 @@ class Replica:
         timing: ReplicaTiming,
         initial: ReplicaState = ReplicaState.PENDING,
         reason: str = "created",
+        start_turn: StartTurn | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.id = replica_id
         self.model = model
@@ -84,6 +89,9 @@ class Replica:
         self._on_change = on_change
         self._policy = policy
         self._timing = timing
+        self._start_turn = start_turn  # None: a restart starts as soon as its backoff is over
+        self._rng = rng or random.Random()  # the backoff's jitter
+        self._last_delay: float | None = None
         self.state = initial
         self.reason = reason
         self.since = time.time()
@@ -141,6 +149,11 @@ class Replica:
         assert self.state is ReplicaState.PENDING
         changed, self.reason = self.reason != reason, reason
         return changed
+
+    def note_wait(self, reason: str) -> None:
+        """Why this restarting replica, its backoff over, does not start yet (the start gate)."""
+        assert self.state is ReplicaState.RESTARTING
+        self.reason = reason
 
     def start(self, placement: Placement | None = None) -> None:
         """Begin the lifecycle task (pending -> starting -> ready ...) on these devices."""
@@ -246,18 +259,33 @@ class Replica:
             self._transition(ReplicaState.STOPPED, "removed")  # FAILED -> STOPPED
             return False
         self.restarts += 1
-        delay = self._policy.next_delay(self.restarts)
+        delay = self._policy.next_delay(self.restarts, self._last_delay, self._rng)
+        self._last_delay = delay
         # STARTING/READY -> RESTARTING, before the (up to stop_grace) stop of the rest of the
         # group: the gateway must stop sending requests to it at once.
-        self._transition(ReplicaState.RESTARTING, f"{failure}; restart in {delay:g}s")
+        self._transition(ReplicaState.RESTARTING, f"{failure}; restart in {round(delay, 2):g}s")
         await process.stop(self._timing.stop_grace)  # leave no half-dead group behind
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.0, delay - (time.monotonic() - now))):
                 await self._stop_requested.wait()
+        if not self._stop_requested.is_set() and self._start_turn is not None:
+            await self._until_stopped_or(self._start_turn(self))
         if self._stop_requested.is_set():
             self._transition(ReplicaState.STOPPED, "removed while restarting")
             return False
         return True
+
+    async def _until_stopped_or(self, turn: Awaitable[None]) -> None:
+        """Wait for `turn`, or a stop request (then `turn` is cancelled)."""
+        waiting = asyncio.ensure_future(turn)
+        stopping = asyncio.ensure_future(self._stop_requested.wait())
+        try:
+            await asyncio.wait({waiting, stopping}, return_when="FIRST_COMPLETED")
+        finally:
+            for fut in (waiting, stopping):
+                fut.cancel()
+        if waiting.done() and not waiting.cancelled() and (error := waiting.exception()):
+            raise error
 
     async def _wait_for(self, process: EngineHandle, timeout: float) -> str | None:
         """Wait up to `timeout` s for the engine to exit or a stop request; None if neither."""

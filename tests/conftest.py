@@ -79,6 +79,7 @@ async def make_manager(tmp_path: Path) -> AsyncIterator[ManagerFactory]:
             policy=kwargs.pop("policy", FAST_POLICY),  # type: ignore[arg-type]
             timing=kwargs.pop("timing", FAST_TIMING),  # type: ignore[arg-type]
             store=kwargs.pop("store", None),  # type: ignore[arg-type]
+            rng=kwargs.pop("rng", None),  # type: ignore[arg-type]
         )
         made.append((manager, probe, instance))
         manager.start()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import random
+import signal
 from pathlib import Path
 from typing import Any
 
 from supervisor.config import ModelSpec
+from supervisor.events import EventKind
 from supervisor.manager import Manager
 from tests.checkpoints import llama2_7b
 from tests.conftest import ManagerFactory, wait_until
@@ -72,3 +76,63 @@ async def test_tensor_parallel_over_unequal_gpus_reserves_u_x_total_on_the_large
     entry = manager.add(spec)
     log = tmp_path / "state" / "logs" / "tp-0.log"
     await waits_rather_than_fails(entry, log, "ValueError: Free memory on device cuda:1")
+
+
+def kill_engine(entry: Any) -> None:
+    """SIGKILL the replica's whole engine group, as a GPU fault kills every engine on it."""
+    os.killpg(entry.replicas[0].process.pgid, signal.SIGKILL)
+
+
+def refusals(log: Path) -> int:
+    """vLLM's start failures in an engine log."""
+    text = log.read_text() if log.exists() else ""
+    return sum(text.count(e) for e in ("ValueError", "AssertionError", "OutOfMemoryError"))
+
+
+async def test_two_engines_killed_together_on_one_gpu_both_come_back(
+    make_manager: ManagerFactory, tmp_path: Path
+):
+    """Restarting together, each would count the other's loading weights as its own ("No
+    available memory for the cache blocks") and both would end failed; the start gate lets
+    one start at a time, after the driver released the dead engines' memory."""
+    sim = SimBox.create(tmp_path, [SimGpu(0, 40 * GiB)], release_lag=0.3)
+    manager = make_manager(
+        command=sim.engine_command(SIM_LOAD_SECONDS="0.6", SIM_PROFILE_SECONDS="0.05"),
+        inventory=sim.inventory(), rng=random.Random(12),
+    )  # fmt: skip
+    folder = llama2_7b(tmp_path / "llama2-7b")
+    pair = [add_7b(manager, folder, "llama-a"), add_7b(manager, folder, "llama-b")]
+    await wait_until(lambda: all(e.state.value == "ready" for e in pair), what="both ready")
+    for entry in pair:
+        kill_engine(entry)
+    await wait_until(
+        lambda: (
+            all(e.replicas[0].restarts >= 1 and e.state.value == "ready" for e in pair)
+            or any(e.state.value == "failed" for e in pair)
+        ),
+        timeout=60, what="both back, or one failed",
+    )  # fmt: skip
+    assert [(e.state.value, e.replicas[0].restarts) for e in pair] == [("ready", 1)] * 2
+    logs = [tmp_path / "state" / "logs" / f"{e.spec.name}-0.log" for e in pair]
+    assert [refusals(log) for log in logs] == [0, 0]
+    waits = [e.message for e in manager.events.recent(kind=EventKind.RESTART_WAITS)]
+    assert any("waits for its turn: llama-" in w and "is starting on GPU0" in w for w in waits)
+
+
+async def test_a_restart_waits_until_nvml_shows_the_dead_engines_memory_released(
+    make_manager: ManagerFactory, tmp_path: Path
+):
+    """The driver frees a killed engine's memory 1.5 s after its exit here: a restart after
+    the 0.1 s backoff would fail vLLM's start check; it waits, with a reason, instead."""
+    sim = SimBox.create(tmp_path, [SimGpu(0, 24 * GiB)], release_lag=1.5)
+    manager = make_manager(
+        command=sim.engine_command(**FAST), inventory=sim.inventory(), rng=random.Random(3)
+    )
+    entry = add_7b(manager, llama2_7b(tmp_path / "llama2-7b"), "llama-a")
+    await wait_until(lambda: entry.state.value == "ready")
+    kill_engine(entry)
+    await wait_until(lambda: entry.replicas[0].restarts >= 1 and entry.state.value == "ready")
+    assert entry.replicas[0].restarts == 1
+    assert refusals(tmp_path / "state" / "logs" / "llama-a-0.log") == 0
+    (wait,) = manager.events.recent("llama-a-0", kind=EventKind.RESTART_WAITS)
+    assert wait.message.startswith("waits for GPU0 to release the dead engine's memory (")

@@ -83,7 +83,8 @@ async def test_third_model_starts_within_a_second_of_a_release(
 ):
     manager = make_manager(
         inventory=StaticInventory.parse(TWO_GPUS),
-        scheduling=SchedulerSettings(recheck_interval=3600),  # only the release can wake it
+        # only the release can wake it
+        scheduling=SchedulerSettings(recheck_interval=3600, pending_recheck=3600),
     )
     first, third = await fill_then_release_one(manager, seven_b)
     await wait_until(lambda: third.state.value == "ready", what="third ready")
@@ -111,7 +112,9 @@ async def test_without_release_events_or_recheck_it_keeps_waiting(
     """The control for the two tests above: with both switched off nothing places it."""
     manager = make_manager(
         inventory=StaticInventory.parse(TWO_GPUS),
-        scheduling=SchedulerSettings(recheck_interval=3600, release_triggers=False),
+        scheduling=SchedulerSettings(
+            recheck_interval=3600, pending_recheck=3600, release_triggers=False
+        ),
     )
     _, third = await fill_then_release_one(manager, seven_b)
     deadline = time.monotonic() + 1.5
