@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import random
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 from supervisor.config import ModelSpec
 from supervisor.events import EventKind
 from supervisor.manager import Manager
+from supervisor.scheduler import SchedulerSettings
 from tests.checkpoints import llama2_7b
 from tests.conftest import ManagerFactory, wait_until
 from tests.gpusim.box import SimBox
@@ -35,6 +37,9 @@ async def test_reference_box_two_7b_one_per_gpu_third_starts_after_a_removal(
     assert all(17 * GiB < h < 18.6 * GiB for h in held), held
     third = add_7b(manager, folder, "llama-c")
     await wait_until(lambda: third.replicas[0].reason.startswith("needs"), what="a wait reason")
+    assert third.replicas[0].reason == (
+        "needs 18.05 GiB + 0.51 GiB context on 1 GPU; largest free is 5.9 GiB on GPU0"
+    )
     manager.remove("llama-a", drain_timeout=0)
     await wait_until(lambda: third.state.value == "ready", what="llama-c ready on a freed GPU")
     assert third.replicas[0].placement is not None
@@ -136,3 +141,51 @@ async def test_a_restart_waits_until_nvml_shows_the_dead_engines_memory_released
     assert refusals(tmp_path / "state" / "logs" / "llama-a-0.log") == 0
     (wait,) = manager.events.recent("llama-a-0", kind=EventKind.RESTART_WAITS)
     assert wait.message.startswith("waits for GPU0 to release the dead engine's memory (")
+
+
+async def test_tensor_parallel_2_over_two_equal_gpus_takes_the_same_on_each(
+    make_manager: ManagerFactory, tmp_path: Path
+):
+    sim = SimBox.create(tmp_path, [SimGpu(0, 24 * GiB), SimGpu(1, 24 * GiB)])
+    manager = make_manager(command=sim.engine_command(**FAST), inventory=sim.inventory())
+    spec = ModelSpec(name="tp", source=f"path:{llama2_7b(tmp_path / 'm')}", max_model_len=4096,
+                     tensor_parallel=2)  # fmt: skip
+    entry = manager.add(spec)
+    await wait_until(lambda: entry.state.value == "ready", what="tp=2 ready")
+    replica = entry.replicas[0]
+    assert replica.placement is not None and replica.placement.device_ids == ("0", "1")
+    per_rank = replica.placement.per_device  # 9.78 GiB: half the weights and KV heads, + 1.5
+    # u x total on each: at most one step of the utilization's 4 decimals above the need
+    on_gpu0, on_gpu1 = replica.placement.reserved().values()
+    assert on_gpu0 == on_gpu1 and per_rank <= on_gpu0 <= per_rank + 24 * GiB // 10_000
+    held = [dict(sim.ledger.processes(gpu))[replica.process.pid] for gpu in (0, 1)]
+    assert held[0] == held[1]
+    # context + NCCL + the budget less the freed activation peak, on each GPU
+    assert per_rank < held[0] < per_rank + 1.1 * GiB
+
+
+async def test_a_model_waits_for_a_foreign_process_and_starts_within_a_second_of_its_exit(
+    make_manager: ManagerFactory, tmp_path: Path
+):
+    """Nothing tells sem that another process freed GPU memory: while a replica waits for
+    memory the scheduler re-measures every `pending_recheck` (1 s), not every
+    `recheck_interval` (30 s here)."""
+    sim = SimBox.create(tmp_path, [SimGpu(0, 24 * GiB)])
+    manager = make_manager(
+        command=sim.engine_command(**FAST), inventory=sim.inventory(),
+        scheduling=SchedulerSettings(recheck_interval=30),
+    )  # fmt: skip
+    sim.ledger.allocate("foreign", 0, 10 * GiB, "another user's job")
+    entry = add_7b(manager, llama2_7b(tmp_path / "llama2-7b"), "llama-a")
+    replica = entry.replicas[0]
+    await wait_until(lambda: replica.reason.startswith("needs"), what="a wait reason")
+    assert replica.reason == (
+        "needs 18.05 GiB + 0.51 GiB context on 1 GPU; largest free is 14.0 GiB on GPU0"
+        " (10.0 GiB on GPU0 held by processes outside sem)"
+    )
+    sim.ledger.free("foreign")
+    freed = time.time()
+    await wait_until(lambda: replica.placement is not None, timeout=10, what="placed")
+    (placed,) = manager.events.recent("llama-a-0", kind=EventKind.PLACED)
+    assert placed.time - freed < SchedulerSettings().pending_recheck + 0.5
+    await wait_until(lambda: entry.state.value == "ready")
