@@ -13,6 +13,7 @@ from supervisor.config import ModelSpec
 from supervisor.events import EventKind
 from supervisor.manager import Manager
 from supervisor.scheduler import SchedulerSettings
+from supervisor.start_gate import GateSettings
 from tests.checkpoints import llama2_7b
 from tests.conftest import ManagerFactory, wait_until
 from tests.gpusim.box import SimBox
@@ -189,3 +190,25 @@ async def test_a_model_waits_for_a_foreign_process_and_starts_within_a_second_of
     (placed,) = manager.events.recent("llama-a-0", kind=EventKind.PLACED)
     assert placed.time - freed < SchedulerSettings().pending_recheck + 0.5
     await wait_until(lambda: entry.state.value == "ready")
+
+
+async def test_the_wait_for_a_dead_engines_memory_is_bounded(
+    make_manager: ManagerFactory, tmp_path: Path
+):
+    """Another process took 6 GiB of the GPU as the engine died: the memory the restart needs
+    never shows up, and after `release_timeout` it goes ahead (vLLM then says what it sees)."""
+    sim = SimBox.create(tmp_path, [SimGpu(0, 24 * GiB)])
+    manager = make_manager(
+        command=sim.engine_command(**FAST), inventory=sim.inventory(),
+        scheduling=SchedulerSettings(gate=GateSettings(release_timeout=1.0)),
+    )  # fmt: skip
+    entry = add_7b(manager, llama2_7b(tmp_path / "llama2-7b"), "llama-a")
+    await wait_until(lambda: entry.state.value == "ready")
+    kill_engine(entry)
+    sim.ledger.allocate("foreign", 0, 6 * GiB, "another user's job")
+    await wait_until(lambda: entry.replicas[0].restarts >= 2 or entry.state.value == "failed")
+    waits = [e.message for e in manager.events.recent("llama-a-0", kind=EventKind.RESTART_WAITS)]
+    assert waits[0].startswith("waits for GPU0 to release the dead engine's memory (")
+    anyway = "(18.00 GiB free, 18.56 GiB needed) after 1s; starting anyway"
+    assert any(w.endswith(anyway) for w in waits), waits
+    assert "Free memory on device cuda:0" in (tmp_path / "state/logs/llama-a-0.log").read_text()
