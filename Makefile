@@ -7,7 +7,7 @@ ENGINE_VENV := .venv-engine
 DEMO_MODELS := tiny-llama-base tiny-llama-chat
 PYTEST_ARGS ?=
 
-.PHONY: run test check pytest install models clean
+.PHONY: run test check pytest install models clean gpu-check
 
 run: install models
 	$(VENV)/bin/sem run --config models.yaml --engine-python $(ENGINE_VENV)/bin/python
@@ -21,6 +21,11 @@ check: $(VENV)/.installed
 
 pytest: install models
 	SEM_ENGINE_PYTHON=$(CURDIR)/$(ENGINE_VENV)/bin/python $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The reference scenarios on this box's GPUs (real vLLM if .venv-engine has it, else a torch
+# stand-in); prints figures and fails on a failed check. See docs/gpu-accounting.md.
+gpu-check: $(VENV)/.installed
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/python scripts/gpu_check.py
 
 install: $(VENV)/.installed $(ENGINE_VENV)/.installed
 

@@ -43,6 +43,10 @@ COMPLETION = json.dumps({
     "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
 }).encode()  # fmt: skip
 CHUNK = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'  # noqa: E501
+CHUNK_WITH_USAGE = (
+    CHUNK[:-3] + b',"usage":{"prompt_tokens":5,"total_tokens":%d,"completion_tokens":%d}}\n\n'
+)
+FINAL_USAGE = b'data: {"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":5,"total_tokens":69,"completion_tokens":64}}\n\n'  # noqa: E501
 
 
 async def engine_handler(request: web.Request) -> web.StreamResponse:
@@ -51,9 +55,13 @@ async def engine_handler(request: web.Request) -> web.StreamResponse:
         return web.Response(body=COMPLETION, content_type="application/json")
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
-    for _ in range(CHUNKS):
-        await response.write(CHUNK)
+    options = body.get("stream_options") or {}
+    continuous = options.get("include_usage") and options.get("continuous_usage_stats")
+    for n in range(1, CHUNKS + 1):  # usage in every chunk when asked, as vLLM writes it
+        await response.write(CHUNK_WITH_USAGE % (n + 5, n) if continuous else CHUNK)
         await asyncio.sleep(CHUNK_GAP)
+    if options.get("include_usage"):
+        await response.write(FINAL_USAGE)
     await response.write(b"data: [DONE]\n\n")
     return response
 

@@ -14,3 +14,4 @@ UPSTREAM_TIMEOUT = 600.0  # s an engine call may take, end to end
 DRAIN_TIMEOUT = 30.0  # s in-flight requests get when a model is removed (`sem rm`)
 SHUTDOWN_DRAIN = 10.0  # s per model when the supervisor stops every engine
 QUARANTINE = 600.0  # s a request that exhausted its retries is refused
+STALL_AFTER = 3.0  # s without a byte from an engine whose streams are producing: stalled

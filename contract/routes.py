@@ -18,6 +18,7 @@ class ReplicaRoute:
     state: str
     url: str | None  # base URL of the engine's OpenAI server, None until it has a port
     max_num_seqs: int
+    api_key: str | None = None  # the engine demands it as a bearer token (cluster engines)
 
     @property
     def ready(self) -> bool:
@@ -52,10 +53,7 @@ class RouteTable:
                 name: {
                     "state": m.state,
                     "reason": m.reason,
-                    "replicas": [
-                        {"id": r.id, "state": r.state, "url": r.url, "max_num_seqs": r.max_num_seqs}
-                        for r in m.replicas
-                    ],
+                    "replicas": [_replica_json(r) for r in m.replicas],
                 }
                 for name, m in self.models.items()
             },
@@ -74,6 +72,7 @@ class RouteTable:
                         state=str(r["state"]),
                         url=r.get("url"),
                         max_num_seqs=int(r.get("max_num_seqs", 1)),
+                        api_key=r.get("api_key"),
                     )
                     for r in m.get("replicas", [])
                 ),
@@ -81,3 +80,16 @@ class RouteTable:
             for name, m in data.get("models", {}).items()
         }
         return cls(version=int(data["version"]), models=models)
+
+
+def _replica_json(r: ReplicaRoute) -> dict[str, Any]:
+    """A replica's wire form; `api_key` only when it has one (the field is optional)."""
+    out: dict[str, Any] = {
+        "id": r.id,
+        "state": r.state,
+        "url": r.url,
+        "max_num_seqs": r.max_num_seqs,
+    }
+    if r.api_key is not None:
+        out["api_key"] = r.api_key
+    return out

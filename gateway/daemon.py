@@ -20,6 +20,7 @@ from gateway.app import create_app
 from gateway.reporter import Reporter
 from gateway.retry import RetryBudget
 from gateway.routes import RouteWatcher
+from gateway.state import JOURNEYS
 
 log = logging.getLogger("sem.gateway")
 
@@ -48,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="engine failures one request may meet before it is refused")  # fmt: skip
     p.add_argument("--replay-timeout", type=float, default=defaults.REPLAY_TIMEOUT,
                    help="how long a failed request waits for a ready replica")  # fmt: skip
+    p.add_argument("--stall-after", type=float, default=defaults.STALL_AFTER,
+                   help="seconds without a byte from an engine whose streams are producing"
+                   " before it is taken as stalled (its requests go elsewhere)")  # fmt: skip
     p.add_argument("--quarantine", type=float, default=defaults.QUARANTINE,
                    help="seconds a request that used all its attempts is refused")  # fmt: skip
     return p.parse_args(argv)
@@ -81,14 +85,14 @@ async def serve(args: argparse.Namespace) -> int:
     # With static routes there is no supervisor to follow.
     watch_task = None if fixed else asyncio.create_task(watcher.run(), name="route-watcher")
     admission = Admission(watcher, max_queue=args.max_queue, queue_timeout=args.queue_timeout)
-    reporter = Reporter(args.supervisor, control, admission, args.admin_token,
-                        args.report_interval)  # fmt: skip
-    report_task = None if fixed else asyncio.create_task(reporter.run(), name="reporter")
     retry = RetryBudget(
         max_attempts=args.max_attempts, quarantine=args.quarantine,
-        replay_timeout=args.replay_timeout,
+        replay_timeout=args.replay_timeout, stall_after=args.stall_after,
     )  # fmt: skip
     app = create_app(watcher, admission, upstream_timeout=args.upstream_timeout, retry=retry)
+    reporter = Reporter(args.supervisor, control, admission, args.admin_token,
+                        args.report_interval, stalls=app[JOURNEYS].progress.stalls)  # fmt: skip
+    report_task = None if fixed else asyncio.create_task(reporter.run(), name="reporter")
     # handler_cancellation: a client that disconnects cancels its handler, which closes the
     # upstream request, and vLLM aborts the generation (freeing its slot).
     runner = web.AppRunner(

@@ -6,8 +6,12 @@ the relay (gateway.proxy) makes an attempt on that replica. An engine that fails
 (dies, answers 5xx, breaks a stream) costs the client nothing: the replica is suspected, and the
 request is sent again on another ready replica or on the restarted one, from the start while
 nothing has reached the client (`replay`) or from where its stream broke (`resume`). After
-`max_attempts` failures it is given up and quarantined (gateway.retry). A timeout is not
-retried: a hung engine is the supervisor's to kill.
+`max_attempts` failures it is given up and quarantined (gateway.retry).
+
+Each attempt is watched for progress (gateway.progress): an attempt on a replica that stalled,
+or a stream that got no first byte within its deadline, is abandoned and retried like any
+engine failure, and the stalled replica gets nothing new. A timeout (`--upstream-timeout`) is
+retried while nothing reached the client; a stream that had started is ended with the error.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import uuid
 
 from aiohttp import web
 
+from contract.routes import ReplicaRoute
 from gateway.admission import Admission
-from gateway.errors import GatewayError, RequestQuarantined, UpstreamError
+from gateway.errors import GatewayError, RequestQuarantined, UpstreamError, UpstreamTimeout
 from gateway.metrics import GatewayMetrics, Observation
+from gateway.progress import Progress
 from gateway.proxy import Relay
 from gateway.retry import RetryBudget
 from gateway.routes import RouteWatcher
@@ -55,6 +61,9 @@ class Journeys:
         self._admission = admission
         self._budget = budget
         self._metrics = metrics
+        self.progress = Progress(self._ready, budget.stall_after)
+        self.progress.on_stall = self._stalled
+        watcher.subscribe(self._table_changed)
 
     async def run(
         self,
@@ -80,8 +89,14 @@ class Journeys:
             failures = 0
             while True:
                 try:
-                    return await relay.attempt(replica, obs)
-                except UpstreamError as exc:  # not a timeout (see the module's docstring)
+                    with self.progress.watch(replica, model, relay.streams) as watch:
+                        if relay.streams:
+                            clock = self.progress.clock
+                            watch.first_byte_within(clock.deadline(model, failures + 1))
+                        return await relay.attempt(replica, obs, watch)
+                except (UpstreamError, UpstreamTimeout) as exc:
+                    if isinstance(exc, UpstreamTimeout) and relay.started:
+                        raise  # the client has part of the answer: a timeout ends it
                     failures += 1
                     request_id = request_id or uuid.uuid4().hex[:12]
                     admission.suspect(replica.url or "", budget.suspect_for)
@@ -98,6 +113,21 @@ class Journeys:
             raise
         finally:
             obs.finished(error)
+
+    def _ready(self, replica: ReplicaRoute) -> bool:
+        """`replica` is still ready in the route table, on the same engine."""
+        return any(
+            r.id == replica.id and r.url == replica.url
+            for m in self._watcher.table.models.values()
+            for r in m.ready_replicas
+        )
+
+    def _stalled(self, url: str) -> None:
+        self._admission.suspect(url, self._budget.suspect_for)
+
+    def _table_changed(self) -> None:
+        models = self._watcher.table.models.values()
+        self.progress.forget({(r.id, r.url) for m in models for r in m.ready_replicas})
 
     def _refuse_if_quarantined(self, model: str, route: str, body: bytes) -> None:
         budget = self._budget
@@ -116,7 +146,7 @@ class Journeys:
         obs: Observation,
         kind: Retry,
         failures: int,
-        exc: UpstreamError,
+        exc: UpstreamError | UpstreamTimeout,
     ) -> None:
         (obs.metrics.resumes if kind is Retry.RESUME else obs.metrics.replays).inc()
         log.warning(
@@ -131,8 +161,8 @@ class Journeys:
         route: str,
         body: bytes,
         failures: int,
-        last: UpstreamError,
-    ) -> UpstreamError:
+        last: UpstreamError | UpstreamTimeout,
+    ) -> UpstreamError | UpstreamTimeout:
         """The error for a request that met `failures` engine failures; it is quarantined."""
         budget = self._budget
         budget.exhausted(budget.digest(model, route, body))

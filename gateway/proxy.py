@@ -19,12 +19,28 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from contract.routes import ReplicaRoute
+from gateway.ending import Ending, asked_limit, asked_tokens, ends_stream, finish_reasons
 from gateway.errors import BadRequest, GatewayError, UpstreamError, UpstreamTimeout, error_body
 from gateway.metrics import Observation
-from gateway.resume import Partial, Splice, StreamLog, continuation, finish_events
+from gateway.progress import Attempt
+from gateway.resume import (
+    Partial,
+    Splice,
+    StreamLog,
+    continuation,
+    finish_events,
+    not_resumable,
+    unfinished,
+)
 from gateway.sse import events, sse
 from gateway.upstream import EngineDisconnected, Exchange, UpstreamPool
-from gateway.usage import StreamTally, completion_tokens
+from gateway.usage import (
+    ENGINE_STREAM_OPTIONS,
+    StreamTally,
+    UsageFilter,
+    completion_tokens,
+    with_engine_usage,
+)
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
@@ -37,36 +53,52 @@ class Relay(Protocol):
         """Bytes reached the client: a failure is resumed rather than replayed, and an error
         can only end the stream (its status went out with the first bytes)."""
 
-    async def attempt(self, replica: ReplicaRoute, obs: Observation) -> web.StreamResponse:
-        """Send the request to `replica` and relay its answer; an engine failure raises
-        UpstreamError (a timeout UpstreamTimeout, the engine's 4xx BadRequest)."""
+    @property
+    def streams(self) -> bool:
+        """The answer comes piece by piece (a first-byte deadline applies)."""
+
+    async def attempt(
+        self, replica: ReplicaRoute, obs: Observation, watch: Attempt
+    ) -> web.StreamResponse:
+        """Send the request to `replica` and relay its answer, beating `watch` as bytes come;
+        an engine failure raises UpstreamError (an attempt `watch` abandoned too; a timeout
+        UpstreamTimeout, the engine's 4xx BadRequest)."""
 
     async def give_up(self, error: GatewayError) -> web.StreamResponse:
         """End a started answer with `error`."""
 
 
-def gateway_error(exc: BaseException, replica: ReplicaRoute) -> GatewayError | None:
+def gateway_error(
+    exc: BaseException, replica: ReplicaRoute, watch: Attempt | None = None
+) -> GatewayError | None:
     """`exc` as the gateway's typed error: network failures and timeouts of an engine call become
-    502 and 504; gateway errors stay as they are; anything else is None."""
+    502 and 504, an attempt its watch abandoned (gateway.progress: a stall, the first-byte
+    deadline; cancelled by a TimeoutError) 502, which is retried; gateway errors stay as they
+    are; anything else is None."""
     if isinstance(exc, GatewayError):
         return exc
     if isinstance(exc, EngineDisconnected):
         return UpstreamError(f"engine {replica.id} unreachable: {exc}")
     if isinstance(exc, TimeoutError):
+        if watch is not None and watch.reason is not None:
+            return UpstreamError(f"engine {replica.id} {watch.reason}")
         return UpstreamTimeout(f"engine {replica.id} did not answer in time")
     return None
 
 
-class engine_errors:  # used like a function: `with engine_errors(replica):`
-    """Network failures and timeouts of an engine call, raised as the gateway's typed errors."""
+class engine_errors:  # used like a function: `with engine_errors(replica, watch):`
+    """Network failures and timeouts of an engine call, and an attempt abandoned by its `watch`
+    (before it began too), raised as the gateway's typed errors."""
 
-    __slots__ = ("_replica",)
+    __slots__ = ("_replica", "_watch")
 
-    def __init__(self, replica: ReplicaRoute) -> None:
+    def __init__(self, replica: ReplicaRoute, watch: Attempt | None = None) -> None:
         self._replica = replica
+        self._watch = watch
 
     def __enter__(self) -> None:
-        return None
+        if self._watch is not None and self._watch.reason is not None:
+            raise UpstreamError(f"engine {self._replica.id} {self._watch.reason}")
 
     def __exit__(
         self,
@@ -74,7 +106,7 @@ class engine_errors:  # used like a function: `with engine_errors(replica):`
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        error = None if exc is None else gateway_error(exc, self._replica)
+        error = None if exc is None else gateway_error(exc, self._replica, self._watch)
         if error is not None and error is not exc:
             raise error from None
 
@@ -83,7 +115,7 @@ def engine_call(pool: UpstreamPool, replica: ReplicaRoute, path: str, body: byte
     """POST `body` to the engine: `async with engine_call(...) as upstream` (inside
     `engine_errors`)."""
     assert replica.url is not None  # ready replicas have one
-    return pool.post(replica.url, path, body)
+    return pool.post(replica.url, path, body, replica.api_key)
 
 
 def check_answer(status: int, raw: bytes, replica: ReplicaRoute) -> None:
@@ -121,6 +153,7 @@ class JsonRelay:
 
     __slots__ = ("body", "path", "pool", "reshape")
     started = False
+    streams = False
 
     def __init__(
         self,
@@ -134,10 +167,16 @@ class JsonRelay:
         self.body = body
         self.reshape = reshape
 
-    async def attempt(self, replica: ReplicaRoute, obs: Observation) -> web.StreamResponse:
-        with engine_errors(replica):
-            async with engine_call(self.pool, replica, self.path, self.body) as upstream:
-                raw = await upstream.read()
+    async def attempt(
+        self, replica: ReplicaRoute, obs: Observation, watch: Attempt
+    ) -> web.StreamResponse:
+        with engine_errors(replica, watch):
+            async with watch.guard, engine_call(self.pool, replica, self.path, self.body) as up:
+                raw = await up.read()
+        upstream = up
+        watch.beat()
+        if upstream.status < 400 and (cut := cut_answer(self.body, raw)) is not None:
+            raise UpstreamError(f"engine {replica.id} {cut}")
         if self.reshape is None:
             check_answer(upstream.status, raw, replica)
             obs.tokens += completion_tokens(raw) or 0
@@ -149,6 +188,16 @@ class JsonRelay:
 
     async def give_up(self, error: GatewayError) -> web.StreamResponse:
         raise error  # never started: the error is the answer
+
+
+def cut_answer(request: bytes, answer: bytes) -> str | None:
+    """Why a whole (non-stream) answer is not the model's end (gateway.ending); None if it is.
+    Byte-level: the request's token limit and the answer's finish and usage, unparsed."""
+    reasons = finish_reasons(answer)
+    if "abort" not in reasons and (not reasons or "stop" in reasons):
+        return None  # the model stopped
+    asked = asked_limit(request)
+    return Ending(reasons, completion_tokens(answer), asked, len(reasons), True).cut()
 
 
 def in_band_error(out: bytes) -> tuple[int, str] | None:
@@ -176,9 +225,16 @@ class StreamRelay:
     came; after an engine failure mid-stream the next attempt sends the continuation (see
     gateway.resume) and splices its events in, so the client sees one unbroken stream.
 
+    The engine is asked for usage in every chunk (gateway.usage), which is stripped from what
+    the client gets unless it asked for it. The stream's end (its finish and [DONE]) is held back
+    until the engine closes the stream and judged (gateway.ending): an end that is not the
+    model's is a failure, resumed like a broken stream.
+
     `convert` reshapes complete engine events before they are written (/generate's own event
     format); without it the engine's bytes go out as they are, unparsed.
     """
+
+    streams = True
 
     def __init__(
         self,
@@ -193,63 +249,109 @@ class StreamRelay:
         self.request = request
         self.path = path
         self.body = body
-        self.raw = raw
+        self.raw = with_engine_usage(raw, body)
         self.convert = convert
         self.chat = path.endswith("/chat/completions")
         self.response: web.StreamResponse | None = None  # prepared: bytes reached the client
-        self.log = StreamLog()
+        self.log = StreamLog()  # the current attempt's events, as the engine sent them
+        self.before = Partial()  # what the attempts before it sent
+        self.strip = UsageFilter(body)
+        self.choices = int(body.get("n") or 1)
+        self.asked = asked_tokens(path, body)
 
     @property
     def started(self) -> bool:
         return self.response is not None
 
-    async def attempt(self, replica: ReplicaRoute, obs: Observation) -> web.StreamResponse:
-        request = self.request
+    async def attempt(
+        self, replica: ReplicaRoute, obs: Observation, watch: Attempt
+    ) -> web.StreamResponse:
         splice: Splice | None = None
         payload = self.raw
         if self.response is not None:  # resuming
-            partial = Partial.of(self.log.sent)
-            follow = None if partial.finished else continuation(self.path, self.body, partial)
-            if follow is None:  # nothing left to generate, or cannot be resumed
+            self.before = self.before.then(Partial.of(self.log.sent))
+            self.log = StreamLog()
+            partial = self.before
+            if partial.finished:  # nothing left but [DONE]
                 return await self.finish(finish_events(partial, self.chat))
+            if (why := not_resumable(self.path, self.body)) is not None:
+                return await self.give_up(UpstreamError(f"the engine failed the stream; {why}"))
+            follow = continuation(self.path, self.body, partial)
+            if follow is None:  # every token asked for was sent
+                return await self.finish(finish_events(partial, self.chat))
+            follow["stream_options"] = {**(follow.get("stream_options") or {}),
+                                        **ENGINE_STREAM_OPTIONS}  # fmt: skip
             payload, splice = json.dumps(follow).encode(), Splice(partial, self.chat)
-        with engine_errors(replica):
-            async with engine_call(self.pool, replica, self.path, payload) as upstream:
-                if upstream.status >= 400:
-                    check_answer(upstream.status, await upstream.read(), replica)
-                if self.response is None:
-                    self.response = web.StreamResponse(headers=SSE_HEADERS)
-                    await self.response.prepare(request)
-                tally = StreamTally()
-                try:
-                    plain = splice is None and self.convert is None
-                    response = self.response
-                    async for chunk in upstream:
-                        out = self.log.complete(chunk)
-                        if not out:
-                            continue
-                        if b'"error"' in out and (error := in_band_error(out)) is not None:
-                            cut, message = error
-                            self.log.unsend(cut)
-                            await self._write(out[:cut], splice, obs, tally)  # what came before
-                            raise UpstreamError(f"engine {replica.id} failed mid-stream: {message}")
-                        if plain:  # the hot path: bytes as they came
-                            await response.write(out)
-                            obs.first_token()
-                            tally.feed(out)
-                        else:
-                            await self._write(out, splice, obs, tally)
-                    await self.response.write_eof()
-                except ConnectionResetError:  # the client went away (before its handler noticed)
-                    obs.outcome = "client_gone"
-                obs.tokens += tally.tokens()
-                return self.response
+        with engine_errors(replica, watch):
+            async with watch.guard:
+                return await self._relay(replica, obs, watch, payload, splice)
 
-    async def _write(
-        self, out: bytes, splice: Splice | None, obs: Observation, tally: StreamTally
-    ) -> None:
-        """Complete engine events to the client: spliced into the stream (a continuation),
-        converted (/generate), written."""
+    async def _relay(
+        self,
+        replica: ReplicaRoute,
+        obs: Observation,
+        watch: Attempt,
+        payload: bytes,
+        splice: Splice | None,
+    ) -> web.StreamResponse:
+        async with engine_call(self.pool, replica, self.path, payload) as upstream:
+            if upstream.status >= 400:
+                check_answer(upstream.status, await upstream.read(), replica)
+            if self.response is None:
+                self.response = web.StreamResponse(headers=SSE_HEADERS)
+                await self.response.prepare(self.request)
+            tally = StreamTally()
+            held = b""  # the stream's end, held back until the engine closes it
+            hold_finish = self.choices == 1  # n > 1: choices finish one by one; hold [DONE] only
+            try:
+                plain = splice is None and self.convert is None
+                response, strip, log = self.response, self.strip, self.log
+                async for chunk in upstream:
+                    watch.beat()
+                    out = log.complete(chunk)
+                    if not out:
+                        continue
+                    tally.feed(out)
+                    if b'"error"' in out and (error := in_band_error(out)) is not None:
+                        cut, message = error
+                        log.unsend(cut)
+                        await self._write(held + out[:cut], splice, obs)  # what came before
+                        raise UpstreamError(f"engine {replica.id} failed mid-stream: {message}")
+                    if held or (ends_stream(out) if hold_finish else b"[DONE]" in out):
+                        held += out
+                    elif plain:  # the hot path: bytes as they came (less unasked usage)
+                        await response.write(strip(out))
+                        obs.first_token()
+                    else:
+                        await self._write(out, splice, obs)
+                if (cut_reason := self._judge(held, watch)) is not None:
+                    self.log.drop_ending(held)  # the client never saw the fake end
+                    await self._write(unfinished(held), splice, obs)
+                    raise UpstreamError(f"engine {replica.id} {cut_reason}")
+                await self._write(held, splice, obs)
+                await self.response.write_eof()
+            except ConnectionResetError:  # the client went away (before its handler noticed)
+                obs.outcome = "client_gone"
+            obs.tokens += tally.tokens()
+            return self.response
+
+    def _judge(self, held: bytes, watch: Attempt) -> str | None:
+        """Why the end the engine just gave is not the model's (gateway.ending); None if it
+        is. Cheap: the held tail only, and a token count only when one is asked."""
+        counted = completion_tokens(held)
+        if counted is None and self.choices == 1 and self.asked is not None:
+            counted = Partial.of(self.log.sent).tokens  # an engine that sent no usage
+        ending = Ending(
+            reasons=finish_reasons(held),
+            tokens=None if counted is None else self.before.tokens + counted,
+            asked=self.asked, choices=self.choices, replica_ready=watch.still_ready(),
+        )  # fmt: skip
+        return ending.cut()
+
+    async def _write(self, out: bytes, splice: Splice | None, obs: Observation) -> None:
+        """Complete engine events to the client: unasked usage stripped, spliced into the
+        stream (a continuation), converted (/generate), written."""
+        out = self.strip(out)
         if splice is not None and out:
             out = b"".join(e for d in events(out) if (e := splice.event(d)))
         if self.convert is not None and out:
@@ -258,7 +360,6 @@ class StreamRelay:
             assert self.response is not None
             await self.response.write(out)
             obs.first_token()
-            tally.feed(out)
 
     async def finish(self, tail: bytes) -> web.StreamResponse:
         """End the client's stream with `tail` (already in the client's format)."""

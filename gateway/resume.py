@@ -15,7 +15,7 @@ With temperature 0 the continuation is the text an uninterrupted run gives whene
 so far tokenizes back into the tokens that produced it (true of ordinary text; a model that emits
 unusual token splits, e.g. random weights, may take another path from there). Requests with
 several choices (`n` > 1) or a non-text prompt are not resumed (they are replayed only while
-nothing has reached the client).
+nothing has reached the client; after that their stream ends with an error event).
 """
 
 from __future__ import annotations
@@ -57,6 +57,14 @@ class StreamLog:
         self.parts.append(ready)
         return ready
 
+    def drop_ending(self, held: bytes) -> None:
+        """The last pieces, `held` (a stream's end that was not the model's), reached the
+        client as `unfinished(held)`."""
+        size = 0
+        while size < len(held) and self.parts:
+            size += len(self.parts.pop())
+        self.parts.append(unfinished(held))
+
     def unsend(self, keep: int) -> None:
         """Only the first `keep` bytes of the last piece went to the client."""
         self.parts[-1] = self.parts[-1][:keep]
@@ -80,13 +88,17 @@ class Partial:
     id: str | None = None
     created: int | None = None
     text: str = ""
-    tokens: int = 0  # chunks that carried text: vLLM sends one token per chunk
+    # The engine's count (`usage.completion_tokens` of the last chunk that had one: the gateway
+    # asks for it in every chunk); without usage, one per chunk that carried text.
+    tokens: int = 0
     finished: bool = False  # a finish_reason was sent: only usage and [DONE] may be missing
     done: bool = False  # [DONE] was sent
 
     @classmethod
     def of(cls, raw: bytes) -> Partial:
+        """What the events in `raw` (one attempt's, as the engine sent them) gave the client."""
         partial = cls()
+        counted: int | None = None
         for data in events(raw):
             if data == DONE:
                 partial.done = True
@@ -102,20 +114,47 @@ class Partial:
             if text := chunk_text(chunk):
                 partial.text += text
                 partial.tokens += 1
+            usage = chunk.get("usage")
+            if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+                counted = usage["completion_tokens"]
             if any(c.get("finish_reason") for c in chunk.get("choices") or []):
                 partial.finished = True
+        if counted is not None:
+            partial.tokens = counted
         return partial
+
+    def then(self, later: Partial) -> Partial:
+        """This, followed by what a later attempt (a continuation) sent."""
+        return Partial(
+            self.id or later.id, self.created or later.created, self.text + later.text,
+            self.tokens + later.tokens, later.finished, later.done,
+        )  # fmt: skip
+
+
+def not_resumable(path: str, body: dict[str, Any]) -> str | None:
+    """Why a stream of `body` cannot be resumed once it started; None if it can."""
+    if (body.get("n") or 1) > 1 or (body.get("best_of") or 1) > 1:
+        return "a stream with several choices (n > 1) cannot be resumed"
+    if path.endswith("/chat/completions"):
+        if not isinstance(body.get("messages"), list):
+            return "a chat stream without a message list cannot be resumed"
+        return None
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        return "a stream whose prompt is not one text (token ids, several) cannot be resumed"
+    return None
 
 
 def continuation(path: str, body: dict[str, Any], partial: Partial) -> dict[str, Any] | None:
-    """The request that continues `body` after `partial`; None if it cannot be resumed."""
-    if (body.get("n") or 1) > 1 or (body.get("best_of") or 1) > 1:
+    """The request that continues `body` after `partial`; None if it cannot be resumed (see
+    `not_resumable`) or nothing is left to generate."""
+    if not_resumable(path, body) is not None:
         return None
     follow = dict(body)
     if path.endswith("/chat/completions"):
-        messages = body.get("messages")
-        if not isinstance(messages, list):
-            return None
+        messages = body["messages"]
         follow["messages"] = [*messages, {"role": "assistant", "content": partial.text}]
         follow["continue_final_message"] = True
         follow["add_generation_prompt"] = False
@@ -123,11 +162,8 @@ def continuation(path: str, body: dict[str, Any], partial: Partial) -> dict[str,
             if isinstance(body.get(key), int):
                 follow[key] = body[key] - partial.tokens
     else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            return None
+        prompt = body["prompt"]
+        prompt = prompt if isinstance(prompt, str) else prompt[0]
         follow["prompt"] = prompt + partial.text
         follow["echo"] = False
         follow["max_tokens"] = (body.get("max_tokens") or VLLM_DEFAULT_MAX_TOKENS) - partial.tokens
@@ -137,6 +173,27 @@ def continuation(path: str, body: dict[str, Any], partial: Partial) -> dict[str,
     ):
         return None  # everything asked for was sent: nothing to continue
     return follow
+
+
+def unfinished(held: bytes) -> bytes:
+    """A stream's end without its end: the text it carried stays, its finish_reason, its
+    usage-only event and its [DONE] go (the stream is resumed from there)."""
+    out = []
+    for data in events(held):
+        if data == DONE:
+            continue
+        try:
+            chunk = json.loads(data)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(chunk, dict) or not chunk.get("choices"):
+            continue
+        for choice in chunk["choices"]:
+            choice["finish_reason"] = None
+            choice.pop("stop_reason", None)
+        if chunk_text(chunk) or chunk.get("usage"):
+            out.append(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+    return b"".join(out)
 
 
 @dataclass
@@ -171,7 +228,6 @@ class Splice:
             and chunk.get("choices")
             and not chunk_text(chunk)
             and not any(c.get("finish_reason") for c in chunk["choices"])
-            and not usage
         )
         if opening:
             return None  # the continuation's opening (role-only) chunk: already sent once
@@ -180,7 +236,8 @@ class Splice:
 
 
 def finish_events(partial: Partial, chat: bool) -> bytes:
-    """What ends a stream that had sent all its tokens when the engine died."""
+    """What ends a stream that had sent all the tokens it asked for when the engine died (its
+    finish, if the engine did not send it: "length" is then the truth)."""
     if partial.finished or partial.done:
         return b"" if partial.done else b"data: [DONE]\n\n"
     choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}

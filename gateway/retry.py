@@ -25,6 +25,8 @@ class RetryBudget:
         defaults.REPLAY_TIMEOUT
     )  # how long a retry waits for a ready replica (covers a restart)
     suspect_for: float = 10.0  # an engine that failed a request gets nothing new this long
+    # s without a byte from a replica whose streams are producing: stalled (gateway.progress)
+    stall_after: float = defaults.STALL_AFTER
     _quarantined: dict[bytes, float] = field(default_factory=dict)  # digest -> until
 
     @staticmethod

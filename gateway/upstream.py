@@ -139,9 +139,12 @@ class Exchange:
     """One request and its answer. `async with pool.post(...) as exchange`: on entry the status
     is known; then `await exchange.read()` or `async for chunk in exchange`."""
 
-    def __init__(self, pool: UpstreamPool, base_url: str, path: str, body: bytes) -> None:
+    def __init__(
+        self, pool: UpstreamPool, base_url: str, path: str, body: bytes, api_key: str | None
+    ) -> None:
         self._pool = pool
         self._base_url = base_url
+        self._api_key = api_key
         self._path = path
         self._body = body
         self.status = 0
@@ -176,7 +179,7 @@ class Exchange:
     async def _start(self) -> None:
         """Send the request and wait for the status. A reused connection that the engine closed
         before answering a single byte (its keep-alive ran out) is retried once on a new one."""
-        target = self._pool.target(self._base_url)
+        target = self._pool.target(self._base_url, self._api_key)
         request = b"%sContent-Length: %d\r\n\r\n%s" % (
             target.head(self._path),
             len(self._body),
@@ -280,7 +283,7 @@ class Exchange:
 class _Target:
     """An engine's address, and the fixed part of every request to it."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, api_key: str | None = None) -> None:
         parts = urlsplit(base_url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"engine URL {base_url!r}: only http://host:port is supported")
@@ -288,6 +291,7 @@ class _Target:
         self.port = parts.port or 80
         self.key = f"{self.host}:{self.port}"
         self.prefix = parts.path.rstrip("/")
+        self.auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
         self._heads: dict[str, bytes] = {}
 
     def head(self, path: str) -> bytes:
@@ -295,7 +299,7 @@ class _Target:
         if head is None:
             head = self._heads[path] = (
                 f"POST {self.prefix}{path} HTTP/1.1\r\nHost: {self.key}\r\n"
-                "Content-Type: application/json\r\nAccept-Encoding: identity\r\n"
+                f"Content-Type: application/json\r\nAccept-Encoding: identity\r\n{self.auth}"
             ).encode()
         return head
 
@@ -314,13 +318,14 @@ class UpstreamPool:
         self._open: set[_Connection] = set()  # every connection not closed yet, idle or busy
         self._closed = False
 
-    def post(self, base_url: str, path: str, body: bytes) -> Exchange:
-        return Exchange(self, base_url, path, body)
+    def post(self, base_url: str, path: str, body: bytes, api_key: str | None = None) -> Exchange:
+        """`api_key`: the engine's bearer token (cluster engines demand one)."""
+        return Exchange(self, base_url, path, body, api_key)
 
-    def target(self, base_url: str) -> _Target:
-        target = self._targets.get(base_url)
+    def target(self, base_url: str, api_key: str | None = None) -> _Target:
+        target = self._targets.get(f"{api_key} {base_url}")
         if target is None:
-            target = self._targets[base_url] = _Target(base_url)
+            target = self._targets[f"{api_key} {base_url}"] = _Target(base_url, api_key)
         return target
 
     def idle(self, key: str) -> _Connection | None:

@@ -3,6 +3,7 @@ bytes; a full parse per answer or per streamed chunk would cost more than the re
 
 from __future__ import annotations
 
+import json
 import re
 
 # The last usage object's completion_tokens. Inside JSON strings quotes are escaped, so generated
@@ -41,3 +42,54 @@ class StreamTally:
         if usage is not None:
             return usage
         return self.events - (b"data: [DONE]" in tail)
+
+
+# What the gateway asks of every engine stream: usage in every chunk (vLLM's
+# `continuous_usage_stats`, which needs `include_usage`), so that a resume and the judgment of a
+# stream's end use the engine's own token counts (chunks may carry several tokens, or none).
+ENGINE_STREAM_OPTIONS = {"include_usage": True, "continuous_usage_stats": True}
+_OPTIONS_TAIL = b',"stream_options":{"include_usage":true,"continuous_usage_stats":true}}'
+
+# A chunk's usage object (vLLM's per-chunk usage has no nested object), and a usage-only event
+# (`"choices":[]`). Quotes inside generated text are escaped, so text cannot match either.
+_CHUNK_USAGE = re.compile(rb',\s*"usage":\s*\{[^{}]*\}')
+_USAGE_ONLY = re.compile(rb'data: \{[^\n]*"choices":\s*\[\][^\n]*\n\n')
+
+
+def with_engine_usage(raw: bytes, body: dict[str, object]) -> bytes:
+    """A stream request's bytes, asking the engine for usage in every chunk. Byte-level when the
+    client set no stream options (the usual case): the request is not serialized again."""
+    if "stream_options" not in body:
+        return raw[: raw.rstrip().rfind(b"}")] + _OPTIONS_TAIL
+    options = body["stream_options"]
+    merged = {**(options if isinstance(options, dict) else {}), **ENGINE_STREAM_OPTIONS}
+    return json.dumps({**body, "stream_options": merged}).encode()
+
+
+class UsageFilter:
+    """Strips from engine events the usage the client did not ask for: per-chunk usage unless it
+    asked `continuous_usage_stats`, the final usage-only event unless it asked `include_usage`.
+    Byte-level: a substring search per piece, a regex only where usage is."""
+
+    __slots__ = ("continuous", "final")
+
+    def __init__(self, body: dict[str, object]) -> None:
+        options = body.get("stream_options")
+        options = options if isinstance(options, dict) else {}
+        self.final = bool(options.get("include_usage"))
+        self.continuous = self.final and bool(options.get("continuous_usage_stats"))
+
+    def __call__(self, out: bytes) -> bytes:
+        if self.continuous or b'"usage"' not in out:
+            return out
+        if b'"choices":[]' in out or b'"choices": []' in out:  # the final usage-only event
+            final = _USAGE_ONLY.search(out)
+            if final is not None:
+                keep = out[final.start() : final.end()] if self.final else b""
+                return self(out[: final.start()]) + keep + self(out[final.end() :])
+        start = out.find(b',"usage":{')  # vLLM's compact form: cut by hand, no regex
+        end = out.find(b"}", start) + 1 if start >= 0 else 0
+        if not end:
+            return _CHUNK_USAGE.sub(b"", out)
+        rest = out[end:]
+        return out[:start] + (self(rest) if b'"usage"' in rest else rest)

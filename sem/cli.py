@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -16,6 +16,9 @@ from contract import defaults
 from sem import cachecmd
 from sem.chaos import command as chaoscmd
 from sem.launcher import RunOptions, run
+
+if TYPE_CHECKING:
+    from supervisor.store import Store
 
 DEFAULT_ADMIN = os.environ.get("SEM_ADMIN_URL", defaults.SUPERVISOR_URL)
 
@@ -64,15 +67,28 @@ def cmd_ps(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(models, indent=2))
         return 0
-    print(f"{'MODEL':24} {'REPLICA':28} {'STATE':11} {'PORT':6} {'PID':8} {'RESTARTS':8} REASON")
+    print(f"{'MODEL':24} {'REPLICA':28} {'STATE':11} {'PORT':6} {'PID':8} {'RESTARTS':8}"
+          f" {'MEMORY (EST/MEAS)':17} REASON")  # fmt: skip
     for model in models:
+        memory = memory_column(model.get("memory"))
         for r in model["replicas"] or [{}]:
             print(
                 f"{model['name']:24} {r.get('id', '-'):28} {r.get('state', model['state']):11}"
                 f" {r.get('port') or '-'!s:6} {r.get('pid') or '-'!s:8} {r.get('restarts', 0)!s:8}"
-                f" {r.get('reason', model['reason'])}"
+                f" {memory:17} {r.get('reason', model['reason'])}"
             )
     return 0
+
+
+def memory_column(memory: dict[str, Any] | None) -> str:
+    """`sem ps`' memory: the estimate per device / the measured need ("-" until measured),
+    the one placement uses marked with *."""
+    if not memory:
+        return "-"
+    est, meas = memory["estimate"] / 2**30, memory.get("measured")
+    if meas is None:
+        return f"{est:.1f}G*/-"
+    return f"{est:.1f}G/{meas / 2**30:.1f}G*"
 
 
 def cmd_add(args: argparse.Namespace) -> int:
@@ -144,11 +160,33 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as exc:
         raise CliError(f"--inventory: {exc}") from None
     devices = inventory.devices()
+    store = _measured_store(args.state_dir)
     print(f"devices: {describe(devices)}")
-    print(f"{'REPLICA':28} {'NEEDS':>9}  {'OUTCOME':8} WHERE / WHY")
-    for row in dry_run(config, devices):
-        print(f"{row.replica:28} {row.need:>9}  {row.outcome:8} {row.detail}")
+    print(f"{'REPLICA':28} {'NEEDS':>10}  {'OUTCOME':8} WHERE / WHY")
+    try:
+        rows = dry_run(config, devices, store)
+    finally:
+        if store is not None:
+            store.close()
+    for row in rows:
+        print(f"{row.replica:28} {row.need:>10}  {row.outcome:8} {row.detail}")
+    if store is not None and any(row.need.endswith("*") for row in rows):
+        print(f"* measured by an earlier engine of the same spec ({store.path})")
     return 0
+
+
+def _measured_store(state_dir: Path | None) -> Store | None:
+    """The state folder's sem.db, for the needs measured there; None without one."""
+    from supervisor.store import Store, StoreError
+
+    if state_dir is None:
+        return None
+    if not (state_dir / "sem.db").is_file():
+        raise CliError(f"--state-dir: no sem.db in {state_dir}")
+    try:
+        return Store(state_dir / "sem.db")
+    except StoreError as exc:
+        raise CliError(f"--state-dir: {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="where each replica of CONFIG would go; starts nothing")
     p.add_argument("config", type=Path)
     p.add_argument("--inventory", help="e.g. 2x24GiB, 24GiB,16GiB or cpu:8GiB (default: detect)")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="plan specs measured there (its sem.db) with their measured need",
+    )
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("cache", help="fetch models into the cache (progress), `ls`, `rm SOURCE`",

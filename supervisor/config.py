@@ -140,6 +140,15 @@ class CacheConfig(BaseModel):
         return value
 
 
+class ClusterConfig(BaseModel):
+    """Place models over a Ray cluster's nodes instead of this machine (docs/cluster.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["ray"] = "ray"
+    address: str = Field(default="auto", description="the head's host:port, or auto (RAY_ADDRESS)")
+
+
 class SemConfig(BaseModel):
     """The whole file."""
 
@@ -149,6 +158,7 @@ class SemConfig(BaseModel):
         default="auto", description="auto, cpu, gpu, or GPU indexes (NVML's) / UUIDs: [0, 1]"
     )
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    cluster: ClusterConfig | None = Field(default=None, description="absent: this machine only")
     cpu_memory_budget: str = Field(default="auto", description="CPU mode: memory sem may use")
     recheck_interval: str | float = Field(default="10s")
     models: list[ModelSpec] = Field(default_factory=list)

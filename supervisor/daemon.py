@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -27,7 +28,7 @@ from contract import defaults
 from supervisor.api import create_app
 from supervisor.cache import CacheSettings, ModelCache
 from supervisor.config import ConfigError, InvalidModel, ModelSpec, SemConfig, load_config
-from supervisor.engine import EngineCommand
+from supervisor.engine import EngineCommand, spawn_engine
 from supervisor.engine_metrics import EngineScraper
 from supervisor.errors import SupervisorError
 from supervisor.events import EventKind, EventLog
@@ -44,6 +45,9 @@ from supervisor.resources import Device, Inventory, NvmlInventory, describe, det
 from supervisor.scheduler import SchedulerSettings
 from supervisor.store import Store, StoreError, private_folder
 from supervisor.units import parse_size
+
+if TYPE_CHECKING:
+    from supervisor.cluster.backend import RayCluster
 
 log = logging.getLogger("sem.supervisor")
 
@@ -78,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--cache-dir", type=Path, help="hf:// models go here (default: models.yaml's"
                    " cache.dir, else HF_HUB_CACHE)")  # fmt: skip
+    p.add_argument("--cluster-address", help="a Ray cluster's head (host:port): place models on"
+                   " its nodes (overrides models.yaml's cluster.address)")  # fmt: skip
     p.add_argument(
         "--instance", default=os.environ.get("SEM_INSTANCE"),
         help="marker on every engine process (default: the one kept in the state folder)",
@@ -96,6 +102,20 @@ def listen_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+async def join_cluster(args: argparse.Namespace, config: SemConfig) -> RayCluster | None:
+    """The Ray cluster to place models on (docs/cluster.md), None for this machine alone.
+    Ray is imported only here: a single box needs none."""
+    address = args.cluster_address or (config.cluster.address if config.cluster else None)
+    if address is None:
+        return None
+    from supervisor.cluster.backend import RayCluster
+
+    cluster = RayCluster(address)
+    await asyncio.to_thread(cluster.connect)
+    log.info("Ray cluster at %s: %d node(s)", address, len(cluster.nodes()))
+    return cluster
 
 
 class _QuietServer(uvicorn.Server):
@@ -168,22 +188,29 @@ async def _serve(
         python=args.engine_python or default_engine_python(),
         **({"module": args.engine_module} if args.engine_module else {}),
     )
-    settings = EngineSettings(
-        command=command,
-        state_dir=args.state_dir.resolve(),
-        instance=instance,
-        parent_env=dict(os.environ),
-    )
     try:
-        inventory = await asyncio.to_thread(detect, config.devices, config.cpu_memory_budget)
+        cluster = await join_cluster(args, config)
+        inventory: Inventory = (
+            cluster
+            if cluster is not None
+            else await asyncio.to_thread(detect, config.devices, config.cpu_memory_budget)
+        )
         sock = listen_socket(args.host, args.port)
-    except RuntimeError as exc:
+    except (RuntimeError, ConnectionError) as exc:
         log.error("%s", exc)
         return 2
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", args.host, args.port, exc.strerror)
         return 2
 
+    settings = EngineSettings(
+        command=command,
+        state_dir=args.state_dir.resolve(),
+        instance=instance,
+        parent_env=dict(os.environ),
+        spawn=spawn_engine if cluster is None else cluster.spawn,
+        adopt=None if cluster is None else cluster.adopt,
+    )
     cache_config = config.cache
     cache = ModelCache(
         CacheSettings(
@@ -196,10 +223,11 @@ async def _serve(
     events = EventLog()
     probe = EngineProbe()
     timing = ReplicaTiming(start_timeout=args.start_timeout, stop_grace=args.stop_grace)
+    gpus = NvmlProcessMemory() if isinstance(inventory, NvmlInventory) else None
     manager = Manager(
         settings=settings, inventory=inventory, probe=probe, events=events, timing=timing,
         scheduling=SchedulerSettings(recheck_interval=config.recheck_seconds), store=store,
-        cache=cache,
+        cache=cache, gpu_memory=gpus,
     )  # fmt: skip
     await asyncio.to_thread(private_folder, settings.state_dir / "logs")  # engine logs
     log_devices(inventory, manager.devices)
@@ -207,7 +235,6 @@ async def _serve(
 
     reload = Reloader(args.config, manager, config, args.drain_timeout)
     hosts = allowed_hosts(args.host, args.allowed_hosts.split(","))
-    gpus = NvmlProcessMemory() if isinstance(inventory, NvmlInventory) else None
     metrics = SupervisorMetrics(manager, events, EngineScraper(), gpus)
     await metrics.start()  # before restore(): its events count too
     app = create_app(
@@ -229,7 +256,7 @@ async def _serve(
         signals_seen += 1
         log.info("got %s (%s)", sig.name, "stopping" if signals_seen == 1 else "forcing")
         stopping.set()
-        if signals_seen > 1:
+        if signals_seen > 1 and cluster is None:  # a cluster's engines are not our processes
             for entry in manager.entries():
                 for replica in entry.replicas:
                     if replica.process is not None:
@@ -254,6 +281,8 @@ async def _serve(
     diff = await manager.restore(models, args.drain_timeout)  # invalid models: events
     log.info("models: %s", diff)
     manager.start()
+    if cluster is not None:
+        cluster.watch(lambda joined, lost: manager.nodes_changed(lost))
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     serve_task = asyncio.create_task(server.serve(sockets=[sock]), name="admin-api")
     try:
@@ -272,6 +301,8 @@ async def _serve(
         await serve_task
         await metrics.aclose()
         await probe.aclose()
+        if cluster is not None:
+            await cluster.close()
         sock.close()
     log.info("supervisor stopped; no engine left")
     return 0

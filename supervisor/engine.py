@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -57,6 +57,9 @@ class LaunchPlan:
     cpu_kv_cache_gib: float | None = None
     engine_args: Mapping[str, EngineArg] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"  # the address it listens on: a cluster node's own (cluster/)
+    node: str | None = None  # the Ray node it runs on; None: this machine
+    api_key: str | None = None  # demanded on /v1 (vLLM --api-key); only the gateway has it
 
 
 def _flag(key: str, value: EngineArg) -> list[str]:
@@ -73,7 +76,7 @@ def engine_argv(command: EngineCommand, plan: LaunchPlan) -> list[str]:
         command.python, "-m", command.module,
         "--model", plan.model,
         "--served-model-name", plan.served_name,
-        "--host", "127.0.0.1",
+        "--host", plan.host,
         "--port", str(plan.port),
         "--max-num-seqs", str(plan.max_num_seqs),
     ]  # fmt: skip
@@ -110,6 +113,9 @@ def engine_env(
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in plan.gpu_ids)
     else:
         env["CUDA_VISIBLE_DEVICES"] = ""
+    if plan.api_key is not None:
+        # vLLM's --api-key, from the environment: a command line is visible to every user.
+        env["VLLM_API_KEY"] = plan.api_key
     if plan.cpu_kv_cache_gib is not None:
         # vLLM on CPU otherwise asks for ~0.92 of RAM per engine and a second cannot start.
         env["VLLM_CPU_KVCACHE_SPACE"] = f"{plan.cpu_kv_cache_gib:g}"
@@ -255,6 +261,20 @@ async def spawn_engine(
             start_new_session=True,  # its own group: stopped as a whole, survives our exit
         )
     return EngineProcess(port=plan.port, log_path=plan.log_path, proc=proc)
+
+
+# How a replica's engine is started: `spawn_engine` on one box, a node agent on a Ray cluster.
+Spawn = Callable[[EngineCommand, LaunchPlan, str, Mapping[str, str]], Awaitable[EngineHandle]]
+
+
+class RemoteEngine(EngineHandle, Protocol):
+    """An engine on a cluster node, found again after a supervisor restart, with its key."""
+
+    api_key: str | None
+
+
+# After a supervisor restart: the engines a cluster's nodes still run, by replica id.
+Adopt = Callable[[], Awaitable[Mapping[str, RemoteEngine]]]
 
 
 def free_port() -> int:

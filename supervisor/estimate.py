@@ -67,14 +67,26 @@ class MemoryEstimate:
     kv_bytes_per_token: int  # on each rank
     tensor_parallel: int = 1
     override: int | None = None  # the spec's memory:, when given
+    measured: int | None = None  # per device: an earlier engine's measured need (measure.py)
 
     @property
     def total(self) -> int:
         return self.override or (self.weights + self.kv_cache + self.overhead)
 
     @property
-    def per_device(self) -> int:
+    def estimated(self) -> int:
+        """Per device, as estimated (or as the spec's memory: says)."""
         return math.ceil(self.total / self.tensor_parallel)
+
+    @property
+    def per_device(self) -> int:
+        """Per device, as placement reserves it: the measured need once there is one."""
+        return self.measured or self.estimated
+
+    def memory_json(self) -> dict[str, int | None]:
+        """`GET /models`' `memory`: estimate vs measured, and which one placement uses."""
+        return {"estimate": self.estimated, "measured": self.measured,
+                "used_for_placement": self.per_device}  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "total": self.total, "per_device": self.per_device}

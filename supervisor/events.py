@@ -25,6 +25,7 @@ class EventKind(StrEnum):
     TRANSITION = "transition"  # a replica changed state (data: model, old, new, reason)
     PLACED = "placed"  # the scheduler placed a replica (data: devices)
     PENDING = "pending"  # the scheduler's reason a replica waits changed
+    MEASURED = "measured"  # an engine's real need was measured (measure.py)
     RELEASED = "released"  # a stopped or failed replica's reservation is free again
     RESTART_WAITS = "restart_waits"  # a restart waits for its GPU (start gate): the reason
     MODEL_DOWNLOADING = "model_downloading"  # a model's files are cached first
@@ -37,6 +38,7 @@ class EventKind(StrEnum):
     NOT_ADOPTED = "not_adopted"  # an engine of an earlier run could not be taken over
     RETIRED = "retired"  # an engine of an earlier run with no place now was stopped
     RELOADED = "reloaded"  # models.yaml was applied
+    NODE_LOST = "node_lost"  # a cluster node left: its replica is replaced on another node
 
 
 @dataclass(frozen=True)

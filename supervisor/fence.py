@@ -23,10 +23,11 @@ EngineArg = str | int | float | bool
 FENCED_FLAGS: dict[str, str] = {
     "model": "sem passes the model's local files; use the spec's source",
     "served-model-name": "sem serves the model under the spec's name",
-    "host": "sem binds engines to 127.0.0.1 and tells the gateway where they are",
+    "host": "sem binds engines to 127.0.0.1 (on a cluster, their node's address) and tells the"
+    " gateway where they are",
     "port": "sem picks each engine's port and tells the gateway",
     "uds": "sem reaches engines over TCP on 127.0.0.1",
-    "api-key": "the gateway and the health probe talk to engines without a key",
+    "api-key": "sem gives cluster engines their key (docs/cluster.md); on one box none is used",
     "ssl-keyfile": "the gateway and the health probe talk plain HTTP on loopback",
     "ssl-certfile": "the gateway and the health probe talk plain HTTP on loopback",
     "headless": "sem needs the engine's API server",
@@ -52,7 +53,7 @@ FENCED_ENV: dict[str, str] = {
     "CUDA_DEVICE_ORDER": "sem sets PCI_BUS_ID so CUDA's indexes are NVML's",
     "NVIDIA_VISIBLE_DEVICES": "sem pins each engine to the GPUs it placed it on",
     "VLLM_CPU_KVCACHE_SPACE": "sem sizes the CPU KV cache from the memory it reserved",
-    "VLLM_API_KEY": "the gateway and the health probe talk to engines without a key",
+    "VLLM_API_KEY": "sem gives cluster engines their key (docs/cluster.md); on one box none",
     "HF_HUB_OFFLINE": "engines start from the files sem cached, never the network",
     "HF_HOME": "engines read the cache sem manages",
     "HF_HUB_CACHE": "engines read the cache sem manages",

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import itertools
 import random
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from supervisor.config import ModelSpec
 from supervisor.engine import (
+    Adopt,
     EngineCommand,
     EngineHandle,
     LaunchPlan,
+    Spawn,
     free_port,
     spawn_engine,
     start_time,
@@ -44,13 +47,15 @@ class EngineSettings:
     state_dir: Path
     instance: str
     parent_env: Mapping[str, str]
+    spawn: Spawn = spawn_engine  # a Ray cluster's node agents: supervisor/cluster/
+    adopt: Adopt | None = None  # a cluster's engines after a restart (None: this machine's pids)
 
 
 def gpu_ids(placement: Placement | None, devices: Mapping[str, Device]) -> tuple[int, ...]:
     """The GPUs a placement is on; empty when it is on the CPU (or not placed)."""
     if placement is None or not all(devices[i].kind == "gpu" for i in placement.device_ids):
         return ()
-    return tuple(int(i) for i in placement.device_ids)
+    return tuple(devices[i].index or 0 for i in placement.device_ids)
 
 
 def gpu_memory_utilization(placement: Placement, devices: Mapping[str, Device]) -> float:
@@ -73,8 +78,10 @@ def launch_plan(
     port: int,
     state_dir: Path,
 ) -> LaunchPlan:
-    """What one replica's engine is started with, on these devices (pure)."""
+    """What one replica's engine is started with, on these devices (pure but for a cluster
+    engine's fresh key)."""
     gpus = gpu_ids(placement, devices)
+    on = devices[placement.device_ids[0]] if placement else Device("", "cpu", "", 0, 0)
     return LaunchPlan(
         replica_id=replica_id,
         served_name=spec.name,
@@ -91,6 +98,10 @@ def launch_plan(
         cpu_kv_cache_gib=None if gpus else cpu_kv_cache_gib(need.kv_cache),
         engine_args=spec.engine_args,
         env=spec.env,
+        host=on.host,
+        node=on.node or None,
+        # On a cluster an engine listens on its node's address: only the gateway may use it.
+        api_key=secrets.token_urlsafe(24) if on.node else None,
     )
 
 
@@ -141,7 +152,7 @@ class ReplicaFactory:
             )  # fmt: skip
 
         async def launch(plan: LaunchPlan) -> EngineHandle:
-            engine = await spawn_engine(
+            engine = await settings.spawn(
                 settings.command, plan, settings.instance, settings.parent_env
             )
             self._store.put_engine(engine_record(replica, plan, engine.pid))

@@ -16,7 +16,9 @@ from supervisor.cache import ModelCache
 from supervisor.config import ModelSpec
 from supervisor.demand import DemandBoard
 from supervisor.events import EventLog
+from supervisor.gpu_usage import ProcessMemory
 from supervisor.launch import EngineSettings, ReplicaFactory
+from supervisor.measure import Measurer
 from supervisor.models import ModelEntry
 from supervisor.probe import EngineProbe
 from supervisor.reconcile import ConfigDiff
@@ -49,7 +51,10 @@ class Manager:
         cache: ModelCache | None = None,
         demand: DemandBoard | None = None,
         rng: random.Random | None = None,  # the restarts' jitter (seeded in tests)
+        gpu_memory: ProcessMemory | None = None,
     ) -> None:
+        """`gpu_memory`: NVML's per-process figures, to measure what engines use on a GPU
+        (measure.py); without it only CPU engines and start failures correct estimates."""
         self.events = events  # every decision and transition, for the API and the tests
         self.demand = demand or DemandBoard()  # what the gateway reports (contract.report)
         store = store or Store(None)
@@ -63,10 +68,12 @@ class Manager:
         )  # fmt: skip
         self._registry = Registry(
             events=events, store=store, factory=factory, scheduler=self._scheduler,
-            routes=self._routes, cache=cache,
+            routes=self._routes, cache=cache, measurer=Measurer(store, events, gpu_memory),
         )  # fmt: skip
         self._rollouts = Rollouts(self._registry, store, events)
-        self._restorer = Restorer(self._registry, store, probe, events, timing.stop_grace)
+        self._restorer = Restorer(
+            self._registry, store, probe, events, timing.stop_grace, adopt=settings.adopt
+        )
 
     @property
     def cache(self) -> ModelCache | None:
@@ -114,6 +121,11 @@ class Manager:
         """One planning round: place what fits now, say why the rest waits."""
         if await self._scheduler.schedule(self._registry.entries()):
             self._registry.publish()
+
+    def nodes_changed(self, lost: set[str]) -> None:
+        """Cluster nodes joined or left (supervisor/cluster/): the lost nodes' replicas are
+        replaced on the nodes left, and a joined node's room counts at once."""
+        self._registry.replace_lost(lost)
 
     def add(self, spec: ModelSpec, origin: Origin = "api") -> ModelEntry:
         """A new model (replicas pending); kept in the desired state across restarts."""

@@ -93,6 +93,7 @@ class ModelEntry:
             "spec": self.spec.model_dump(),
             "origin": self.origin,
             "estimate": self.estimate.to_json() if self.estimate else None,
+            "memory": self.estimate.memory_json() if self.estimate else None,
             "download": self.download.to_json() if self.download else None,
             "replicas": [r.snapshot() for r in self.replicas],
         }

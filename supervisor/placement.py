@@ -14,13 +14,17 @@ A pure decision over snapshots: no I/O, no logging, no clock, no mutation of its
   fits, so memory that frees up goes to it rather than to a stream of smaller models.
 - On a GPU, one engine starts at a time: vLLM checks free memory at its own start, so two engines
   starting together on one GPU can both count the same memory.
+- Nodes (a Ray cluster, supervisor/cluster/): a replica's devices are all on one node, and a
+  replica goes to a node that holds no replica of its model yet when one can take it (so the loss
+  of a node leaves the model serving); best fit decides among the rest. On one box every device
+  is on the same node "" and this changes nothing.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field, replace
 
 from supervisor.gpu_budget import fits, start_cost, tp_reservations, tp_utilization
 from supervisor.units import GiB
@@ -38,6 +42,7 @@ class DeviceView:
     reserved: int  # by sem's replicas
     starting: bool = False  # an engine of sem's is starting on it (GPUs only: one at a time)
     kind: str = "gpu"
+    node: str = ""  # the cluster node it is on ("" on one box)
     foreign: int = 0  # measured use that none of sem's engines accounts for (other processes)
 
     @property
@@ -53,6 +58,8 @@ class Request:
     priority: int = 0
     seq: int = 0  # arrival order
     waited: float = 0.0  # seconds pending so far
+    group: str = ""  # its model: replicas of one group spread over nodes
+    avoid_nodes: frozenset[str] = frozenset()  # nodes its group's placed replicas are on
 
 
 @dataclass(frozen=True)
@@ -155,6 +162,10 @@ def _wait_reason(request: Request, devices: list[DeviceView]) -> str:
     ready = [d for d in fitting if not d.starting]
     if len(fitting) >= request.devices and len(ready) < request.devices:
         return f"{what}; another engine is starting on {', '.join(d.label for d in fitting)}"
+    if len(ready) >= request.devices and len({d.node for d in ready}) > 1:
+        on_one = max(sum(d.node == n for d in ready) for n in {d.node for d in ready})
+        if on_one < request.devices:
+            return f"{what}; {len(ready)} GPUs have that free, but no node has {request.devices}"
     if len(fitting) < request.devices:
         labels = ", ".join(d.label for d in fitting) or "none"
         return f"{what}; only {len(fitting)} GPU(s) have that free ({labels})" + _foreign_note(
@@ -183,19 +194,23 @@ def _reservations(request: Request, devices: Sequence[DeviceView]) -> list[int]:
 
 
 def _choose(
-    request: Request, candidates: list[DeviceView]
+    request: Request, candidates: list[DeviceView], used: Collection[str]
 ) -> tuple[tuple[DeviceView, ...], list[int]] | None:
-    """The best-fitting set of `request.devices` candidates, and what each reserves."""
-    best: tuple[int, tuple[str, ...], tuple[DeviceView, ...], list[int]] | None = None
+    """The best set of `request.devices` candidates, all on one node, and what each reserves:
+    a node not in `used` if one can take it, then the best fit."""
+    best: tuple[tuple[bool, int, tuple[str, ...]], tuple[DeviceView, ...], list[int]] | None = None
     for combo in itertools.combinations(candidates, request.devices):
+        if len({d.node for d in combo}) > 1:
+            continue
         amounts = _reservations(request, combo)
         if not all(has_room(d, r, request.devices) for d, r in zip(combo, amounts, strict=True)):
             continue
         left = sum(d.available - r for d, r in zip(combo, amounts, strict=True))
-        key = (left, tuple(d.id for d in combo))
-        if best is None or key < best[:2]:
-            best = (*key, combo, amounts)
-    return None if best is None else (best[2], best[3])
+        node = combo[0].node
+        key = (node in used and node != "", left, tuple(d.id for d in combo))
+        if best is None or key < best[0]:
+            best = (key, combo, amounts)
+    return None if best is None else (best[1], best[2])
 
 
 def plan(
@@ -205,6 +220,7 @@ def plan(
     reserved = {d.id: d.reserved for d in devices}
     free = {d.id: d.free for d in devices}
     starting = {d.id: d.starting for d in devices}
+    used: dict[str, set[str]] = {}  # group -> nodes its replicas are on (this round included)
     result = Plan()
     blocked_by: Request | None = None
     for request in sorted(requests, key=lambda r: (-r.priority, r.seq)):
@@ -219,21 +235,22 @@ def plan(
             )
             continue
         current = [
-            DeviceView(d.id, d.label, d.total, free[d.id], reserved[d.id], starting[d.id], d.kind,
-                       d.foreign)
+            replace(d, free=free[d.id], reserved=reserved[d.id], starting=starting[d.id])
             for d in views.values()
-        ]  # fmt: skip
+        ]
         candidates = [
             d for d in sorted(current, key=lambda d: d.id)
             if has_room(d, request.need, request.devices) and not (d.kind == "gpu" and d.starting)
         ]  # fmt: skip
-        choice = _choose(request, candidates)
+        group_nodes = used.setdefault(request.group, set(request.avoid_nodes))
+        choice = _choose(request, candidates, group_nodes if request.group else ())
         if choice is None:
             result.waits.append(Wait(request.replica_id, _wait_reason(request, current)))
             if request.waited >= starvation_guard:
                 blocked_by = request
             continue
         chosen, amounts = choice
+        group_nodes.add(chosen[0].node)
         for d, amount in zip(chosen, amounts, strict=True):
             reserved[d.id] += amount
             free[d.id] -= amount

@@ -14,8 +14,9 @@ from supervisor.cache import ModelCache
 from supervisor.cache_job import Job
 from supervisor.config import ModelSpec, Source
 from supervisor.errors import ModelExists, ModelNotFound, SupervisorError
-from supervisor.events import EventLog
+from supervisor.events import EventKind, EventLog
 from supervisor.launch import ReplicaFactory
+from supervisor.measure import Measurer
 from supervisor.models import ModelEntry
 from supervisor.replica import Replica
 from supervisor.resources import Device
@@ -36,6 +37,7 @@ class Registry:
         scheduler: Scheduler,
         routes: RoutePublisher,
         cache: ModelCache | None,
+        measurer: Measurer,
     ) -> None:
         self._events = events
         self._store = store
@@ -43,6 +45,7 @@ class Registry:
         self._scheduler = scheduler
         self._routes = routes
         self.cache = cache  # if set, hf:// sources not cached yet are downloaded first
+        self._measurer = measurer  # corrects a model's need from its engines (measure.py)
         self._models: dict[str, ModelEntry] = {}
         self._removals: set[asyncio.Task[None]] = set()
         self._downloads: set[asyncio.Task[None]] = set()
@@ -80,7 +83,7 @@ class Registry:
     def prepare(self, spec: ModelSpec) -> Prepared:
         """The model's folder and size, or the download that comes first; InvalidSpec if
         neither can be had."""
-        return prepare(spec, self.cache, self.devices)
+        return prepare(spec, self.cache, self.devices, self._store)
 
     def add(self, spec: ModelSpec, origin: Origin = "api") -> ModelEntry:
         """A new model (replicas pending); kept in the desired state across restarts."""
@@ -138,6 +141,25 @@ class Registry:
             entry.replicas.append(self.new_replica(entry, entry.free_replica_id()))
         self._changed()
 
+    def replace_lost(self, lost: set[str]) -> None:
+        """Cluster nodes left: a replica on one is gone with it, so it is stopped (nothing is
+        left to drain) and a new pending one takes its place on a node that is left."""
+        for entry in self._models.values():
+            for replica in entry.replicas:
+                if replica.plan is not None and replica.plan.node in lost and not replica.done:
+                    self._events.emit(EventKind.NODE_LOST, replica.id, "its node left; replacing")
+                    task = asyncio.create_task(self._replace(entry, replica), name=replica.id)
+                    self._removals.add(task)
+                    task.add_done_callback(self._removals.discard)
+        self._scheduler.replan()  # joined nodes too: replicas that wait for room may fit
+
+    async def _replace(self, entry: ModelEntry, replica: Replica) -> None:
+        await replica.stop(0.0)
+        if replica in entry.replicas:
+            entry.replicas.remove(replica)
+        if not entry.leaving and not self._closing:
+            self.add_replicas(entry)
+
     def begin_removal(self, entry: ModelEntry, drain_timeout: float) -> None:
         if entry.leaving:
             return
@@ -163,6 +185,7 @@ class Registry:
             self.begin_removal(entry, drain_timeout)
         if self._removals:
             await asyncio.gather(*self._removals, return_exceptions=True)
+        await self._measurer.close()
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -176,7 +199,7 @@ class Registry:
         assert entry.download is not None
         try:
             entry.model_ref, entry.estimate = await after_download(
-                entry.spec, entry.download, self.devices
+                entry.spec, entry.download, self.devices, self._store
             )
         except SupervisorError as exc:
             if entry.phase is ModelPhase.DOWNLOADING:  # not removed meanwhile
@@ -211,5 +234,7 @@ class Registry:
     def _on_replica_change(self, replica: Replica) -> None:
         if replica.state in (ReplicaState.STOPPED, ReplicaState.FAILED, ReplicaState.RESTARTING):
             self._store.drop_engine(replica.id)  # its engine is gone (or being replaced)
+        if (entry := self._models.get(replica.model)) is not None and replica in entry.replicas:
+            self._measurer.note_change(entry, replica)
         self._scheduler.note_change(replica)
         self.publish()

@@ -20,7 +20,7 @@ from supervisor.reconcile import ConfigDiff
 
 log = logging.getLogger("sem.supervisor")
 
-RESTART_ONLY = ("devices", "cpu_memory_budget", "recheck_interval")
+RESTART_ONLY = ("devices", "cpu_memory_budget", "recheck_interval", "cluster")
 
 
 def removes_every_model(manager: Manager, models: list[ModelSpec]) -> list[str]:

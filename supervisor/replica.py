@@ -21,6 +21,7 @@ from supervisor.events import EventKind, EventLog
 from supervisor.placement import Placement
 from supervisor.probe import EngineProbe
 from supervisor.restart import RestartPolicy
+from supervisor.start_failure import FailureKind, StartFailure, classify, read_tail
 from supervisor.states import ACTIVE_STATES, ReplicaState, can_transition
 
 log = logging.getLogger("sem.replica")
@@ -103,6 +104,7 @@ class Replica:
         self.seq = 0  # arrival order, for first-come-first-served placement
         self.digest = ""  # the spec its engines start from (store.spec_digest)
         self.max_num_seqs = 1  # its engines' batch size: the gateway's slots on it
+        self.start_failure: StartFailure | None = None  # why its last engine failed to start
         self._failures: list[float] = []
         self._stop_requested = asyncio.Event()
         self._drain_deadline = 0.0
@@ -113,7 +115,7 @@ class Replica:
 
     @property
     def url(self) -> str | None:
-        return f"http://127.0.0.1:{self.plan.port}" if self.plan else None
+        return f"http://{self.plan.host}:{self.plan.port}" if self.plan else None
 
     @property
     def started(self) -> bool:
@@ -234,6 +236,8 @@ class Replica:
                     self._transition(ReplicaState.STOPPED, "removed")  # FAILED -> STOPPED
                     return
             outcome, detail = await self._until_ready(self.process)
+            if outcome == _Outcome.EXITED and await self._start_failed(self.process):
+                return
             if outcome == _Outcome.READY:
                 self._transition(ReplicaState.READY, detail)  # STARTING -> READY
                 outcome, detail = await self._watch(self.process)
@@ -242,6 +246,31 @@ class Replica:
                 return
             if not await self._backoff(detail, self.process):
                 return
+
+    async def _start_failed(self, process: EngineHandle) -> bool:
+        """A start failure the backoff cannot cure (start_failure.py): bad configuration ->
+        failed at once; out of memory -> back to pending, for the scheduler to place it again
+        with the raised need (the registry's hook reads `start_failure` on the transition).
+        True if handled (the lifecycle task ends); False: back off as for any crash."""
+        code = process.returncode
+        failure = classify(code, read_tail(process.log_path))
+        self.start_failure = failure
+        if failure.kind is FailureKind.OTHER:
+            return False
+        await process.stop(self._timing.stop_grace)
+        now = time.monotonic()
+        self._failures.append(now)
+        if failure.kind is FailureKind.BAD_CONFIG or self._policy.gives_up(self._failures, now):
+            self._transition(ReplicaState.FAILED, failure.describe(code))  # STARTING -> FAILED
+            await self._stop_requested.wait()
+            self._transition(ReplicaState.STOPPED, "removed")  # FAILED -> STOPPED
+            return True
+        self._task, self.pending_since = None, now  # the scheduler places it again
+        self._transition(ReplicaState.PENDING, f"{failure.describe(code)}; to be placed again")
+        self.placement = None
+        if self._stop_requested.is_set():
+            self._transition(ReplicaState.STOPPED, "removed")  # PENDING -> STOPPED
+        return True
 
     async def _backoff(self, failure: str, process: EngineHandle) -> bool:
         """After a failure: stop what is left of the engine's group, then wait out the backoff

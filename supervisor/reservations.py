@@ -45,7 +45,7 @@ def device_views(
                 accounted[device_id] = accounted.get(device_id, 0) + amount + cost
     return [
         DeviceView(
-            d.id, d.label, d.total, d.free, reserved[d.id], starting[d.id], d.kind,
+            d.id, d.label, d.total, d.free, reserved[d.id], starting[d.id], d.kind, d.node,
             foreign=max(0, d.total - d.free - accounted[d.id]) if d.kind == "gpu" else 0,
         )
         for d in devices

@@ -27,10 +27,14 @@ class Device:
     total: int  # bytes
     free: int  # bytes, as measured now
     uuid: str | None = None
+    node: str = ""  # the cluster node it is on ("" on one box; supervisor/cluster/)
+    host: str = "127.0.0.1"  # the address engines on it listen on
 
     @property
     def index(self) -> int | None:
-        return int(self.id) if self.kind == "gpu" else None
+        """The GPU's index on its own machine (CUDA_VISIBLE_DEVICES); a cluster-wide id is
+        `<node>/<index>`."""
+        return int(self.id.rsplit("/", 1)[-1]) if self.kind == "gpu" else None
 
     @property
     def label(self) -> str:

@@ -9,15 +9,20 @@ models.yaml, exactly as a reload does later.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from dataclasses import replace
 
 from supervisor.adoption import adopted_engine, is_our_engine, why_not_adoptable
+from supervisor.engine import Adopt, RemoteEngine
 from supervisor.errors import SupervisorError
 from supervisor.events import EventKind, EventLog
 from supervisor.models import ModelEntry
 from supervisor.placement import Placement
 from supervisor.probe import EngineProbe
 from supervisor.registry import Registry
-from supervisor.store import EngineRecord, Store
+from supervisor.store import EngineRecord, Store, spec_digest
+
+Remote = Mapping[str, RemoteEngine] | None  # a cluster's engines by replica id; None: one box
 
 
 class Restorer:
@@ -28,12 +33,14 @@ class Restorer:
         probe: EngineProbe,
         events: EventLog,
         stop_grace: float,
+        adopt: Adopt | None = None,
     ) -> None:
         self._registry = registry
         self._store = store
         self._probe = probe
         self._events = events
         self._stop_grace = stop_grace
+        self._adopt_remote = adopt  # a cluster's: its node agents own the engines
 
     async def restore(self) -> None:
         """The stored models, their live engines re-adopted, the other engines retired.
@@ -42,6 +49,7 @@ class Restorer:
         table a gateway sees already has the re-adopted engines.
         """
         records = self._store.engines()
+        remote = await self._adopt_remote() if self._adopt_remote else None
         adopted: set[str] = set()
         for desired in self._store.desired():
             spec = desired.spec
@@ -53,33 +61,57 @@ class Restorer:
                 continue
             if entry.download is not None:
                 continue  # not cached: no engine can have run from it
-            adopted |= await self._adopt(entry, [r for r in records if r.model == spec.name])
+            mine = [r for r in records if r.model == spec.name]
+            adopted |= await self._adopt(entry, mine, remote)
             self._registry.add_replicas(entry)
         leftovers = [r for r in records if r.replica not in adopted]
-        await asyncio.gather(*(self._retire(record) for record in leftovers))
+        await asyncio.gather(*(self._retire(record, remote) for record in leftovers))
 
-    async def _adopt(self, entry: ModelEntry, records: list[EngineRecord]) -> set[str]:
+    async def _adopt(
+        self, entry: ModelEntry, records: list[EngineRecord], remote: Remote
+    ) -> set[str]:
         """Take over the model's recorded engines that are still its own, up to its replica
         count; the ids of the replicas that did."""
         adopted: set[str] = set()
         for record in records:
             if len(entry.replicas) == entry.spec.replicas:
                 break
-            if why := await why_not_adoptable(record, entry.spec, self._probe):
+            if why := await self._why_not_adoptable(record, entry, remote):
                 self._events.emit(EventKind.NOT_ADOPTED, record.replica,
                                   f"{why}; starting afresh")  # fmt: skip
                 continue
             replica = self._registry.new_replica(entry, record.replica)
             placement = Placement(replica.id, record.devices, record.reserved, "re-adopted",
                                   record.reservations)  # fmt: skip
-            replica.adopt(placement, adopted_engine(record))
+            if remote is None:
+                replica.adopt(placement, adopted_engine(record))
+            else:  # on a cluster node: with the key its engine demands
+                replica.adopt(placement, remote[record.replica])
+                assert replica.plan is not None
+                replica.plan = replace(replica.plan, api_key=remote[record.replica].api_key)
             entry.replicas.append(replica)
             adopted.add(replica.id)
         return adopted
 
-    async def _retire(self, record: EngineRecord) -> None:
+    async def _why_not_adoptable(
+        self, record: EngineRecord, entry: ModelEntry, remote: Remote
+    ) -> str | None:
+        if remote is None:
+            return await why_not_adoptable(record, entry.spec, self._probe)
+        if record.replica not in remote:
+            return "its engine runs on no node of the cluster"
+        if record.spec_digest != spec_digest(entry.spec):
+            return f"its engine was started from another spec of {entry.spec.name}"
+        return None
+
+    async def _retire(self, record: EngineRecord, remote: Remote) -> None:
         """An engine of an earlier run that has no place now: stop it, forget it."""
-        if await asyncio.to_thread(is_our_engine, record):
+        if remote is not None:
+            if (engine := remote.get(record.replica)) is not None:
+                self._events.emit(EventKind.RETIRED, record.replica,
+                                  "stopping its engine on its node")  # fmt: skip
+                await engine.stop(self._stop_grace)
+        elif await asyncio.to_thread(is_our_engine, record):
             self._events.emit(EventKind.RETIRED, record.replica,
                               f"stopping engine pid {record.pid}")  # fmt: skip
             await adopted_engine(record).stop(self._stop_grace)

@@ -37,6 +37,7 @@ def build_routes(models: Mapping[str, ModelEntry], version: int) -> RouteTable:
                         state=replica_route_state(entry, r.state).value,
                         url=r.url,
                         max_num_seqs=r.max_num_seqs,
+                        api_key=r.plan.api_key if r.plan else None,
                     )
                     for r in entry.replicas
                     if not r.done

@@ -128,7 +128,11 @@ class Scheduler:
             Request(
                 replica_id=r.id, need=of[r.id].sized.per_device,
                 devices=of[r.id].spec.tensor_parallel, priority=of[r.id].spec.priority,
-                seq=r.seq, waited=now - r.pending_since,
+                seq=r.seq, waited=now - r.pending_since, group=of[r.id].spec.name,
+                avoid_nodes=frozenset(
+                    s.plan.node for s in of[r.id].replicas
+                    if s.holds_reservation and s.plan is not None and s.plan.node
+                ),
             )
             for r in pending
         ]  # fmt: skip

@@ -1,12 +1,14 @@
 """Sizing a model up: the local folder an engine loads and the memory one replica needs.
 
 Shared by the supervisor (before a model gets replicas) and `sem plan` (dryrun.py), which starts
-nothing. The memory comes from estimate.py: `size_up` is the one place a measured figure would
-replace the estimate.
+nothing. The memory comes from estimate.py, or where an earlier engine of the same spec was
+measured (measure.py, kept in the store) from that measurement: `size_up` is the one place
+where a measured figure replaces the estimate.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from supervisor.cache import ModelCache
@@ -14,8 +16,10 @@ from supervisor.cache_job import Job
 from supervisor.config import ModelSpec, Source
 from supervisor.errors import InvalidSpec
 from supervisor.estimate import EstimateError, MemoryEstimate, estimate
+from supervisor.measure import measured_need
 from supervisor.placement import never_fits
 from supervisor.resources import Device
+from supervisor.store import Store
 
 # What a model needs before it can have replicas: (engine's model folder, memory per replica),
 # or the download of its files that must come first.
@@ -44,20 +48,27 @@ def local_model_dir(spec: ModelSpec) -> Path:
         ) from None
 
 
-def size_up(spec: ModelSpec, model_dir: Path | None, devices: list[Device]) -> MemoryEstimate:
-    """The memory one replica needs; InvalidSpec if it cannot be estimated or never fits."""
+def size_up(
+    spec: ModelSpec, model_dir: Path | None, devices: list[Device], store: Store | None = None
+) -> MemoryEstimate:
+    """The memory one replica needs: estimated, and measured where `store` knows this spec;
+    InvalidSpec if it cannot be estimated or never fits."""
     on_gpu = any(d.kind == "gpu" for d in devices)
     try:
         need = estimate(spec, model_dir, on_gpu=on_gpu)
     except EstimateError as exc:
         raise InvalidSpec(str(exc)) from None
+    if store is not None:
+        need = replace(need, measured=measured_need(store, spec, on_gpu))
     eligible = [(d.label, d.total) for d in devices if on_gpu == (d.kind == "gpu")]
     if problem := never_fits(need.per_device, spec.tensor_parallel, eligible, on_gpu):
         raise InvalidSpec(f"{spec.name} can never be placed: {problem}")
     return need
 
 
-def prepare(spec: ModelSpec, cache: ModelCache | None, devices: list[Device]) -> Prepared:
+def prepare(
+    spec: ModelSpec, cache: ModelCache | None, devices: list[Device], store: Store | None = None
+) -> Prepared:
     """The engine's model folder and the memory a replica needs, or the download that must
     come first (an hf:// source not cached yet); InvalidSpec if neither can be had."""
     if cache is None:
@@ -66,13 +77,13 @@ def prepare(spec: ModelSpec, cache: ModelCache | None, devices: list[Device]) ->
         located = cache.prepare(Source.parse(spec.source))
     if isinstance(located, Job):
         return located
-    return str(located), size_up(spec, located, devices)
+    return str(located), size_up(spec, located, devices, store)
 
 
 async def after_download(
-    spec: ModelSpec, job: Job, devices: list[Device]
+    spec: ModelSpec, job: Job, devices: list[Device], store: Store | None = None
 ) -> tuple[str, MemoryEstimate]:
     """Once `job` has cached the model's files: its folder and the memory a replica needs.
     The job's CacheError if the download failed, InvalidSpec if it cannot be sized."""
     path = await job.wait()
-    return str(path), size_up(spec, path, devices)
+    return str(path), size_up(spec, path, devices, store)

@@ -6,6 +6,7 @@ A leaf module (imports nothing of sem). Every replica state change goes through
     pending -> starting -> ready -> draining -> stopped
     starting/ready --crash or failed health--> restarting --backoff--> starting
     starting/ready/restarting --too many crashes--> failed --removal--> stopped
+    starting --out of memory at start--> pending (placed again);  --bad config--> failed
 
 A model has a phase of its own, changed only by `ModelEntry.transition` (models.py), which checks
 `can_enter` and records an event:
@@ -36,6 +37,7 @@ _TRANSITIONS: dict[ReplicaState, frozenset[ReplicaState]] = {
     ReplicaState.PENDING: frozenset({ReplicaState.STARTING, ReplicaState.STOPPED}),
     ReplicaState.STARTING: frozenset(
         {
+            ReplicaState.PENDING,
             ReplicaState.READY,
             ReplicaState.RESTARTING,
             ReplicaState.FAILED,

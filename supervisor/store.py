@@ -1,6 +1,6 @@
 """The supervisor's memory across restarts: desired state and engine records, in SQLite.
 
-Three tables in `<state-dir>/sem.db`:
+Four tables in `<state-dir>/sem.db`:
 - `desired`: the models sem should run (name -> spec, origin `config` or `api`): models.yaml as
   last applied plus runtime adds and removes. A whole-system stop keeps it; only removals change it.
 - `applied_config`: models.yaml as last applied, so a reload (or a start after an edit) applies
@@ -10,6 +10,9 @@ Three tables in `<state-dir>/sem.db`:
   placement): what a restarted supervisor checks before re-adopting an engine instead of
   starting it again. Its `devices` column is JSON: a list of [device id, bytes reserved there]
   pairs, or of ids alone, each reserving `reserved` (as an older sem wrote every record).
+- `measured` (schema 2): what an engine of a model and spec digest was measured to need
+  (measure.py), so later placements of that spec use it instead of the estimate. A database of
+  schema 1 gains the table when a newer sem opens it; nothing else changes.
 
 Writes are tiny and rare (a model added, an engine started or stopped) and SQLite runs in WAL
 mode with synchronous=NORMAL, where a commit is a write() without fsync: microseconds, so the
@@ -37,7 +40,8 @@ from typing import Literal
 from supervisor.config import ModelSpec
 
 Origin = Literal["config", "api"]
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+KNOWN_VERSIONS = (0, 1, 2)  # 0: a new file; 1: before `measured`
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -50,6 +54,12 @@ CREATE TABLE IF NOT EXISTS engines (
     create_time REAL NOT NULL, port INTEGER NOT NULL, spec_digest TEXT NOT NULL,
     devices TEXT NOT NULL, reserved INTEGER NOT NULL, log_path TEXT NOT NULL,
     updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS measured (
+    model TEXT NOT NULL, spec_digest TEXT NOT NULL, device_kind TEXT NOT NULL,
+    need INTEGER NOT NULL, used INTEGER NOT NULL, budget INTEGER NOT NULL,
+    kv_cache INTEGER, source TEXT NOT NULL, updated REAL NOT NULL,
+    PRIMARY KEY (model, spec_digest, device_kind)
 );
 """
 
@@ -101,6 +111,20 @@ def _devices_column(record: EngineRecord) -> str:
     return json.dumps([list(p) for p in zip(record.devices, record.reservations, strict=True)])
 
 
+@dataclass(frozen=True)
+class Measurement:
+    """What one engine of a spec was measured to need, per device (measure.py says how)."""
+
+    model: str
+    spec_digest: str
+    device_kind: str  # "gpu" or "cpu": a figure holds for the kind it was measured on
+    need: int  # bytes per device later placements reserve (margin included)
+    used: int  # bytes per device the engine's processes held (NVML, or USS on CPU)
+    budget: int  # bytes per device it was given (its reservation)
+    kv_cache: int | None  # bytes per device vLLM found for its KV cache, if its log said
+    source: str  # "ready", "settled", or the start failure it was read from
+
+
 class StoreError(Exception):
     pass
 
@@ -133,7 +157,7 @@ class Store:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version not in KNOWN_VERSIONS:
                 raise StoreError(
                     f"{path}: schema version {version}, this sem knows {SCHEMA_VERSION}"
                 )
@@ -221,3 +245,21 @@ class Store:
 
     def drop_engine(self, replica: str) -> None:
         self._db.execute("DELETE FROM engines WHERE replica = ?", (replica,))
+
+    # -- measured needs ----------------------------------------------------------------------
+
+    def measurement(self, model: str, digest: str, device_kind: str) -> Measurement | None:
+        row = self._db.execute(
+            "SELECT need, used, budget, kv_cache, source FROM measured"
+            " WHERE model = ? AND spec_digest = ? AND device_kind = ?",
+            (model, digest, device_kind),
+        ).fetchone()
+        return None if row is None else Measurement(model, digest, device_kind, *row)
+
+    def put_measurement(self, m: Measurement) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO measured (model, spec_digest, device_kind, need, used,"
+            " budget, kv_cache, source, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (m.model, m.spec_digest, m.device_kind, m.need, m.used, m.budget, m.kv_cache,
+             m.source, time.time()),
+        )  # fmt: skip

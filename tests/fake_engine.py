@@ -20,6 +20,9 @@ Fault signals (what `sem chaos` sends the stand-in):
   SIGUSR1                 wedge: /health stays 200, but no request makes progress any more
                           (like a deadlocked EngineCore behind a live API process)
   SIGUSR2                 unwedge: requests go on where they stood
+
+Like vLLM, `--api-key KEY` (or VLLM_API_KEY) makes every /v1 route demand `Authorization: Bearer
+KEY` (401 `{"error": "Unauthorized"}` otherwise); /health and /metrics stay open.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import sys
 import time
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 
 def engine_core() -> None:
@@ -71,8 +75,12 @@ class FakeEngine:
         die_after: int | None = None,
         error_after: int | None = None,
         crash_on: str | None = None,
+        tokens_per_chunk: int = 1,
+        empty_every: int = 0,
     ) -> None:
         self.served_name = served_name
+        self.tokens_per_chunk = tokens_per_chunk  # >1: like speculative decoding
+        self.empty_every = empty_every  # >0: an empty-text chunk after every that many chunks
         self.running = 0
         if token_delay is None:
             token_delay = float(os.environ.get("FAKE_TOKEN_DELAY", "0"))
@@ -201,15 +209,27 @@ class FakeEngine:
     ) -> web.StreamResponse:  # fmt: skip
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        for n, token in enumerate(tokens):
+        options = body.get("stream_options")
+        options = options if isinstance(options, dict) else {}
+        continuous = bool(options.get("include_usage") and options.get("continuous_usage_stats"))
+        per = self.tokens_per_chunk
+        groups = [tokens[i : i + per] for i in range(0, len(tokens), per)]
+        sent = 0  # tokens, not chunks
+
+        async def write(choice: dict[str, object]) -> None:
+            chunk: dict[str, object] = {"id": "cmpl-fake", "object": f"{kind}.chunk",
+                                        "model": self.served_name, "choices": [choice]}  # fmt: skip
+            if continuous:
+                chunk["usage"] = cut(usage, sent)
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+        for n, group in enumerate(groups):
+            token = "".join(group)
             await self._next_token()
             if self.aborting:
-                usage = cut(usage, n)
+                usage = cut(usage, sent)
                 choice = {"index": 0, "finish_reason": "length"}
-                choice |= {"delta": {"content": ""}} if chat else {"text": ""}
-                chunk = {"id": "cmpl-fake", "object": f"{kind}.chunk", "model": self.served_name,
-                         "choices": [choice]}  # fmt: skip
-                await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                await write(choice | ({"delta": {"content": ""}} if chat else {"text": ""}))
                 break
             if self.error_after is not None and self.tokens_sent >= self.error_after:
                 self.error_after = None  # once
@@ -218,15 +238,15 @@ class FakeEngine:
                 await response.write(f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode())
                 await response.write_eof()
                 return response
-            self._count(request)
-            last = n == len(tokens) - 1
+            self._count(request, len(group))
+            sent += len(group)
+            last = n == len(groups) - 1
             choice: dict[str, object] = {"index": 0, "finish_reason": "length" if last else None}
-            choice |= {"delta": {"content": token}} if chat else {"text": token}
-            chunk = {"id": "cmpl-fake", "object": f"{kind}.chunk", "model": self.served_name,
-                     "choices": [choice]}  # fmt: skip
-            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        options = body.get("stream_options")
-        if isinstance(options, dict) and options.get("include_usage"):
+            await write(choice | ({"delta": {"content": token}} if chat else {"text": token}))
+            if self.empty_every and (n + 1) % self.empty_every == 0 and not last:
+                await write({"index": 0, "finish_reason": None}
+                            | ({"delta": {"content": ""}} if chat else {"text": ""}))  # fmt: skip
+        if options.get("include_usage"):
             final = {"id": "cmpl-fake", "object": f"{kind}.chunk", "model": self.served_name,
                      "choices": [], "usage": usage}  # fmt: skip
             await response.write(f"data: {json.dumps(final)}\n\n".encode())
@@ -236,8 +256,21 @@ class FakeEngine:
         return response
 
 
-def make_app(engine: FakeEngine) -> web.Application:
-    app = web.Application()
+def require_key(api_key: str) -> Middleware:
+    """vLLM's check: /v1 routes need the bearer key."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        wanted = f"Bearer {api_key}"
+        if request.path.startswith("/v1") and request.headers.get("Authorization") != wanted:
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        return await handler(request)
+
+    return check
+
+
+def make_app(engine: FakeEngine, api_key: str | None = None) -> web.Application:
+    app = web.Application(middlewares=[require_key(api_key)] if api_key else [])
     app.router.add_get("/health", engine.health)
     app.router.add_get("/v1/models", engine.models)
     app.router.add_get("/metrics", engine.metrics)
@@ -252,6 +285,7 @@ async def main() -> None:
     parser.add_argument("--served-model-name", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"))
     args, _unknown = parser.parse_known_args()
 
     if os.environ.get("FAKE_IGNORE_SIGTERM") == "1":
@@ -275,7 +309,7 @@ async def main() -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGUSR1, engine.wedge)
     loop.add_signal_handler(signal.SIGUSR2, engine.unwedge)
-    app = make_app(engine)
+    app = make_app(engine, args.api_key)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()

@@ -180,13 +180,6 @@ def test_kill_9_of_engine_and_of_supervisor_costs_no_request(chaos):
         assert scenario(report, name)["load"]["failed"] == 0, scenario(report, name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 14: the supervisor SIGTERMs the frozen engine with streams in flight; like "
-    "vLLM in mode=abort (FAKE_SIGTERM_ABORT) it ends them with finish_reason and [DONE] short of "
-    "max_tokens, and the gateway relays that end. Fixed when the gateway stops routing to a "
-    "replica before it is signalled and resumes a stream that ends short.",
-)
 def test_sigstop_of_an_engine_costs_no_request(chaos):
     _, report, _ = chaos
     stop = scenario(report, "stop-engine")

@@ -18,10 +18,12 @@ started it serves tests/fake_engine.py's HTTP API. Each rank's steps, as read in
    cache blocks" or "To serve at least one request with the model's max seq len" errors; the
    KV cache is the smallest rank's block count on every rank (`get_kv_cache_configs`).
 Memory is released when the process is gone (the ledger's release lag), SIGKILL included.
+With SIM_LEDGER=torch the same steps take real GPU memory through torch (torch_memory.py).
 
 Knobs (env, bytes unless said): SIM_CONTEXT_BYTES (518 MiB), SIM_NCCL_BYTES (512 MiB),
 SIM_ACTIVATION_BYTES (1 GiB), SIM_NON_TORCH_BYTES (256 MiB), SIM_LOAD_SECONDS (0.5),
-SIM_PROFILE_SECONDS (0.2), SIM_WEIGHTS_FACTOR (1.0: real weights / what the checkpoint says).
+SIM_PROFILE_SECONDS (0.2), SIM_WEIGHTS_FACTOR (1.0: real weights / what the checkpoint says),
+SIM_STRICT_ARGS (unset: unknown flags are ignored; "1": refused as vLLM's argparse does).
 Weights follow supervisor/estimate.py's rule (tested against vLLM's figures separately).
 """
 
@@ -44,11 +46,13 @@ from supervisor.estimate import kv_bytes_per_token, weight_bytes
 from supervisor.model_shape import model_shape
 from tests.fake_engine import FakeEngine, make_app
 from tests.gpusim.ledger import Ledger, OutOfMemory
+from tests.gpusim.torch_memory import TorchMemory
 
 GiB = 1024**3
 MiB = 1024**2
 BLOCK_SIZE = 16  # tokens a KV block holds (vLLM's default on GPUs)
 LOAD_STEPS = 4
+Memory = Ledger | TorchMemory  # simulated memory, or real GPU memory through torch
 
 
 class StartupError(Exception):
@@ -83,7 +87,7 @@ class Startup:
     profile_seconds: float
 
 
-def visible_gpus(ledger: Ledger, value: str) -> list[int]:
+def visible_gpus(ledger: Memory, value: str) -> list[int]:
     """CUDA_VISIBLE_DEVICES (PCI order indexes or UUIDs) -> ledger indexes."""
     found = ledger.gpus()
     chosen = []
@@ -101,7 +105,7 @@ def _kv_bytes(kv_cache_dtype: str, float_bytes: int) -> int:
     return 1 if kv_cache_dtype.startswith("fp8") or kv_cache_dtype == "int8" else 2
 
 
-def plan_startup(args: argparse.Namespace, ledger: Ledger) -> Startup:
+def plan_startup(args: argparse.Namespace, ledger: Memory) -> Startup:
     model_dir = Path(args.model)
     shape = model_shape(json.loads((model_dir / "config.json").read_text()))
     tp = args.tensor_parallel_size
@@ -125,7 +129,7 @@ def plan_startup(args: argparse.Namespace, ledger: Ledger) -> Startup:
     )
 
 
-def init_device(ledger: Ledger, s: Startup) -> tuple[dict[int, int], dict[int, int]]:
+def init_device(ledger: Memory, s: Startup) -> tuple[dict[int, int], dict[int, int]]:
     """Context and NCCL on every rank, then the snapshot and `request_memory`'s check.
     Returns (free at snapshot, requested) per GPU."""
     me = os.getpid()
@@ -150,7 +154,7 @@ def init_device(ledger: Ledger, s: Startup) -> tuple[dict[int, int], dict[int, i
     return {g: snapshot[g].free for g in s.gpus}, requested
 
 
-def load_and_profile(ledger: Ledger, s: Startup, init_free: dict[int, int]) -> dict[int, int]:
+def load_and_profile(ledger: Memory, s: Startup, init_free: dict[int, int]) -> dict[int, int]:
     """Weights over a few seconds, then the profile run; KV memory available per GPU."""
     me = os.getpid()
     for _ in range(LOAD_STEPS):
@@ -211,7 +215,7 @@ def check_enough_kv_cache_memory(available: int, s: Startup) -> None:
         )
 
 
-def start(ledger: Ledger, s: Startup) -> int:
+def start(ledger: Memory, s: Startup) -> int:
     """The whole protocol; the KV cache's tokens. StartupError as vLLM would fail."""
     init_free, requested = init_device(ledger, s)
     consumed = load_and_profile(ledger, s, init_free)
@@ -237,6 +241,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--kv-cache-dtype", default="auto")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--enforce-eager", action="store_true")
+    if os.environ.get("SIM_STRICT_ARGS") == "1":
+        return parser.parse_args(argv)  # exits 2: "error: unrecognized arguments: ..."
     args, _unknown = parser.parse_known_args(argv)
     return args
 
@@ -254,7 +262,11 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main() -> int:
     args = parse_args(sys.argv[1:])
-    ledger = Ledger(Path(os.environ["SIM_LEDGER"]))
+    ledger: Memory
+    if os.environ["SIM_LEDGER"] == "torch":
+        ledger = TorchMemory(os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+    else:
+        ledger = Ledger(Path(os.environ["SIM_LEDGER"]))
     try:
         start(ledger, plan_startup(args, ledger))
     except StartupError as exc:

@@ -118,6 +118,7 @@ class Rig:
         self._ports = itertools.count(9000)
         self._log_dir = log_dir
         self.broken_plan: Exception | None = None  # make_plan raises this from now on
+        self.log_text = "loading weights\nRuntimeError: Engine core initialization failed\n"
         self.replica = Replica(
             replica_id="m-0", model="m", make_plan=self._make_plan, launch=self.launcher,
             probe=cast(EngineProbe, self.probe), events=self.events,
@@ -129,7 +130,7 @@ class Rig:
             raise self.broken_plan
         self.plans += 1
         log_path = self._log_dir / "m-0.log"
-        log_path.write_text("loading weights\nRuntimeError: CUDA out of memory\n")
+        log_path.write_text(self.log_text)
         return LaunchPlan(replica_id="m-0", served_name="m", model="/models/m",
                           port=next(self._ports), log_path=log_path, max_num_seqs=4)  # fmt: skip
 

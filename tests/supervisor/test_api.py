@@ -39,6 +39,18 @@ async def test_add_model_is_202_then_ready_and_listed(api, model_dir: Path):
     assert any(e["kind"] == "model_added" for e in events)
 
 
+async def test_models_show_estimate_vs_measured_memory(api, model_dir: Path):
+    client, manager = api
+    await client.post("/models", json={"name": "m", "source": f"path:{model_dir}"})
+    memory = (await client.get("/models/m")).json()["memory"]
+    estimate = manager.get("m").sized.estimated
+    assert memory == {"estimate": estimate, "measured": None, "used_for_placement": estimate}
+    await wait_until(lambda: manager.get("m").sized.measured is not None, what="measured")
+    memory = (await client.get("/models/m")).json()["memory"]
+    # A stand-in engine holds far less than the CPU reservation: the need is not lowered.
+    assert memory == {"estimate": estimate, "measured": estimate, "used_for_placement": estimate}
+
+
 async def test_duplicate_name_is_409(api, model_dir: Path):
     client, _ = api
     body = {"name": "m", "source": f"path:{model_dir}"}

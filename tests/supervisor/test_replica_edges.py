@@ -153,8 +153,8 @@ async def test_starting_to_restarting_when_exit_before_ready(make_rig):
     await rig.reach(S.RESTARTING)
     rig.assert_edge(
         S.STARTING, S.RESTARTING,
-        "engine exited with code 1 while starting (log: loading weights | RuntimeError: CUDA out"
-        " of memory); restart in 0.02s",
+        "engine exited with code 1 while starting (log: loading weights | RuntimeError: Engine"
+        " core initialization failed); restart in 0.02s",
         since,
     )  # fmt: skip
     assert rig.replica.restarts == 1
@@ -180,6 +180,48 @@ async def test_starting_to_failed_when_the_engine_cannot_be_executed(make_rig):
     await rig.reach(S.FAILED)
     rig.assert_edge(S.STARTING, S.FAILED, "cannot start engine: [Errno 2]", since)
     assert rig.replica.restarts == 0, "retrying cannot help: no backoff"
+
+
+async def exit_while_starting(
+    make_rig: Callable[..., Rig], log: str, code: int, then: ReplicaState
+) -> tuple[Rig, FakeEngine, float]:
+    """A replica whose first engine wrote `log` and exited with `code` before it was ready,
+    once the replica reached `then`; the time just before the exit."""
+    rig = make_rig()
+    rig.log_text = log
+    rig.start()
+    engine = await rig.launcher.engine(1)
+    since = time.time()
+    engine.exit(code)
+    await rig.reach(then)
+    return rig, engine, since
+
+
+@covers(S.STARTING, S.FAILED)
+async def test_starting_to_failed_at_once_when_the_engine_refuses_its_arguments(make_rig):
+    log = "usage: vllm serve\nvllm serve: error: unrecognized arguments: --bogus\n"
+    rig, _, since = await exit_while_starting(make_rig, log, 2, S.FAILED)
+    rig.assert_edge(S.STARTING, S.FAILED,
+                    "engine refused its configuration: vllm serve: error: unrecognized arguments:"
+                    " --bogus", since)  # fmt: skip
+    assert rig.replica.restarts == 0 and len(rig.launcher.engines) == 1, "no retry"
+
+
+@covers(S.STARTING, S.PENDING)
+async def test_starting_to_pending_when_out_of_memory_at_start(make_rig):
+    log = "Available KV cache memory: -0.5 GiB\nValueError: No available memory for the cache"
+    log += " blocks.\n"
+    rig, engine, since = await exit_while_starting(make_rig, log, 1, S.PENDING)
+    rig.assert_edge(S.STARTING, S.PENDING,
+                    "out of memory at start: ValueError: No available memory for the cache"
+                    " blocks.; to be placed again", since)  # fmt: skip
+    assert not rig.replica.started and rig.replica.placement is None, "for the scheduler"
+    assert rig.replica.start_failure is not None
+    assert rig.replica.start_failure.kv_available == -(2**29)
+    assert engine.stops == 1 and rig.replica.restarts == 0
+    rig.start()  # placed again: a new lifecycle
+    await rig.launcher.engine(2)
+    await rig.reach(S.STARTING)
 
 
 @covers(S.STARTING, S.FAILED)

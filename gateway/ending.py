@@ -1,0 +1,83 @@
+"""Is an engine's end of stream the model's, or a cut that looks like one?
+
+vLLM stopped with SIGTERM (mode=abort, the supervisor's way to stop a frozen engine) ends every
+stream in flight with a `finish_reason` and `[DONE]` under HTTP 200, after a fraction of the
+tokens asked for (engine-notes.md). Relayed as it is, the client takes a truncated answer for a
+complete one. So the end of a stream is judged, once per stream, from its last events:
+
+- `finish_reason` "abort" is never the model's;
+- "length" (or no finish at all) with fewer tokens than asked (`max_tokens`,
+  `max_completion_tokens`) is a cut, "stop" is the model's choice (an eos or a stop string);
+- an end from a replica being stopped (no longer ready in the route table) is a cut unless it is
+  provably complete ("stop", or every token asked for).
+
+Tokens are the engine's own count (`usage.completion_tokens`, which the gateway asks for in
+every chunk, see gateway.usage). With several choices (`n` > 1) usage adds them up: the stream
+is short when the sum is under `n` x the limit and no choice stopped.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.resume import VLLM_DEFAULT_MAX_TOKENS
+
+_FINISH = re.compile(rb'"finish_reason":\s*"(\w+)"')
+
+
+def asked_tokens(path: str, body: dict[str, Any]) -> int | None:
+    """The tokens a request asks for at most; None when it sets no limit (chat: the context)."""
+    for key in ("max_completion_tokens", "max_tokens"):
+        if isinstance(body.get(key), int):
+            return int(body[key])
+    return None if path.endswith("/chat/completions") else VLLM_DEFAULT_MAX_TOKENS
+
+
+_LIMIT = re.compile(rb'"max(?:_completion)?_tokens":\s*(\d+)')
+
+
+def asked_limit(request: bytes) -> int | None:
+    """`asked_tokens` of a request's bytes, unparsed (a non-stream answer's judgment; None:
+    no limit found)."""
+    found = _LIMIT.findall(request)
+    return min(int(n) for n in found) if found else None
+
+
+def finish_reasons(tail: bytes) -> list[str]:
+    """The finish reasons in `tail` (raw events; generated text cannot fake one: its quotes are
+    escaped)."""
+    return [m.decode() for m in _FINISH.findall(tail)]
+
+
+def ends_stream(out: bytes) -> bool:
+    """`out` (complete events) holds a finish or [DONE]: what is held back until the end."""
+    return b'"finish_reason":"' in out or b'"finish_reason": "' in out or b"[DONE]" in out
+
+
+@dataclass(frozen=True)
+class Ending:
+    """What is known of a stream's end when the engine closed it."""
+
+    reasons: list[str]  # finish reasons seen in its last events
+    tokens: int | None  # completion tokens of the whole stream, by the engine's count
+    asked: int | None
+    choices: int  # n
+    replica_ready: bool  # the replica is still ready in the route table
+
+    def cut(self) -> str | None:
+        """Why this end is not the model's; None if it is (or cannot be told from one)."""
+        if "abort" in self.reasons:
+            return "ended the stream with finish_reason abort"
+        wanted = -1 if self.asked is None else self.asked * self.choices
+        tokens = -1 if self.tokens is None else self.tokens  # -1: not known
+        known = wanted >= 0 and tokens >= 0
+        complete = self.reasons == ["stop"] * self.choices or (known and tokens >= wanted)
+        if not self.replica_ready and not complete:
+            return "ended the stream while being stopped"
+        if "stop" not in self.reasons and known and tokens < wanted:
+            finish = self.reasons[0] if self.reasons else "none"
+            return (f"ended the stream after {self.tokens} of {wanted} tokens"
+                    f" (finish_reason {finish})")  # fmt: skip
+        return None

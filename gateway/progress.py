@@ -1,0 +1,226 @@
+"""Liveness by progress: which engines still produce bytes, and which attempts to give up.
+
+`/health` answers 200 from an engine whose core is deadlocked or whose API process is frozen
+(SIGSTOP): only the bytes tell. Each attempt on an engine is `watch`ed; every piece of answer it
+receives is a `beat` (a clock read and two stores: the hot path). Two rules follow:
+
+- **Stall**: a replica with streams in flight that have already produced (so the engine is in
+  its decode loop) and no byte for any of them for `stall_after` seconds is stalled. A decode
+  step takes tens of milliseconds, and vLLM V1 chunks long prefills into steps that decode runs
+  between, so a long prompt arriving does not pause the others' streams: 3 s is well over any
+  healthy gap. A stalled replica is suspect (admission sends it nothing new), every attempt on it
+  is abandoned (replayed or resumed elsewhere), and it is reported as stalled (`stalls`) so the
+  supervisor can restart it, until a byte comes from it again or the route table replaces it.
+- **First byte**: a stream attempt that got no byte within its deadline is abandoned. The
+  deadline is learned per model (`FirstByteClock`): `factor` x the p99 of recent times to the
+  first byte, never under `floor` nor over `cap`; it doubles with each attempt of the same
+  request, so a genuinely long prefill gets its time on the next try instead of being given up.
+  Non-stream answers come whole at the end: they have no first-byte deadline (a stall still
+  abandons them).
+
+An abandoned attempt is cancelled through its `asyncio.timeout` (`guard`): the engine connection
+is closed, which makes vLLM abort the generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from contract import defaults
+from contract.routes import ReplicaRoute
+
+log = logging.getLogger("sem.gateway")
+
+FIRST_BYTE_FLOOR = 5.0  # s: the first-byte deadline is never shorter
+FIRST_BYTE_CAP = 60.0  # s: ... nor longer (a first attempt; it doubles per retry)
+FIRST_BYTE_FACTOR = 3.0  # x the p99 of recent times to first byte
+FIRST_BYTE_SAMPLES = 200  # recent times to first byte kept per model
+
+
+@dataclass
+class FirstByteClock:
+    """Recent times to the first byte, per model, and the deadline they give."""
+
+    floor: float = FIRST_BYTE_FLOOR
+    cap: float = FIRST_BYTE_CAP
+    factor: float = FIRST_BYTE_FACTOR
+    _seen: dict[str, deque[float]] = field(default_factory=dict)
+
+    def seen(self, model: str, seconds: float) -> None:
+        self._seen.setdefault(model, deque(maxlen=FIRST_BYTE_SAMPLES)).append(seconds)
+
+    def deadline(self, model: str, attempt: int = 1) -> float:
+        """Seconds the `attempt`-th try of a request gets for its first byte."""
+        recent = sorted(self._seen.get(model, ()))
+        p99 = recent[min(len(recent) - 1, len(recent) * 99 // 100)] if recent else 0.0
+        base = min(self.cap, max(self.floor, self.factor * p99))
+        return float(base * 2.0 ** (attempt - 1))
+
+
+class Abandoned(Exception):
+    """Why an attempt was given up (kept on the attempt; the relay raises UpstreamError)."""
+
+
+class _Replica:
+    """One replica's progress: its live attempts and when a byte last came."""
+
+    __slots__ = ("attempts", "last", "producing", "stalled_since", "timer", "url")
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.attempts: set[Attempt] = set()
+        self.producing = 0  # stream attempts that got their first byte and did not end
+        self.last = time.monotonic()
+        self.stalled_since: float | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class Attempt:
+    """One attempt on one replica, watched: `beat` on every piece received, `close` at the end
+    (`with progress.watch(...) as attempt`), and `guard` (an asyncio.timeout) around the work
+    so that `abandon` can cancel it."""
+
+    __slots__ = ("_board", "_first", "_guard", "_replica", "_route", "_timer", "model", "reason",
+                 "started", "stream")  # fmt: skip
+
+    def __init__(
+        self, board: Progress, route: ReplicaRoute, replica: _Replica, model: str, stream: bool
+    ) -> None:
+        self._board = board
+        self._route = route
+        self._replica = replica
+        self.model = model
+        self.stream = stream
+        self.started = time.monotonic()
+        self._first = False
+        self.reason: str | None = None  # set when abandoned
+        self._guard = asyncio.timeout(None)
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def guard(self) -> asyncio.Timeout:
+        return self._guard
+
+    def first_byte_within(self, seconds: float) -> None:
+        self._timer = asyncio.get_running_loop().call_later(
+            seconds, self.abandon, f"sent nothing within {seconds:.1f}s (first-byte deadline)"
+        )
+
+    def beat(self) -> None:
+        replica = self._replica
+        replica.last = time.monotonic()
+        if not self._first:
+            self._got_first(replica)
+
+    def _got_first(self, replica: _Replica) -> None:
+        self._first = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if replica.stalled_since is not None:
+            log.info("engine at %s produces again", replica.url)
+            replica.stalled_since = None
+        if self.stream:
+            self._board.clock.seen(self.model, replica.last - self.started)
+            replica.producing += 1
+            self._board.arm(replica)
+
+    def abandon(self, reason: str) -> None:
+        """Give this attempt up: its work is cancelled (raising TimeoutError from `guard`; an
+        attempt not under its guard yet sees `reason` when it enters)."""
+        if self.reason is None:
+            self.reason = reason
+            with contextlib.suppress(RuntimeError):  # not entered yet, or already left
+                self._guard.reschedule(asyncio.get_running_loop().time())
+
+    def still_ready(self) -> bool:
+        """The replica is still ready in the route table (not being stopped, not replaced)."""
+        return self._board.ready(self._route)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        replica = self._replica
+        replica.attempts.discard(self)
+        if self._first and self.stream:
+            replica.producing -= 1
+
+    def __enter__(self) -> Attempt:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class Progress:
+    """Every replica's progress; `on_stall(url)` is told of a replica that stalled; `ready`
+    says whether a replica is still ready in the route table."""
+
+    def __init__(
+        self,
+        ready: Callable[[ReplicaRoute], bool],
+        stall_after: float = defaults.STALL_AFTER,
+        clock: FirstByteClock | None = None,
+    ) -> None:
+        self.ready = ready
+        self.stall_after = stall_after
+        self.clock = clock or FirstByteClock()
+        self.on_stall: Callable[[str], None] | None = None
+        self._replicas: dict[str, _Replica] = {}
+
+    def watch(self, replica: ReplicaRoute, model: str, stream: bool) -> Attempt:
+        state = self._replicas.get(replica.id)
+        if state is None or state.url != replica.url:  # new, or restarted on another port
+            state = self._replicas[replica.id] = _Replica(replica.url or "")
+        attempt = Attempt(self, replica, state, model, stream)
+        state.attempts.add(attempt)
+        return attempt
+
+    def stalled(self, replica_id: str) -> bool:
+        state = self._replicas.get(replica_id)
+        return state is not None and state.stalled_since is not None
+
+    def stalls(self) -> dict[str, float]:
+        """Replica id -> seconds without a byte, for replicas that are producing (or stalled)."""
+        now = time.monotonic()
+        return {
+            rid: now - state.last
+            for rid, state in self._replicas.items()
+            if state.producing or state.stalled_since is not None
+        }
+
+    def forget(self, ready: set[tuple[str, str | None]]) -> None:
+        """Drop replicas no longer ready as (id, url) (replaced by a restart, or gone)."""
+        for rid in [r for r, s in self._replicas.items() if (r, s.url) not in ready]:
+            state = self._replicas.pop(rid)
+            if state.timer is not None:
+                state.timer.cancel()
+
+    def arm(self, state: _Replica) -> None:
+        """Check `state` for a stall when it would be one (one timer per replica)."""
+        if state.timer is None:
+            delay = max(0.0, state.last + self.stall_after - time.monotonic())
+            state.timer = asyncio.get_running_loop().call_later(delay, self._check, state)
+
+    def _check(self, state: _Replica) -> None:
+        state.timer = None
+        if not state.producing or state.stalled_since is not None:
+            return
+        silent = time.monotonic() - state.last
+        if silent < self.stall_after:
+            self.arm(state)
+            return
+        state.stalled_since = time.monotonic()
+        log.warning("engine at %s sent nothing for %.1fs with %d streams producing: stalled;"
+                    " abandoning its %d requests", state.url, silent, state.producing,
+                    len(state.attempts))  # fmt: skip
+        if self.on_stall is not None:
+            self.on_stall(state.url)
+        for attempt in list(state.attempts):
+            attempt.abandon(f"stalled (no byte for {silent:.1f}s while streams were producing)")

@@ -1,0 +1,77 @@
+"""The node agent: one named, detached Ray actor per node that owns the engines on that node.
+
+It measures the node's devices (NVML, else what the node declared, else the CPU) and starts each
+engine exactly as a single box does (`supervisor.engine.spawn_engine`: same command line, same
+environment, its own process group), owns it, stops it and serves its log tail. Detached, it
+outlives the supervisor that created it: a restarted supervisor finds it by name and re-adopts
+its engines. It dies with its node, and so, on a lost machine, do the engines.
+
+Ray runs it as an async actor: a call that waits for an engine's exit does not hold up the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import replace
+from typing import Any
+
+from supervisor.cluster import NODE_ENV
+from supervisor.cluster.nodes import NodeInfo, declared_devices
+from supervisor.engine import EngineCommand, EngineProcess, LaunchPlan, spawn_engine, start_time
+from supervisor.replica import log_tail
+from supervisor.resources import Device, detect
+
+
+class NodeAgent:
+    """Wrapped with `ray.remote` by the backend; plain (and testable) here."""
+
+    def __init__(self, node: NodeInfo) -> None:
+        self._node = node
+        self._engines: dict[str, EngineProcess] = {}
+        self._keys: dict[str, str | None] = {}  # replica id -> its engine's api key
+
+    async def devices(self) -> list[Device]:
+        """What this node has now: declared GPUs if it declared their memory, else NVML or
+        the CPU, as `detect("auto")` finds them on one box."""
+        if declared := declared_devices(self._node):
+            return declared
+        inventory = await asyncio.to_thread(detect, "auto", "auto")
+        return await asyncio.to_thread(inventory.devices)
+
+    async def start(self, command: EngineCommand, plan: LaunchPlan, instance: str) -> int:
+        """Start a replica's engine on this node; its pid. A previous engine of the same
+        replica is stopped first (the supervisor restarts a replica under the same id)."""
+        if plan.replica_id in self._engines:
+            await self.stop(plan.replica_id, grace=5.0)
+        marked = replace(plan, env={**plan.env, NODE_ENV: self._node.node_id})
+        engine = await spawn_engine(command, marked, instance, dict(os.environ))
+        self._engines[plan.replica_id] = engine
+        self._keys[plan.replica_id] = plan.api_key
+        return engine.pid
+
+    async def wait(self, replica_id: str) -> int:
+        """Until the engine exits; its exit code (-1 if this agent has no such engine)."""
+        engine = self._engines.get(replica_id)
+        return -1 if engine is None else await engine.wait()
+
+    async def stop(self, replica_id: str, grace: float) -> bool:
+        """Stop the engine's whole group and forget it; True if it had to be killed."""
+        engine = self._engines.pop(replica_id, None)
+        return False if engine is None else await engine.stop(grace)
+
+    async def engines(self) -> dict[str, dict[str, Any]]:
+        """The engines this agent owns, for re-adoption by a restarted supervisor."""
+        return {
+            replica_id: {
+                "pid": engine.pid, "port": engine.port, "log_path": str(engine.log_path),
+                "returncode": engine.returncode, "create_time": start_time(engine.pid),
+                "api_key": self._keys.get(replica_id),
+            }
+            for replica_id, engine in self._engines.items()
+        }  # fmt: skip
+
+    async def log_tail(self, replica_id: str, lines: int = 20) -> str:
+        """The last lines of the engine's log, which is on this node's disk."""
+        engine = self._engines.get(replica_id)
+        return "" if engine is None else await asyncio.to_thread(log_tail, engine, lines)

@@ -1,0 +1,158 @@
+"""The supervisor's side of a Ray cluster: its nodes, their agents, inventory and engines.
+
+`RayCluster` is the seam the manager already has, twice over: an `Inventory` (`devices()`, every
+alive node's devices as its agent measures them, with the node on each) and a spawner
+(`spawn(command, plan, instance, env)`, the engine started by the agent of `plan.node`). It
+watches the nodes (`ray.nodes()` every `poll_interval`, 1 s) and reports those that join and
+leave; `adopt()` finds the engines the agents still own after a supervisor restart.
+
+Blocking Ray calls (`ray.init`, `ray.nodes`, `ray.get_actor`) run in worker threads from async
+code; `devices()` is itself called from a worker thread by the manager.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from supervisor.cluster import NAMESPACE, agent_name
+from supervisor.cluster.agent import NodeAgent
+from supervisor.cluster.handle import RayEngine
+from supervisor.cluster.nodes import NodeInfo, alive_nodes, on_node
+from supervisor.engine import EngineCommand, LaunchPlan
+from supervisor.resources import Device
+
+log = logging.getLogger("sem.cluster")
+
+NodesChanged = Callable[[set[str], set[str]], None]  # (joined, lost) node ids
+
+
+class NodeLost(ConnectionError):
+    """The node a replica was placed on is gone: its engine cannot start there."""
+
+
+class RayCluster:
+    def __init__(
+        self, address: str, poll_interval: float = 1.0, call_timeout: float = 10.0
+    ) -> None:
+        self.address = address
+        self.poll_interval = poll_interval
+        self.call_timeout = call_timeout
+        self._agents: dict[str, Any] = {}  # node id -> ActorHandle
+        self._known: set[str] = set()  # alive node ids at the last look
+        self._watch: asyncio.Task[None] | None = None
+
+    def connect(self) -> None:
+        """Join the cluster as a driver in sem's namespace (blocking: call from a thread)."""
+        ray.init(address=self.address, namespace=NAMESPACE, log_to_driver=False,
+                 logging_level=logging.WARNING, configure_logging=False)  # fmt: skip
+        self._known = {n.node_id for n in self.nodes()}
+
+    def nodes(self) -> list[NodeInfo]:
+        return alive_nodes(ray.nodes())  # type: ignore[no-untyped-call]
+
+    def agent(self, node: NodeInfo) -> Any:
+        """The node's agent, created on first use (named and detached: one per node, ever)."""
+        handle = self._agents.get(node.node_id)
+        if handle is None:
+            actor = ray.remote(NodeAgent).options(
+                name=agent_name(node.node_id), namespace=NAMESPACE, lifetime="detached",
+                get_if_exists=True, num_cpus=0, max_restarts=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
+            )  # fmt: skip
+            handle = self._agents[node.node_id] = actor.remote(node)
+        return handle
+
+    # -- Inventory ---------------------------------------------------------------------------
+
+    def devices(self) -> list[Device]:
+        """Every alive node's devices, measured by its agent; a node that does not answer
+        within `call_timeout` is left out of this round."""
+        nodes = self.nodes()
+        refs = [(node, self.agent(node).devices.remote()) for node in nodes]
+        found: list[Device] = []
+        for node, ref in refs:
+            try:
+                found += on_node(node, ray.get(ref, timeout=self.call_timeout))
+            except (RayError, GetTimeoutError) as exc:
+                log.warning("node %s: no inventory (%s)", node.short, type(exc).__name__)
+        return found
+
+    # -- spawner -----------------------------------------------------------------------------
+
+    async def spawn(
+        self, command: EngineCommand, plan: LaunchPlan, instance: str, _env: Mapping[str, str]
+    ) -> RayEngine:
+        """Start the engine on `plan.node` through its agent. The node's own environment is
+        the parent of the engine's, as a supervisor on that node would give it."""
+        nodes = {n.node_id: n for n in await asyncio.to_thread(self.nodes)}
+        node = nodes.get(plan.node or "")
+        if node is None:
+            raise NodeLost(f"node {plan.node} is not in the cluster")
+        agent = self.agent(node)
+        try:
+            pid = int(await agent.start.remote(command, plan, instance))
+        except RayError as exc:
+            raise NodeLost(f"node {node.short}: {type(exc).__name__}") from exc
+        return RayEngine(plan.port, plan.log_path, pid, plan.replica_id, agent, plan.api_key)
+
+    async def adopt(self) -> dict[str, RayEngine]:
+        """The live engines the agents of alive nodes own, by replica id: what a restarted
+        supervisor takes over."""
+        found: dict[str, RayEngine] = {}
+        for node in await asyncio.to_thread(self.nodes):
+            agent = self.agent(node)
+            try:
+                engines = await agent.engines.remote()
+            except RayError:
+                continue
+            for replica_id, info in engines.items():
+                if info["returncode"] is None:
+                    found[replica_id] = RayEngine(
+                        int(info["port"]), Path(info["log_path"]), int(info["pid"]), replica_id,
+                        agent, api_key=info["api_key"],
+                    )  # fmt: skip
+        return found
+
+    # -- nodes joining and leaving -----------------------------------------------------------
+
+    def watch(self, on_change: NodesChanged) -> None:
+        """Report nodes that join or leave, within `poll_interval`, until `close()`."""
+        self._watch = asyncio.create_task(self._watch_loop(on_change), name="ray-nodes")
+
+    async def _watch_loop(self, on_change: NodesChanged) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                alive = {n.node_id for n in await asyncio.to_thread(self.nodes)}
+            except Exception:  # the GCS restarting: try again at the next tick
+                log.exception("cannot list the cluster's nodes")
+                continue
+            joined, lost = alive - self._known, self._known - alive
+            self._known = alive
+            for node_id in lost:
+                self._agents.pop(node_id, None)
+            if joined or lost:
+                log.info("nodes: %d joined, %d lost", len(joined), len(lost))
+                on_change(joined, lost)
+
+    async def stop_watching(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
+
+    async def close(self) -> None:
+        """Stop watching and leave the cluster. The agents stay, with any engine they own."""
+        await self.stop_watching()
+        self._agents.clear()  # handles of this connection only
+        await asyncio.to_thread(ray.shutdown)

@@ -1,0 +1,205 @@
+"""Faults that do not kill an engine: a frozen or wedged engine (no bytes, /health still 200),
+an engine that ends streams as if they had finished (vLLM stopped in mode=abort), multi-token
+chunks. Stand-in engines in-process; the gateway's clocks shortened so each test takes seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import replace
+
+from aiohttp.test_utils import TestClient
+
+from contract.routes import RouteTable
+from gateway.progress import FirstByteClock
+from gateway.retry import RetryBudget
+from gateway.state import JOURNEYS, UPSTREAM
+from gateway.usage import ENGINE_STREAM_OPTIONS, UsageFilter, with_engine_usage
+from tests.fake_engine import FakeEngine
+from tests.gateway.conftest import Rig
+from tests.gateway.test_failover import FAST, read_stream, stream_text, table
+
+STALL_AFTER = 0.5
+
+
+async def over(rig: Rig, *engines: FakeEngine) -> TestClient:
+    urls = [await rig.engine(e) for e in engines]
+    budget = RetryBudget(**vars(FAST) | {"stall_after": STALL_AFTER, "suspect_for": 30.0})
+    return await rig.gateway(table(1, urls), retry=budget)
+
+
+async def until(check: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def counting(max_tokens: int, **extra: object) -> dict[str, object]:
+    return {"model": "m", "prompt": "count 0", "max_tokens": max_tokens, "stream": True} | extra
+
+
+def numbers(upto: int) -> str:
+    return "".join(f" {i}" for i in range(1, upto + 1))
+
+
+async def test_a_frozen_replica_gets_no_new_request_and_its_streams_resume_in_seconds(rig):
+    frozen, healthy = FakeEngine("m", token_delay=0.02), FakeEngine("m", token_delay=0.02)
+    client = await over(rig, frozen, healthy)
+    progress = client.app[JOURNEYS].progress
+    first = asyncio.create_task(client.post("/v1/completions", json=counting(60)))
+    await until(lambda: frozen.tokens_sent >= 5)
+    frozen.wedge()  # alive, /health 200, no byte any more
+    wedged = time.monotonic()
+    await until(lambda: progress.stalled("m-0"))
+    detected = time.monotonic() - wedged
+    assert detected < STALL_AFTER + 1.0, f"stall seen {detected:.2f}s after the freeze"
+    assert progress.stalls()["m-0"] >= STALL_AFTER, "the reporter's figure for the supervisor"
+    events = await read_stream(await first)
+    assert stream_text(events) == numbers(60), "resumed on the healthy replica, nothing lost"
+    assert time.monotonic() - wedged < 5.0
+    for _ in range(3):  # new requests avoid the frozen replica
+        response = await client.post("/v1/completions", json=counting(3) | {"stream": False})
+        assert response.status == 200
+    assert len(frozen.requests) == 1 and len(healthy.requests) == 4
+
+
+async def test_a_stream_that_gets_no_first_byte_is_replayed_on_another_replica(rig):
+    frozen, healthy = FakeEngine("m"), FakeEngine("m")
+    frozen.wedge()
+    client = await over(rig, frozen, healthy)
+    client.app[JOURNEYS].progress.clock.floor = 0.5
+    started = time.monotonic()
+    events = await read_stream(await client.post("/v1/completions", json=counting(5)))
+    assert stream_text(events) == numbers(5)
+    assert 0.5 <= time.monotonic() - started < 3.0
+    assert len(frozen.requests) == 1 and len(healthy.requests) == 1
+
+
+async def test_a_timeout_before_any_byte_is_replayed(rig):
+    frozen, healthy = FakeEngine("m"), FakeEngine("m")
+    frozen.wedge()
+    client = await over(rig, frozen, healthy)
+    client.app[UPSTREAM].timeout = 0.5
+    response = await client.post("/v1/completions", json=counting(4) | {"stream": False})
+    assert response.status == 200, await response.text()
+    assert (await response.json())["choices"][0]["text"] == numbers(4)
+
+
+async def test_an_engine_ending_streams_short_as_if_finished_is_resumed(rig):
+    stopping, healthy = FakeEngine("m", token_delay=0.02), FakeEngine("m")
+    client = await over(rig, stopping, healthy)
+    request = counting(30, stream_options={"include_usage": True})
+    task = asyncio.create_task(client.post("/v1/completions", json=request))
+    await until(lambda: stopping.tokens_sent >= 10)
+    stopping.abort()  # vLLM's mode=abort: finish_reason "length" and [DONE], 10 of 30 tokens
+    events = await read_stream(await task)
+    assert stream_text(events) == numbers(30)
+    chunks = [e for e in events if isinstance(e, dict)]
+    finishes = [c["finish_reason"] for e in chunks for c in e["choices"] if c["finish_reason"]]
+    assert finishes == ["length"] and events.count("[DONE]") == 1
+    assert chunks[-1]["usage"]["completion_tokens"] == 30
+    assert healthy.requests[0]["max_tokens"] == 30 - stopping.tokens_sent
+
+
+async def test_a_short_end_that_cannot_be_resumed_ends_with_an_error_not_a_finish(rig):
+    stopping = FakeEngine("m", token_delay=0.02)
+    client = await over(rig, stopping, FakeEngine("m"))
+    task = asyncio.create_task(client.post("/v1/completions", json=counting(30, n=2)))
+    await until(lambda: stopping.tokens_sent >= 5)
+    stopping.abort()
+    events = await read_stream(await task)
+    assert events[-1] == "[DONE]"
+    error = events[-2]
+    assert isinstance(error, dict) and error["error"]["type"] == "upstream_error", error
+    assert "n > 1" in error["error"]["message"]
+
+
+async def test_a_non_stream_answer_cut_short_is_replayed(rig):
+    stopping, healthy = FakeEngine("m", token_delay=0.02), FakeEngine("m")
+    client = await over(rig, stopping, healthy)
+    body = counting(30) | {"stream": False}
+    task = asyncio.create_task(client.post("/v1/completions", json=body))
+    await until(lambda: stopping.tokens_sent >= 5)
+    stopping.abort()
+    response = await task
+    assert (await response.json())["choices"][0]["text"] == numbers(30)
+    assert len(healthy.requests) == 1
+
+
+async def test_resume_counts_the_engines_tokens_with_multi_token_and_empty_chunks(rig):
+    dying = FakeEngine("m", token_delay=0.01, die_after=7, tokens_per_chunk=3, empty_every=1)
+    healthy = FakeEngine("m", tokens_per_chunk=3, empty_every=1)
+    client = await over(rig, dying, healthy)
+    events = await read_stream(await client.post("/v1/completions", json=counting(20)))
+    assert stream_text(events) == numbers(20)
+    sent = dying.requests[0]
+    assert sent["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    assert healthy.requests[0]["max_tokens"] == 20 - 6, "6 tokens (2 chunks of 3) had been sent"
+    chunks = [e for e in events if isinstance(e, dict)]
+    assert all("usage" not in c for c in chunks), "usage the client did not ask for is stripped"
+
+
+async def test_usage_the_client_asked_for_is_kept(rig):
+    client = await over(rig, FakeEngine("m"))
+    request = counting(3, stream_options={"include_usage": True})
+    events = await read_stream(await client.post("/v1/completions", json=request))
+    chunks = [e for e in events if isinstance(e, dict)]
+    assert [("usage" in c) for c in chunks] == [False, False, False, True]
+    assert chunks[-1]["usage"]["completion_tokens"] == 3
+    assert json.dumps(chunks[-1]["choices"]) == "[]"
+
+
+async def test_a_stream_ended_by_a_replica_being_stopped_is_resumed_on_another(rig):
+    stopping, healthy = FakeEngine("m", token_delay=0.02), FakeEngine("m")
+    urls = [await rig.engine(stopping), await rig.engine(healthy)]
+    budget = RetryBudget(**vars(FAST) | {"stall_after": STALL_AFTER})
+    client = await rig.gateway(table(1, urls), retry=budget)
+    chat = {"model": "m", "messages": [{"role": "user", "content": "count 0"}], "stream": True}
+    task = asyncio.create_task(client.post("/v1/chat/completions", json=chat))
+    await until(lambda: stopping.tokens_sent >= 5)
+    draining = table(2, urls).models["m"]
+    replicas = (replace(draining.replicas[0], state="draining"), draining.replicas[1])
+    rig.watcher.update(RouteTable(2, {"m": replace(draining, replicas=replicas)}))
+    stopping.abort()  # no limit was asked: only the replica's state tells this end is a cut
+    events = await read_stream(await task)
+    chunks = [e for e in events if isinstance(e, dict)]
+    finishes = [c["finish_reason"] for e in chunks for c in e["choices"] if c["finish_reason"]]
+    assert finishes == ["length"] and events.count("[DONE]") == 1
+    assert len(healthy.requests) == 1 and healthy.requests[0]["continue_final_message"] is True
+    assert stream_text(events).startswith(numbers(5))
+
+
+def test_the_first_byte_deadline_is_learned_floored_capped_and_doubles_per_attempt():
+    clock = FirstByteClock(floor=5.0, cap=60.0, factor=3.0)
+    assert clock.deadline("m") == 5.0, "nothing seen yet: the floor"
+    for _ in range(99):
+        clock.seen("m", 0.1)
+    clock.seen("m", 4.0)  # one slow prefill in a hundred: the p99
+    assert clock.deadline("m") == 12.0
+    assert clock.deadline("m", attempt=2) == 24.0
+    for _ in range(10):
+        clock.seen("m", 100.0)
+    assert clock.deadline("m") == 60.0, "capped"
+    assert clock.deadline("other") == 5.0, "per model"
+
+
+def test_usage_is_asked_of_the_engine_and_stripped_byte_level_in_vllms_form():
+    raw = b'{"model": "m", "stream": true}\n'
+    asked = json.loads(with_engine_usage(raw, json.loads(raw)))
+    assert asked["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    mine = {"model": "m", "stream_options": {"include_usage": True}}
+    assert json.loads(with_engine_usage(json.dumps(mine).encode(), mine))["stream_options"] == (
+        ENGINE_STREAM_OPTIONS
+    )
+    chunk = b'data: {"id":"c","choices":[{"index":0,"text":"x"}]}\n\n'
+    counted = (
+        chunk[:-3] + b',"usage":{"prompt_tokens":5,"total_tokens":7,"completion_tokens":2}}\n\n'
+    )
+    final = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}\n\n'
+    assert UsageFilter({})(counted + counted + final) == chunk + chunk
+    with_final = UsageFilter({"stream_options": {"include_usage": True}})
+    assert with_final(counted + final) == chunk + final
+    everything = {"stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    assert UsageFilter(everything)(counted + final) == counted + final
