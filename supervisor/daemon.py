@@ -42,7 +42,7 @@ from supervisor.probe import EngineProbe
 from supervisor.procgroup import signal_group
 from supervisor.reloader import Reloader
 from supervisor.replica import ReplicaTiming
-from supervisor.resources import Inventory, NvmlInventory, describe, detect
+from supervisor.resources import Device, Inventory, NvmlInventory, describe, detect
 from supervisor.scheduler import SchedulerSettings
 from supervisor.store import Store, StoreError, private_folder
 from supervisor.units import parse_size
@@ -173,6 +173,16 @@ def models_at_start(
     return config.models + kept
 
 
+def log_devices(inventory: Inventory, devices: list[Device]) -> None:
+    """The start-up log's word on devices: those sem uses, and the GPUs it left out and why
+    (MIG mode, hidden by CUDA_VISIBLE_DEVICES or `devices:`): an operator who expected them
+    must see why they are not used."""
+    log.info("devices: %s", describe(devices))
+    if isinstance(inventory, NvmlInventory):
+        for note in inventory.notes:
+            log.warning("devices: %s", note)
+
+
 async def _serve(
     args: argparse.Namespace, config: SemConfig, store: Store, skipped: list[InvalidModel]
 ) -> int:
@@ -227,7 +237,7 @@ async def _serve(
         elastic=ElasticSettings(min_residency=config.residency_seconds),
     )  # fmt: skip
     await asyncio.to_thread(private_folder, settings.state_dir / "logs")  # engine logs
-    log.info("devices: %s", describe(manager.devices))
+    log_devices(inventory, manager.devices)
     log.info("model cache: %s", cache.cache_dir)
 
     reload = Reloader(args.config, manager, config, args.drain_timeout)

@@ -27,6 +27,7 @@ class EventKind(StrEnum):
     PENDING = "pending"  # the scheduler's reason a replica waits changed
     MEASURED = "measured"  # an engine's real need was measured (measure.py)
     RELEASED = "released"  # a stopped or failed replica's reservation is free again
+    RESTART_WAITS = "restart_waits"  # a restart waits for its GPU (start gate): the reason
     MODEL_DOWNLOADING = "model_downloading"  # a model's files are cached first
     MODEL_ADDED = "model_added"  # a model is sized up; its replicas queue for placement
     MODEL_FAILED = "model_failed"  # a model's files could not be cached or sized

@@ -8,6 +8,7 @@ sizing (sizing.py). The manager wires them together and keeps the public command
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from contract.routes import RouteTable
@@ -53,6 +54,7 @@ class Manager:
         cache: ModelCache | None = None,
         demand: DemandBoard | None = None,
         elastic: ElasticSettings | None = None,
+        rng: random.Random | None = None,  # the restarts' jitter (seeded in tests)
         gpu_memory: ProcessMemory | None = None,
     ) -> None:
         """`gpu_memory`: NVML's per-process figures, to measure what engines use on a GPU
@@ -67,6 +69,7 @@ class Manager:
             settings=settings, probe=probe, events=events, policy=policy or RestartPolicy(),
             timing=timing, store=store, devices=lambda: self._scheduler.devices,
             gateway=GatewayView(self.demand, self._routes),
+            start_turn=self._scheduler.gate.wait_turn, rng=rng,
         )  # fmt: skip
         self._registry = Registry(
             events=events, store=store, factory=factory, scheduler=self._scheduler,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, replace
@@ -29,6 +30,8 @@ log = logging.getLogger("sem.replica")
 
 Launch = Callable[[LaunchPlan], Awaitable[EngineHandle]]
 PlanFactory = Callable[[Placement | None], LaunchPlan]
+# Until a restarting replica may start its engine again (start_gate.StartGate.wait_turn).
+StartTurn = Callable[["Replica"], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,8 @@ class Replica:
         initial: ReplicaState = ReplicaState.PENDING,
         reason: str = "created",
         gateway: GatewayView | None = None,
+        start_turn: StartTurn | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.id = replica_id
         self.model = model
@@ -90,6 +95,9 @@ class Replica:
         self._policy = policy
         self._timing = timing
         self._gateway = gateway  # its load and route table as the gateway sees them
+        self._start_turn = start_turn  # None: a restart starts as soon as its backoff is over
+        self._rng = rng or random.Random()  # the backoff's jitter
+        self._last_delay: float | None = None
         self.state = initial
         self.reason = reason
         self.since = time.time()
@@ -149,6 +157,11 @@ class Replica:
         changed, self.reason = self.reason != reason, reason
         return changed
 
+    def note_wait(self, reason: str) -> None:
+        """Why this restarting replica, its backoff over, does not start yet (the start gate)."""
+        assert self.state is ReplicaState.RESTARTING
+        self.reason = reason
+
     def start(self, placement: Placement | None = None) -> None:
         """Begin the lifecycle task (pending -> starting -> ready ...) on these devices."""
         assert self._task is None, "started twice"
@@ -171,6 +184,8 @@ class Replica:
 
     async def stop(self, drain_timeout: float) -> None:
         """Drain (up to `drain_timeout` s), stop the engine, and return once stopped."""
+        if self.state is ReplicaState.STOPPED:  # stopped already: nothing to do
+            return
         self._drain_deadline = time.monotonic() + drain_timeout
         self._stop_requested.set()
         if self._task is None:
@@ -201,6 +216,9 @@ class Replica:
                 await self.process.stop(self._timing.stop_grace)
             with contextlib.suppress(RuntimeError):
                 self._transition(ReplicaState.FAILED, f"internal error: {exc!r}")
+            if self.state is ReplicaState.FAILED:  # failed, like a crash loop: until removed
+                await self._stop_requested.wait()
+                self._transition(ReplicaState.STOPPED, "removed")  # FAILED -> STOPPED
 
     async def _lifecycle(self, adopted: EngineHandle | None) -> None:
         while True:
@@ -275,20 +293,35 @@ class Replica:
             self._transition(ReplicaState.STOPPED, "removed")  # FAILED -> STOPPED
             return False
         self.restarts += 1
-        delay = self._policy.next_delay(self.restarts)
+        delay = self._policy.next_delay(self.restarts, self._last_delay, self._rng)
+        self._last_delay = delay
         # STARTING/READY -> RESTARTING, before the (up to stop_grace) stop of the rest of the
         # group: the gateway must stop sending requests to it at once.
-        self._transition(ReplicaState.RESTARTING, f"{failure}; restart in {delay:g}s")
+        self._transition(ReplicaState.RESTARTING, f"{failure}; restart in {round(delay, 2):g}s")
         if process.returncode is None:
             await self._leave_routes()
         await process.stop(self._timing.stop_grace)  # leave no half-dead group behind
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.0, delay - (time.monotonic() - now))):
                 await self._stop_requested.wait()
+        if not self._stop_requested.is_set() and self._start_turn is not None:
+            await self._until_stopped_or(self._start_turn(self))
         if self._stop_requested.is_set():
             self._transition(ReplicaState.STOPPED, "removed while restarting")
             return False
         return True
+
+    async def _until_stopped_or(self, turn: Awaitable[None]) -> None:
+        """Wait for `turn`, or a stop request (then `turn` is cancelled)."""
+        waiting = asyncio.ensure_future(turn)
+        stopping = asyncio.ensure_future(self._stop_requested.wait())
+        try:
+            await asyncio.wait({waiting, stopping}, return_when="FIRST_COMPLETED")
+        finally:
+            for fut in (waiting, stopping):
+                fut.cancel()
+        if waiting.done() and not waiting.cancelled() and (error := waiting.exception()):
+            raise error
 
     async def _wait_for(self, process: EngineHandle, timeout: float) -> str | None:
         """Wait up to `timeout` s for the engine to exit or a stop request; None if neither."""

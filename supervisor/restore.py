@@ -86,7 +86,8 @@ class Restorer:
                                   f"{why}; starting afresh")  # fmt: skip
                 continue
             replica = self._registry.new_replica(entry, record.replica)
-            placement = Placement(replica.id, record.devices, record.reserved, ADOPTED)
+            placement = Placement(replica.id, record.devices, record.reserved, ADOPTED,
+                                  record.reservations)  # fmt: skip
             if remote is None:
                 replica.adopt(placement, adopted_engine(record))
             else:  # on a cluster node: with the key its engine demands
