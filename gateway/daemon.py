@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 
 import aiohttp
 from aiohttp import web
@@ -42,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--route", action="append", default=[], metavar="MODEL=URL[@SLOTS]",
                    help="serve MODEL from an engine at URL, without a supervisor"
                    " (repeatable; SLOTS: requests in flight, default 4096)")  # fmt: skip
+    p.add_argument("--listen-fd", type=int, default=None,
+                   help="serve on this inherited listening socket instead of binding --port"
+                   " (`sem run` keeps it open across gateway restarts)")  # fmt: skip
     p.add_argument("--shutdown-timeout", type=float, default=10.0)
     p.add_argument(
         "--max-queue", type=int, default=defaults.MAX_QUEUE, help="waiting requests per model"
@@ -143,7 +147,8 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         await runner.setup()
         try:
-            listener = await app[DOOR].listen(runner, args.host, args.port)
+            inherited = None if args.listen_fd is None else socket.socket(fileno=args.listen_fd)
+            listener = await app[DOOR].listen(runner, args.host, args.port, inherited)
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", args.host, args.port, exc.strerror)
             return 2

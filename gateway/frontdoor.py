@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import cast
@@ -69,11 +70,16 @@ class FrontDoor:
         """The protocol factory for `loop.create_server`: aiohttp's, behind the watch."""
         return lambda: Connection(self, server())
 
-    async def listen(self, runner: web.AppRunner, host: str, port: int) -> asyncio.Server:
-        """Accept connections for `runner`'s app (set up) on host:port; the caller closes the
-        server before cleaning the runner up."""
+    async def listen(
+        self, runner: web.AppRunner, host: str, port: int, sock: socket.socket | None = None
+    ) -> asyncio.Server:
+        """Accept connections for `runner`'s app (set up) on host:port, or on `sock` (a
+        listening socket inherited from `sem run`, which keeps it open across gateway
+        restarts); the caller closes the server before cleaning the runner up."""
         assert runner.server is not None, "runner.setup() first"
         loop = asyncio.get_running_loop()
+        if sock is not None:
+            return await loop.create_server(self.protocols(runner.server), sock=sock, backlog=4096)
         return await loop.create_server(
             self.protocols(runner.server), host, port, backlog=4096, reuse_address=True
         )

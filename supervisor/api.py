@@ -10,7 +10,7 @@ import hmac
 import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -136,11 +136,15 @@ def create_app(
     async def routes(
         after: Annotated[int, Query(ge=-1)] = -1,
         timeout: Annotated[float, Query(ge=0, le=60)] = 0.0,
+        client: Literal["gateway"] | None = None,
     ) -> dict[str, Any]:
         """The route table; with `after=V&timeout=S`, a long-poll for a version newer than V.
-        It holds secrets (engine keys, API key hashes): the admin token is required when one
-        is set; without one the API listens on loopback only (docs/security.md)."""
-        table = await manager.wait_routes(after, timeout) if timeout else manager.routes
+        `client=gateway`: the gateway polls, holding table V (engines are signalled only once
+        it holds a table without them). It holds secrets (engine keys, API key hashes): the
+        admin token is required when one is set; without one the API listens on loopback only
+        (docs/security.md)."""
+        gateway = client == "gateway"
+        table = await manager.wait_routes(after, timeout, gateway) if timeout else manager.routes
         return table.to_json()
 
     @app.get("/events", response_model=None)

@@ -32,7 +32,7 @@ def test_desired_state_and_engine_records_survive_reopening(tmp_path: Path):
     store.set_meta("instance", "abc")
     record = EngineRecord(
         "a-0", "a", 1234, 1700000000.25, 41000, spec_digest(spec("a")), ("0", "1"),
-        2**30, tmp_path / "a-0.log", "engine-secret",
+        2**30, tmp_path / "a-0.log", api_key="engine-secret",
     )  # fmt: skip
     store.put_engine(record)
     store.close()
@@ -110,7 +110,7 @@ def test_a_schema_2_database_gains_engine_keys_and_api_keys(tmp_path: Path):
     store = Store(path)
     old = EngineRecord("a-0", "a", 12, 1.5, 41000, "d", ("0",), 1024, Path("/l"))
     assert store.engines() == [old] and old.api_key is None
-    keyed = EngineRecord("a-1", "a", 13, 2.5, 41001, "d", ("0",), 1024, Path("/l"), "s3cret")
+    keyed = EngineRecord("a-1", "a", 13, 2.5, 41001, "d", ("0",), 1024, Path("/l"), (), "s3cret")
     store.put_engine(keyed)
     store.put_api_key(KeyRecord("k1", "ci", "ab" * 32, None, None, None, 1.0))
     store.close()
@@ -118,3 +118,16 @@ def test_a_schema_2_database_gains_engine_keys_and_api_keys(tmp_path: Path):
     assert again.engines() == [old, keyed]
     assert [k.id for k in again.api_keys()] == ["k1"]
     assert again._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+
+
+def test_policy_fields_leave_the_engine_digest_as_it_was():
+    """Engines started before the elastic fields existed keep their digest (re-adopted after an
+    upgrade), and a change of policy alone rolls no engine."""
+    from supervisor.config import ModelSpec
+    from supervisor.store import spec_digest
+
+    spec = ModelSpec(name="m", source="path:/models/m")
+    before_elastic = "4d2ae4b62ee5c3a4"  # spec_digest of this spec by the code before it
+    policy = spec.model_copy(update={"load": "on_demand", "idle_unload": "5m", "evictable": True,
+                                     "priority": 3})  # fmt: skip
+    assert spec_digest(spec) == before_elastic == spec_digest(policy)
