@@ -199,7 +199,8 @@ def print_table(rows: dict[tuple[str, str], list[Row]]) -> None:
     print("|---|---|---|---|---|---|")
     for (kind, name), got in rows.items():
         per, p50, rps, others = (statistics.median(r[i] for r in got) for i in range(4))
-        print(f"| {kind} | {name} | {cpu_per(per, SCENARIOS[name][1])} | {p50:.1f} | {rps:.0f} | {others:.0%} |")
+        cpu = cpu_per(per, SCENARIOS[name][1])
+        print(f"| {kind} | {name} | {cpu} | {p50:.1f} | {rps:.0f} | {others:.0%} |")
 
 
 async def compare(args: argparse.Namespace) -> int:
