@@ -31,14 +31,11 @@ if TYPE_CHECKING:
     from aiohttp import web
 
 REPO = Path(__file__).resolve().parent.parent
-CHUNKS, CHUNK_GAP = 64, 0.005
-COMPLETION = json.dumps({
-    "id": "cmpl-b", "object": "chat.completion", "model": "fake",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
-                 "finish_reason": "stop"}],
-}).encode()  # fmt: skip
-CHUNK = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
-DONE = b"data: [DONE]\n\n"
+if str(REPO) not in sys.path:  # run as a file: sem's packages from this checkout
+    sys.path.insert(0, str(REPO))
+
+from bench.fake_answers import CHUNK, CHUNK_GAP, CHUNKS, COMPLETION, DONE  # noqa: E402
+
 JSON_HEADERS = [(b"content-type", b"application/json")]
 SSE_HEADERS = [(b"content-type", b"text/event-stream")]
 

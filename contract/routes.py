@@ -33,6 +33,9 @@ class ModelRoute:
     state: str
     reason: str
     replicas: tuple[ReplicaRoute, ...] = ()
+    # Measured seconds from an engine's start to ready (None: not measured yet): what a request
+    # for an unloaded model would wait, so the gateway can say so at once (Retry-After).
+    load_seconds: float | None = None
 
     @property
     def ready_replicas(self) -> tuple[ReplicaRoute, ...]:
@@ -53,6 +56,7 @@ class RouteTable:
                 name: {
                     "state": m.state,
                     "reason": m.reason,
+                    "load_seconds": m.load_seconds,
                     "replicas": [_replica_json(r) for r in m.replicas],
                 }
                 for name, m in self.models.items()
@@ -76,6 +80,7 @@ class RouteTable:
                     )
                     for r in m.get("replicas", [])
                 ),
+                load_seconds=None if m.get("load_seconds") is None else float(m["load_seconds"]),
             )
             for name, m in data.get("models", {}).items()
         }

@@ -3,7 +3,9 @@
 Per model: at most `max_num_seqs` requests in flight on each ready replica (vLLM's own batch
 size, so nothing piles up invisibly inside the engine); the rest wait in a bounded queue ordered
 by priority (higher first) then arrival. A request for a model that is known but not ready yet
-(pending, starting, restarting) waits in the same queue. Among replicas with a free slot, the one
+(pending, starting, restarting), or not loaded at all (`unloaded`: the supervisor loads it on
+demand), waits in the same queue; one whose measured load time is longer than `queue_timeout`
+gets 503 at once, with that time as Retry-After. Among replicas with a free slot, the one
 with the fewest outstanding requests wins.
 
 Answers: unknown model, or one being removed (draining), 404; a model that failed (every
@@ -91,7 +93,9 @@ class Admission:
             self._take(replica)
             return replica
         if self.on_unserved is not None and not self._has_ready(model):
-            self.on_unserved(model)
+            self.on_unserved(model)  # the supervisor loads it now, even if we answer 503
+        if (too_long := self._load_too_long(model)) is not None:
+            raise too_long
         if self.queued(model) >= self.max_queue:
             raise QueueFull(
                 f"model {model!r}: {self.queued(model)} requests already queued (the limit);"
@@ -195,6 +199,21 @@ class Admission:
             return ModelFailed(f"model {model!r} failed: {route.reason}")
         return None
 
+    def _load_too_long(self, model: str) -> ModelNotReady | None:
+        """A model that is not loaded and whose measured load time is past `queue_timeout`:
+        waiting would end in a 503 anyway, so say so now, with the honest Retry-After."""
+        route = self._watcher.table.models.get(model)
+        if route is None or route.ready_replicas or route.load_seconds is None:
+            return None
+        if route.state not in _NOT_LOADED or route.load_seconds <= self.queue_timeout:
+            return None
+        return ModelNotReady(
+            f"model {model!r} is {route.state}: loading it takes ~{route.load_seconds:.0f}s,"
+            f" longer than a request may wait here ({self.queue_timeout:.0f}s); it is loading"
+            " now, retry after that",
+            retry_after=route.load_seconds,
+        )
+
     def _has_ready(self, model: str) -> bool:
         route = self._watcher.table.models.get(model)
         return route is not None and bool(route.ready_replicas)
@@ -229,13 +248,17 @@ class Admission:
             state = f"{route.state} ({route.reason})" if route else "gone"
             return ModelNotReady(
                 f"model {model!r} is not ready after {waited:.0f}s: {state}; retry later",
-                retry_after=5,
+                retry_after=route.load_seconds if route and route.load_seconds else 5,
             )
         return QueueTimeout(
             f"model {model!r}: no free slot within {waited:.0f}s ({self.queued(model)} queued,"
             f" {self.in_flight(model)} in flight); retry later",
             retry_after=2,
         )
+
+
+# Route states of a model with no engine up or coming up soon: a request waits a whole load.
+_NOT_LOADED = frozenset({"unloaded", "pending"})
 
 
 def _granted(future: asyncio.Future[ReplicaRoute]) -> bool:

@@ -1,7 +1,8 @@
 """The gateway's HTTP app: its routes and their wiring (aiohttp's server).
 
 POST /generate (sem's own format, see gateway.generate), POST /v1/completions and
-/v1/chat/completions (OpenAI, streaming included), GET /v1/models, /health, /metrics.
+/v1/chat/completions (OpenAI, streaming included), GET /v1/models, /health, /metrics, and the
+API's description: /openapi.json and /docs (gateway.openapi).
 
 A request goes one way, each layer calling only the next: a handler here parses and validates
 it, picks its relay and hands it over -> its journey (gateway.journey: admission, attempts,
@@ -19,14 +20,19 @@ from pydantic import ValidationError
 
 from contract import defaults
 from gateway.admission import Admission
-from gateway.errors import BadRequest, GatewayError, InvalidField, InvalidRequest, error_response
+from gateway.body import read_object
+from gateway.errors import GatewayError, InvalidField, InvalidRequest, error_response
+from gateway.frontdoor import FrontDoor, middleware_for
 from gateway.generate import ENGINE_PATH, GenerateAnswer, GenerateRequest, generate_events
 from gateway.journey import Journeys
+from gateway.limits import Limits
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from gateway.openai_requests import REQUESTS
+from gateway.openapi import add_routes
 from gateway.proxy import JsonRelay, Relay, StreamRelay
 from gateway.retry import RetryBudget
 from gateway.routes import RouteWatcher
-from gateway.state import ADMISSION, JOURNEYS, METRICS, RETRY, UPSTREAM, WATCHER
+from gateway.state import ADMISSION, DOOR, JOURNEYS, METRICS, RETRY, UPSTREAM, WATCHER
 from gateway.upstream import UpstreamPool
 
 REQUEST_ID = "X-Request-Id"  # the client's name for a request, used in the logs
@@ -45,16 +51,9 @@ def priority_of(request: web.Request) -> int:
         ) from None
 
 
-async def read_json_object(request: web.Request) -> tuple[dict[str, Any], bytes]:
-    """The body parsed (to route and validate it) and as the bytes that came (to forward)."""
-    raw = await request.read()
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise BadRequest(f"body must be a JSON object, got {type(body).__name__}")
-    return body, raw
+def read_json_object(request: web.Request) -> Awaitable[tuple[dict[str, Any], bytes]]:
+    """The body parsed and as it came, within the front door's limits (see gateway.body)."""
+    return read_object(request, request.app[DOOR].limits)
 
 
 def validation_error(exc: ValidationError) -> InvalidField:
@@ -87,18 +86,20 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 
 async def openai_route(request: web.Request) -> web.StreamResponse:
-    """/v1/completions and /v1/chat/completions: routed by `model`, the body passed through."""
+    """/v1/completions and /v1/chat/completions: the fields sem reads validated (see
+    gateway.openai_requests), routed by `model`, the body passed through as it came."""
     body, raw = await read_json_object(request)
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidField("model: a model name is required", param="model")
+    try:
+        REQUESTS[request.path].model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
     pool = request.app[UPSTREAM]
     relay: Relay
-    if body.get("stream"):
+    if body.get("stream") is True:
         relay = StreamRelay(pool, request, request.path, body, raw)
     else:
         relay = JsonRelay(pool, request.path, raw)
-    return await hand_over(request, relay, model, raw)
+    return await hand_over(request, relay, body["model"], raw)
 
 
 def hand_over(
@@ -148,14 +149,21 @@ def create_app(
     admission: Admission | None = None,
     upstream_timeout: float = defaults.UPSTREAM_TIMEOUT,
     retry: RetryBudget | None = None,
+    limits: Limits | None = None,
 ) -> web.Application:
-    """The gateway app; it owns its pool of engine connections (closed at the app's cleanup)."""
-    app = web.Application(middlewares=[errors_middleware], client_max_size=32 * 1024**2)
+    """The gateway app; it owns its pool of engine connections (closed at the app's cleanup)
+    and its front door (gateway.frontdoor: serve it with `app[DOOR].listen`)."""
+    door = FrontDoor(limits or Limits())
+    app = web.Application(
+        middlewares=[errors_middleware, middleware_for(door)], client_max_size=door.limits.max_body
+    )
+    app[DOOR] = door
     app[WATCHER] = watcher
     app[RETRY] = retry or RetryBudget()
     app[UPSTREAM] = UpstreamPool(timeout=upstream_timeout)
     app[ADMISSION] = admission or Admission(watcher)
     app[METRICS] = GatewayMetrics(watcher, app[ADMISSION])
+    app[METRICS].registry.register(door.collector())
     app[JOURNEYS] = Journeys(watcher, app[ADMISSION], app[RETRY], app[METRICS])
     app.router.add_post("/generate", generate)
     app.router.add_post("/v1/completions", openai_route)
@@ -163,6 +171,7 @@ def create_app(
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    add_routes(app)
     app.on_cleanup.append(close_upstream)
     return app
 

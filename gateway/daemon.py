@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 
 import aiohttp
 from aiohttp import web
@@ -17,10 +18,11 @@ from contract import defaults
 from contract.routes import ModelRoute, ReplicaRoute, RouteTable
 from gateway.admission import Admission
 from gateway.app import create_app
+from gateway.limits import Limits
 from gateway.reporter import Reporter
 from gateway.retry import RetryBudget
 from gateway.routes import RouteWatcher
-from gateway.state import JOURNEYS
+from gateway.state import DOOR, JOURNEYS
 
 log = logging.getLogger("sem.gateway")
 
@@ -37,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--route", action="append", default=[], metavar="MODEL=URL[@SLOTS]",
                    help="serve MODEL from an engine at URL, without a supervisor"
                    " (repeatable; SLOTS: requests in flight, default 4096)")  # fmt: skip
+    p.add_argument("--listen-fd", type=int, default=None,
+                   help="serve on this inherited listening socket instead of binding --port"
+                   " (`sem run` keeps it open across gateway restarts)")  # fmt: skip
     p.add_argument("--shutdown-timeout", type=float, default=10.0)
     p.add_argument(
         "--max-queue", type=int, default=defaults.MAX_QUEUE, help="waiting requests per model"
@@ -54,7 +59,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    " before it is taken as stalled (its requests go elsewhere)")  # fmt: skip
     p.add_argument("--quarantine", type=float, default=defaults.QUARANTINE,
                    help="seconds a request that used all its attempts is refused")  # fmt: skip
+    add_limits(p)
     return p.parse_args(argv)
+
+
+LIMIT_HELP = {  # each front-door limit's option (gateway.limits.Limits' fields, dashed)
+    "header_timeout": "s from accept to a connection's first request headers",
+    "body_timeout": "s between two reads of a request body (408 past it)",
+    "client_write_timeout": "s a client may leave its answer unread before it loses the"
+    " connection (its engine request is cancelled)",
+    "keepalive_timeout": "s an idle client connection is kept",
+    "max_connections": "open client connections; more are closed at accept (0: half of ulimit -n)",
+    "max_body": "bytes of one request body (413 past it)",
+    "max_body_memory": "bytes of request bodies held at once (503 past it)",
+    "max_json_depth": "nesting of arrays and objects in a body (400 past it)",
+}
+
+
+def add_limits(p: argparse.ArgumentParser) -> None:
+    """The front door's options, each defaulting to Limits' default."""
+    g = p.add_argument_group("front door limits")
+    for name, help_ in LIMIT_HELP.items():
+        default = getattr(Limits(), name)
+        g.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default,
+                       help=help_)  # fmt: skip
+
+
+def limits_of(args: argparse.Namespace) -> Limits:
+    return Limits(**{name: getattr(args, name) for name in LIMIT_HELP})
 
 
 def static_routes(specs: list[str]) -> RouteTable:
@@ -89,24 +121,29 @@ async def serve(args: argparse.Namespace) -> int:
         max_attempts=args.max_attempts, quarantine=args.quarantine,
         replay_timeout=args.replay_timeout, stall_after=args.stall_after,
     )  # fmt: skip
-    app = create_app(watcher, admission, upstream_timeout=args.upstream_timeout, retry=retry)
+    app = create_app(
+        watcher, admission, upstream_timeout=args.upstream_timeout, retry=retry,
+        limits=limits_of(args),
+    )  # fmt: skip
     reporter = Reporter(args.supervisor, control, admission, args.admin_token,
                         args.report_interval, stalls=app[JOURNEYS].progress.stalls)  # fmt: skip
     report_task = None if fixed else asyncio.create_task(reporter.run(), name="reporter")
     # handler_cancellation: a client that disconnects cancels its handler, which closes the
     # upstream request, and vLLM aborts the generation (freeing its slot).
     runner = web.AppRunner(
-        app, access_log=None, shutdown_timeout=args.shutdown_timeout, handler_cancellation=True
-    )
+        app, access_log=None, shutdown_timeout=args.shutdown_timeout, handler_cancellation=True,
+        keepalive_timeout=args.keepalive_timeout,
+    )  # fmt: skip
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    listener: asyncio.Server | None = None
     try:
         await runner.setup()
-        site = web.TCPSite(runner, args.host, args.port, backlog=4096, reuse_address=True)
         try:
-            await site.start()
+            inherited = None if args.listen_fd is None else socket.socket(fileno=args.listen_fd)
+            listener = await app[DOOR].listen(runner, args.host, args.port, inherited)
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", args.host, args.port, exc.strerror)
             return 2
@@ -115,6 +152,8 @@ async def serve(args: argparse.Namespace) -> int:
         await stopping.wait()
         log.info("stopping: no new connections; finishing in-flight requests")
     finally:
+        if listener is not None:
+            listener.close()  # no new connections
         await runner.cleanup()  # stops listening, waits for handlers up to shutdown_timeout
         for task in (watch_task, report_task):
             if task is not None:

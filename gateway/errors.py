@@ -50,6 +50,25 @@ class InvalidField(GatewayError):
     type = "invalid_request_error"
 
 
+class BodyTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+
+
+class BodyTimeout(GatewayError):
+    """The client stopped sending its request body (see gateway.limits)."""
+
+    status = 408
+    type = "request_timeout"
+
+
+class Overloaded(GatewayError):
+    """The gateway holds as many request bodies as it may (see gateway.body): try again soon."""
+
+    status = 503
+    type = "overloaded"
+
+
 class ModelNotFound(GatewayError):
     status = 404
     type = "model_not_found"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from gateway.sse import events, sse
 
@@ -28,7 +28,7 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0)
-    stream: bool = False
+    stream: StrictBool = False  # a JSON boolean: the string "false" is refused, not true
 
 
 class GenerateAnswer:

@@ -12,6 +12,7 @@ gateway.upstream; their failures come out of here as the gateway's typed errors.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Protocol
@@ -42,6 +43,7 @@ from gateway.usage import (
     with_engine_usage,
 )
 
+log = logging.getLogger("sem.gateway")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
@@ -77,8 +79,9 @@ def gateway_error(
     are; anything else is None."""
     if isinstance(exc, GatewayError):
         return exc
-    if isinstance(exc, EngineDisconnected):
-        return UpstreamError(f"engine {replica.id} unreachable: {exc}")
+    if isinstance(exc, EngineDisconnected):  # its address goes to the log, not to the client
+        log.warning("engine %s (%s): %s", replica.id, replica.url, exc)
+        return UpstreamError(f"engine {replica.id} unreachable")
     if isinstance(exc, TimeoutError):
         if watch is not None and watch.reason is not None:
             return UpstreamError(f"engine {replica.id} {watch.reason}")

@@ -63,7 +63,9 @@ class RouteWatcher:
             try:
                 async with self._session.get(
                     f"{self._url}/routes",
-                    params={"after": after, "timeout": self._poll_timeout},
+                    # client=gateway: the supervisor learns which table we route by, and signals an
+                    # engine only once we hold a table without it.
+                    params={"after": after, "timeout": self._poll_timeout, "client": "gateway"},
                     timeout=aiohttp.ClientTimeout(total=self._poll_timeout + 10),
                 ) as response:
                     response.raise_for_status()

@@ -1,8 +1,11 @@
 """`sem run`: supervisor and gateway as two child processes, in the foreground.
 
 Two processes, so the gateway keeps serving ready engines while the supervisor restarts. A child
-that dies (a signal, a crash) is started again, like systemd's Restart=on-failure would: a new
-supervisor re-adopts the engines that outlived the old one. Up to 5 restarts a minute; a child
+that dies (a signal, a crash) is started again at once, like systemd's Restart=on-failure would:
+a new supervisor re-adopts the engines that outlived the old one. The gateway's listening socket
+belongs to `sem run` and is handed to each gateway it starts (like systemd's socket activation):
+while a dead gateway is replaced, new connections wait in the socket's backlog instead of being
+refused; only the requests the dead one held are lost. Up to 5 restarts a minute; a child
 that exits on its own (code 0, or 2 for bad config / busy port) stops everything; `sem run` then
 exits with the same 2 (a usage error: fix the config or the ports), else with 1.
 SIGHUP is passed to the supervisor (reload models.yaml).
@@ -74,14 +77,23 @@ def supervisor_argv(opts: RunOptions) -> list[str]:
     return argv
 
 
-def gateway_argv(opts: RunOptions) -> list[str]:
+def gateway_argv(opts: RunOptions, listen_fd: int) -> list[str]:
     return [
         sys.executable, "-m", "gateway",
         "--host", opts.host,
         "--port", str(opts.gateway_port),
+        "--listen-fd", str(listen_fd),
         "--supervisor", opts.supervisor_url,
         "--queue-timeout", f"{opts.queue_timeout:g}",
     ]  # fmt: skip
+
+
+def gateway_socket(opts: RunOptions) -> socket.socket:
+    """The gateway's listening socket (SO_REUSEADDR), inheritable by each gateway started;
+    OSError if the port is taken."""
+    sock = socket.create_server((opts.host, opts.gateway_port), backlog=4096)
+    sock.set_inheritable(True)
+    return sock
 
 
 async def _announce(opts: RunOptions) -> None:
@@ -165,13 +177,24 @@ async def run(opts: RunOptions) -> int:
             say("stopping (Ctrl-C again to force)")
         stop.set()
 
-    argvs = {"supervisor": supervisor_argv(opts), "gateway": gateway_argv(opts)}
+    try:
+        listener = gateway_socket(opts)
+    except OSError as exc:
+        say(f"cannot listen on {opts.host}:{opts.gateway_port}: {exc.strerror}")
+        return 2
+    argvs = {
+        "supervisor": supervisor_argv(opts),
+        "gateway": gateway_argv(opts, listener.fileno()),
+    }
+    inherits = {"supervisor": (), "gateway": (listener.fileno(),)}
     procs: dict[str, asyncio.subprocess.Process] = {}
 
     async def spawn(name: str) -> None:
         # Own process groups: a terminal's Ctrl-C reaches only this launcher, which then stops
         # the children in order with one signal each (a second signal would mean "force").
-        procs[name] = await asyncio.create_subprocess_exec(*argvs[name], env=env, process_group=0)
+        procs[name] = await asyncio.create_subprocess_exec(
+            *argvs[name], env=env, process_group=0, pass_fds=inherits[name]
+        )
 
     def on_hangup() -> None:
         say("reloading models.yaml")
@@ -214,6 +237,7 @@ async def run(opts: RunOptions) -> int:
     loop.remove_signal_handler(signal.SIGHUP)
     supervisor, gateway = procs["supervisor"], procs["gateway"]
     announce.cancel()
+    listener.close()  # the gateway's own copy listens until it stops taking requests
     deadline = time.monotonic() + (1.0 if signals > 1 else opts.stop_timeout)
     stop_task = asyncio.create_task(_terminate([gateway, supervisor], deadline))
     while not stop_task.done():

@@ -10,7 +10,7 @@ import hmac
 import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -135,9 +135,13 @@ def create_app(
     async def routes(
         after: Annotated[int, Query(ge=-1)] = -1,
         timeout: Annotated[float, Query(ge=0, le=60)] = 0.0,
+        client: Literal["gateway"] | None = None,
     ) -> dict[str, Any]:
-        """The route table; with `after=V&timeout=S`, a long-poll for a version newer than V."""
-        table = await manager.wait_routes(after, timeout) if timeout else manager.routes
+        """The route table; with `after=V&timeout=S`, a long-poll for a version newer than V.
+        `client=gateway`: the gateway polls, holding table V (engines are signalled only once
+        it holds a table without them)."""
+        gateway = client == "gateway"
+        table = await manager.wait_routes(after, timeout, gateway) if timeout else manager.routes
         return table.to_json()
 
     @app.get("/events", response_model=None)

@@ -19,6 +19,7 @@ from typing import Any
 
 from huggingface_hub import constants
 
+from supervisor.cache_folder import CachedModel
 from supervisor.cache_job import Job, JobState
 from supervisor.config import Source
 from supervisor.errors import (
@@ -30,7 +31,7 @@ from supervisor.errors import (
     InvalidSpec,
     NotCached,
 )
-from supervisor.hub import CachedModel, DownloadCancelled, HubClient, Plan, RemoteFile
+from supervisor.hub import DownloadCancelled, HubClient, Plan, RemoteFile
 from supervisor.units import human
 
 log = logging.getLogger("sem.cache")

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # public, documented
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)  # fmt: skip
+from pydantic_core import PydanticCustomError
 
 from supervisor.fence import EngineArg as EngineArg  # re-exported: engine.py's value type
 from supervisor.fence import check_engine_args, check_env
@@ -77,6 +88,36 @@ def _bad_revision(revision: str) -> str | None:
     return None
 
 
+class LoadMode(StrEnum):
+    """How a model is kept loaded (docs/elastic.md)."""
+
+    ALWAYS = "always"  # its replicas run from the start, whatever the traffic (the default)
+    ON_DEMAND = "on_demand"  # starts unloaded; the first request for it loads it
+
+
+class ReplicaRange(BaseModel):
+    """`replicas: {min, max, target_queue_per_replica}`: autoscaled within the range
+    (autoscale_policy.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min: int = Field(default=1, ge=1, le=64)
+    max: int = Field(ge=1, le=64)
+    target_queue_per_replica: float = Field(
+        default=4.0, gt=0, description="requests queued per replica above which one is added"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReplicaRange:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is more than max ({self.max})")
+        return self
+
+
+_COUNT: TypeAdapter[int] = TypeAdapter(Annotated[int, Field(ge=1, le=64)])
+_RANGE: TypeAdapter[ReplicaRange] = TypeAdapter(ReplicaRange)
+
+
 class ModelSpec(BaseModel):
     """One model as the operator asks for it (models.yaml entry or POST /models body)."""
 
@@ -84,7 +125,9 @@ class ModelSpec(BaseModel):
 
     name: str = Field(pattern=_NAME, description="name clients use in the `model` field")
     source: str = Field(description="hf://org/name[@revision] or path:/some/dir")
-    replicas: int = Field(default=1, ge=1, le=64)
+    replicas: int | ReplicaRange = Field(
+        default=1, description="a count (1-64), or {min, max, target_queue_per_replica}"
+    )
     tensor_parallel: int = Field(default=1, ge=1, le=16)
     memory: str = Field(default="auto", description="per replica: auto (estimated) or e.g. 20GiB")
     max_model_len: int | None = Field(default=None, ge=16)
@@ -95,6 +138,56 @@ class ModelSpec(BaseModel):
     priority: int = Field(default=0, description="higher is placed first when memory is short")
     engine_args: dict[str, EngineArg] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
+    load: LoadMode = Field(default=LoadMode.ALWAYS, description="always or on_demand")
+    idle_unload: str | float | None = Field(
+        default=None, description="unload after this long without a request, e.g. 10m"
+    )
+    evictable: bool | None = Field(
+        default=None,
+        description="may be unloaded to make room for another; default: if load is on_demand",
+    )
+
+    @field_validator("idle_unload")
+    @classmethod
+    def _check_idle_unload(cls, value: str | float | None) -> str | float | None:
+        if value is not None and parse_duration(value) <= 0:
+            raise ValueError("idle_unload must be a positive duration")
+        return value
+
+    @field_validator("replicas", mode="plain")
+    @classmethod
+    def _check_replicas(cls, value: object) -> int | ReplicaRange:
+        """A count or a range, each with its own errors (a plain union would report both)."""
+        adapter = _RANGE if isinstance(value, dict | ReplicaRange) else _COUNT
+        try:
+            return adapter.validate_python(value)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = f"{format_loc(tuple(first['loc']))}: " if first["loc"] else ""
+            raise PydanticCustomError(first["type"], where + first["msg"]) from None
+
+    @field_serializer("replicas")
+    def _dump_replicas(self, value: int | ReplicaRange) -> int | dict[str, Any]:
+        return value if isinstance(value, int) else value.model_dump()
+
+    @property
+    def min_replicas(self) -> int:
+        """The replicas it starts with: the count, or the range's minimum."""
+        return self.replicas.min if isinstance(self.replicas, ReplicaRange) else self.replicas
+
+    @property
+    def autoscale(self) -> ReplicaRange | None:
+        return self.replicas if isinstance(self.replicas, ReplicaRange) else None
+
+    @property
+    def may_evict(self) -> bool:
+        """`evictable`, or by default: a model loaded on demand may go, one always loaded not."""
+        return self.load is LoadMode.ON_DEMAND if self.evictable is None else self.evictable
+
+    @property
+    def idle_seconds(self) -> float | None:
+        """`idle_unload` in seconds; None: never unloaded for idleness."""
+        return None if self.idle_unload is None else parse_duration(self.idle_unload)
 
     @field_validator("source")
     @classmethod
@@ -161,6 +254,9 @@ class SemConfig(BaseModel):
     cluster: ClusterConfig | None = Field(default=None, description="absent: this machine only")
     cpu_memory_budget: str = Field(default="auto", description="CPU mode: memory sem may use")
     recheck_interval: str | float = Field(default="10s")
+    min_residency: str | float = Field(
+        default="30s", description="a model loaded on demand stays at least this long"
+    )
     models: list[ModelSpec] = Field(default_factory=list)
 
     @field_validator("devices")
@@ -179,6 +275,13 @@ class SemConfig(BaseModel):
             raise ValueError("recheck_interval must be positive")
         return value
 
+    @field_validator("min_residency")
+    @classmethod
+    def _check_residency(cls, value: str | float) -> str | float:
+        if parse_duration(value) < 0:
+            raise ValueError("min_residency must not be negative")
+        return value
+
     @model_validator(mode="after")
     def _unique_names(self) -> SemConfig:
         seen: set[str] = set()
@@ -191,6 +294,10 @@ class SemConfig(BaseModel):
     @property
     def recheck_seconds(self) -> float:
         return parse_duration(self.recheck_interval)
+
+    @property
+    def residency_seconds(self) -> float:
+        return parse_duration(self.min_residency)
 
 
 def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:

@@ -28,6 +28,7 @@ from contract import defaults
 from supervisor.api import create_app
 from supervisor.cache import CacheSettings, ModelCache
 from supervisor.config import ConfigError, InvalidModel, ModelSpec, SemConfig, load_config
+from supervisor.elastic_policy import ElasticSettings
 from supervisor.engine import EngineCommand, spawn_engine
 from supervisor.engine_metrics import EngineScraper
 from supervisor.errors import SupervisorError
@@ -41,7 +42,7 @@ from supervisor.probe import EngineProbe
 from supervisor.procgroup import signal_group
 from supervisor.reloader import Reloader
 from supervisor.replica import ReplicaTiming
-from supervisor.resources import Inventory, NvmlInventory, describe, detect
+from supervisor.resources import Device, Inventory, NvmlInventory, describe, detect
 from supervisor.scheduler import SchedulerSettings
 from supervisor.store import Store, StoreError, private_folder
 from supervisor.units import parse_size
@@ -74,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--stop-grace", type=float, default=10.0, help="SIGTERM to SIGKILL, per engine")
     p.add_argument("--start-timeout", type=float, default=600.0)
+    p.add_argument("--stall-after", type=float, default=10.0,
+                   help="an engine with requests in flight and no progress this many seconds"
+                   " is wedged: restarted (docs/faults.md)")  # fmt: skip
     p.add_argument("--token", default=os.environ.get("SEM_ADMIN_TOKEN"),
                    help="bearer token for mutating calls; required beyond loopback")  # fmt: skip
     p.add_argument(
@@ -174,6 +178,16 @@ def models_at_start(
     return config.models + kept
 
 
+def log_devices(inventory: Inventory, devices: list[Device]) -> None:
+    """The start-up log's word on devices: those sem uses, and the GPUs it left out and why
+    (MIG mode, hidden by CUDA_VISIBLE_DEVICES or `devices:`): an operator who expected them
+    must see why they are not used."""
+    log.info("devices: %s", describe(devices))
+    if isinstance(inventory, NvmlInventory):
+        for note in inventory.notes:
+            log.warning("devices: %s", note)
+
+
 async def _serve(
     args: argparse.Namespace, config: SemConfig, store: Store, skipped: list[InvalidModel]
 ) -> int:
@@ -217,15 +231,18 @@ async def _serve(
     )
     events = EventLog()
     probe = EngineProbe()
-    timing = ReplicaTiming(start_timeout=args.start_timeout, stop_grace=args.stop_grace)
+    timing = ReplicaTiming(
+        start_timeout=args.start_timeout, stop_grace=args.stop_grace, stall_after=args.stall_after
+    )
     gpus = NvmlProcessMemory() if isinstance(inventory, NvmlInventory) else None
     manager = Manager(
         settings=settings, inventory=inventory, probe=probe, events=events, timing=timing,
         scheduling=SchedulerSettings(recheck_interval=config.recheck_seconds), store=store,
         cache=cache, gpu_memory=gpus,
+        elastic=ElasticSettings(min_residency=config.residency_seconds),
     )  # fmt: skip
     await asyncio.to_thread(private_folder, settings.state_dir / "logs")  # engine logs
-    log.info("devices: %s", describe(manager.devices))
+    log_devices(inventory, manager.devices)
     log.info("model cache: %s", cache.cache_dir)
 
     reload = Reloader(args.config, manager, config, args.drain_timeout)

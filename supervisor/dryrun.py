@@ -30,7 +30,7 @@ def dry_run(config: SemConfig, devices: list[Device], store: Store | None = None
     order: dict[str, int] = {}  # replica id -> position in the file
     needs_measured: dict[str, bool] = {}  # replica id -> its need was measured, not estimated
     for spec in config.models:
-        ids = [f"{spec.name}-{i}" for i in range(spec.replicas)]
+        ids = [f"{spec.name}-{i}" for i in range(spec.min_replicas)]
         order |= {r: len(order) + i for i, r in enumerate(ids)}
         try:
             model_dir = None if spec.memory != "auto" else local_model_dir(spec)

@@ -27,16 +27,23 @@ class EventKind(StrEnum):
     PENDING = "pending"  # the scheduler's reason a replica waits changed
     MEASURED = "measured"  # an engine's real need was measured (measure.py)
     RELEASED = "released"  # a stopped or failed replica's reservation is free again
+    RESTART_WAITS = "restart_waits"  # a restart waits for its GPU (start gate): the reason
     MODEL_DOWNLOADING = "model_downloading"  # a model's files are cached first
     MODEL_ADDED = "model_added"  # a model is sized up; its replicas queue for placement
     MODEL_FAILED = "model_failed"  # a model's files could not be cached or sized
     MODEL_CHANGED = "model_changed"  # a reload changed a model's spec: a rollout begins
+    ROLLOUT_FAILED = "rollout_failed"  # a new spec's files could not be cached or sized
     MODEL_REMOVING = "model_removing"  # a model was removed: its replicas drain
     MODEL_REMOVED = "model_removed"  # every replica of a removed model stopped
     MODEL_INVALID = "model_invalid"  # a model of models.yaml was skipped at start
     NOT_ADOPTED = "not_adopted"  # an engine of an earlier run could not be taken over
     RETIRED = "retired"  # an engine of an earlier run with no place now was stopped
     RELOADED = "reloaded"  # models.yaml was applied
+    MODEL_LOADING = "model_loading"  # an unloaded model is loaded (a request asked for it)
+    MODEL_UNLOADED = "model_unloaded"  # a model was unloaded (idle, evicted, on demand)
+    EVICTING = "evicting"  # a model is unloaded to make room for another (data: for, freed)
+    SCALED = "scaled"  # the autoscaler added or removed a replica (data: delta)
+    LOAD_MEASURED = "load_measured"  # a replica went from starting to ready (data: seconds)
     NODE_LOST = "node_lost"  # a cluster node left: its replica is replaced on another node
 
 

@@ -8,6 +8,7 @@ a launch that records the engine in the store (so a later supervisor can re-adop
 from __future__ import annotations
 
 import itertools
+import random
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,9 +27,11 @@ from supervisor.engine import (
 )
 from supervisor.estimate import MemoryEstimate, cpu_kv_cache_gib
 from supervisor.events import EventLog
+from supervisor.gateway_view import GatewayView
+from supervisor.gpu_budget import tp_utilization
 from supervisor.placement import Placement
 from supervisor.probe import EngineProbe
-from supervisor.replica import Replica, ReplicaTiming
+from supervisor.replica import Replica, ReplicaTiming, StartTurn
 from supervisor.resources import Device
 from supervisor.restart import RestartPolicy
 from supervisor.store import EngineRecord, Store, spec_digest
@@ -58,9 +61,11 @@ def gpu_ids(placement: Placement | None, devices: Mapping[str, Device]) -> tuple
 
 def gpu_memory_utilization(placement: Placement, devices: Mapping[str, Device]) -> float:
     """vLLM's --gpu-memory-utilization for a GPU placement: the share of each GPU the replica
-    reserved. vLLM takes one figure for all ranks, so the smallest GPU's share is given."""
-    total = min(devices[i].total for i in placement.device_ids)
-    return min(MAX_GPU_UTILIZATION, placement.per_device / total)
+    reserved, rounded up (gpu_budget.utilization). vLLM applies one figure to every rank's own
+    total, so the smallest GPU's share is given; the placement reserved that share of the
+    larger ones (gpu_budget.tp_reservations)."""
+    totals = [devices[i].total for i in placement.device_ids]
+    return min(MAX_GPU_UTILIZATION, tp_utilization(placement.per_device, totals))
 
 
 def launch_plan(
@@ -114,14 +119,20 @@ class ReplicaFactory:
         timing: ReplicaTiming,
         store: Store,
         devices: Callable[[], list[Device]],
+        gateway: GatewayView | None = None,
+        start_turn: StartTurn | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self._settings = settings
+        self._gateway = gateway
         self._probe = probe
         self._events = events
         self._policy = policy
         self.timing = timing
         self._store = store
         self._devices = devices
+        self._start_turn = start_turn  # restarts wait for their GPU here (start_gate.py)
+        self._rng = rng or random.Random()  # one generator for every replica's backoff jitter
         self._seq = itertools.count()
 
     def new(
@@ -161,6 +172,9 @@ class ReplicaFactory:
             policy=self._policy,
             timing=self.timing,
             reason="waiting for placement",
+            gateway=self._gateway,
+            start_turn=self._start_turn,
+            rng=self._rng,
         )
         replica.seq = next(self._seq)
         replica.digest = spec_digest(spec)
@@ -176,4 +190,5 @@ def engine_record(replica: Replica, plan: LaunchPlan, pid: int) -> EngineRecord:
         create_time=start_time(pid) or 0.0, port=plan.port, spec_digest=replica.digest,
         devices=placement.device_ids if placement else (),
         reserved=placement.per_device if placement else 0, log_path=plan.log_path,
+        reservations=tuple(placement.reserved().values()) if placement else (),
     )  # fmt: skip

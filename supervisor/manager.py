@@ -8,13 +8,17 @@ sizing (sizing.py). The manager wires them together and keeps the public command
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from contract.routes import RouteTable
 from supervisor.cache import ModelCache
 from supervisor.config import ModelSpec
 from supervisor.demand import DemandBoard
+from supervisor.elastic import Elastic
+from supervisor.elastic_policy import ElasticSettings
 from supervisor.events import EventLog
+from supervisor.gateway_view import GatewayView
 from supervisor.gpu_usage import ProcessMemory
 from supervisor.launch import EngineSettings, ReplicaFactory
 from supervisor.measure import Measurer
@@ -49,6 +53,8 @@ class Manager:
         store: Store | None = None,
         cache: ModelCache | None = None,
         demand: DemandBoard | None = None,
+        elastic: ElasticSettings | None = None,
+        rng: random.Random | None = None,  # the restarts' jitter (seeded in tests)
         gpu_memory: ProcessMemory | None = None,
     ) -> None:
         """`gpu_memory`: NVML's per-process figures, to measure what engines use on a GPU
@@ -62,11 +68,18 @@ class Manager:
         factory = ReplicaFactory(
             settings=settings, probe=probe, events=events, policy=policy or RestartPolicy(),
             timing=timing, store=store, devices=lambda: self._scheduler.devices,
+            gateway=GatewayView(self.demand, self._routes),
+            start_turn=self._scheduler.gate.wait_turn, rng=rng,
         )  # fmt: skip
         self._registry = Registry(
             events=events, store=store, factory=factory, scheduler=self._scheduler,
             routes=self._routes, cache=cache, measurer=Measurer(store, events, gpu_memory),
         )  # fmt: skip
+        self.elastic = Elastic(
+            self._registry, self._scheduler, self.demand, events, store,
+            elastic or ElasticSettings(),
+        )  # fmt: skip
+        self._registry.replica_watchers.append(self.elastic.note_replica)
         self._rollouts = Rollouts(self._registry, store, events)
         self._restorer = Restorer(
             self._registry, store, probe, events, timing.stop_grace, adopt=settings.adopt
@@ -99,9 +112,10 @@ class Manager:
     def routes(self) -> RouteTable:
         return self._routes.table
 
-    async def wait_routes(self, after: int, timeout: float) -> RouteTable:
-        """The route table once its version is past `after`, or as it is after `timeout` s."""
-        return await self._routes.wait(after, timeout)
+    async def wait_routes(self, after: int, timeout: float, gateway: bool = False) -> RouteTable:
+        """The route table once its version is past `after`, or as it is after `timeout` s;
+        `gateway`: the gateway asks, and holds table `after` (route_table.py)."""
+        return await self._routes.wait(after, timeout, gateway)
 
     async def resources(self) -> list[dict[str, Any]]:
         """Devices measured now, with what sem's replicas reserve on each."""
@@ -111,8 +125,10 @@ class Manager:
     # -- commands ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Run the scheduler (placement of pending replicas) until shutdown."""
+        """Run the scheduler (placement of pending replicas) and the elastic loop (load on
+        demand, idle unload, eviction) until shutdown."""
         self._scheduler.start(self._registry.entries, self._registry.publish)
+        self.elastic.start()
 
     async def schedule(self) -> None:
         """One planning round: place what fits now, say why the rest waits."""
@@ -151,6 +167,7 @@ class Manager:
 
     async def shutdown(self, drain_timeout: float) -> None:
         """Stop every model (drained up to the deadline) and wait until all engines are gone."""
+        await self.elastic.stop()  # no more loads or unloads
         await self._scheduler.stop()  # no more placements
         await self._registry.close(drain_timeout)
         self._routes.close()  # long-polls answer at once from now on

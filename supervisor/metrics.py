@@ -101,6 +101,11 @@ class Snapshot:
     used: Attribution | None  # GPU memory per replica, where measured per process
 
 
+# Elastic events (elastic.py, autoscaler.py) -> the `action` label they count under.
+_ELASTIC_ACTIONS = {"model_loading": "load", "model_unloaded": "unload", "evicting": "evict",
+                    "scaled": "scale"}  # fmt: skip
+
+
 class SupervisorMetrics:
     """Owns the registry, the event-follower task and the engine scraper (`start`/`aclose`).
     `processes`: per-process GPU memory (NVML), if there are GPUs."""
@@ -135,6 +140,11 @@ class SupervisorMetrics:
             "sem_supervisor_engine_scrape_errors", "Engine /metrics scrapes that failed",
             ["model", "replica"], registry=self.registry,
         )  # fmt: skip
+        self.elastic = Counter(
+            "sem_supervisor_elastic_decisions", "Elastic decisions by action: `load` (on demand),"
+            " `unload` (idle or evicted), `evict`, `scale_up`, `scale_down`",
+            ["model", "action"], registry=self.registry,
+        )  # fmt: skip
         self._follower: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -159,6 +169,10 @@ class SupervisorMetrics:
             self.placements.labels(model_of(event.subject), "placed").inc()
         elif event.kind == "pending":
             self.placements.labels(model_of(event.subject), "pending").inc()
+        elif (action := _ELASTIC_ACTIONS.get(event.kind)) is not None:
+            if event.kind == "scaled":
+                action = "scale_up" if event.data.get("delta", 0) > 0 else "scale_down"
+            self.elastic.labels(event.subject, action).inc()
         elif event.kind == "transition":
             model, reason = event.data.get("model", ""), str(event.data.get("reason", ""))
             if event.data.get("new") == ReplicaState.RESTARTING:

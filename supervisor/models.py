@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ _ENTERED: dict[ModelPhase, EventKind] = {
     ModelPhase.DOWNLOADING: EventKind.MODEL_DOWNLOADING,
     ModelPhase.ACTIVE: EventKind.MODEL_ADDED,
     ModelPhase.FAILED: EventKind.MODEL_FAILED,
+    ModelPhase.UNLOADED: EventKind.MODEL_UNLOADED,
     ModelPhase.DRAINING: EventKind.MODEL_REMOVING,
     ModelPhase.REMOVED: EventKind.MODEL_REMOVED,
 }
@@ -42,6 +44,10 @@ class ModelEntry:
     rollout: asyncio.Task[None] | None = None  # replacing replicas after a spec change
     download: Job | None = None  # caching its hf:// source first (phase `downloading`)
     failure: str = ""  # why it could not be cached or sized (phase `failed`)
+    loaded_at: float = 0.0  # unix time it last became active (minimum residency counts from it)
+    load_seconds: float | None = None  # measured start-to-ready time of its engines (elastic.py)
+    unloaded_why: str = ""  # why it is unloaded (phase `unloaded`)
+    rollout_failure: str = ""  # why its last new spec was not applied (it runs the old one)
 
     def transition(self, new: ModelPhase, reason: str) -> None:
         """Enter phase `new` (if the table allows it) and record the event that says why."""
@@ -50,7 +56,14 @@ class ModelEntry:
         old, self.phase = self.phase, new
         if new is ModelPhase.FAILED:
             self.failure = reason
-        self.events.emit(_ENTERED[new], self.spec.name, reason, old=old.value, new=new.value)
+        if new is ModelPhase.ACTIVE:
+            self.loaded_at = time.time()
+        if new is ModelPhase.UNLOADED:
+            self.unloaded_why = reason
+        kind = _ENTERED[new]
+        if old is ModelPhase.UNLOADED and new is ModelPhase.ACTIVE:
+            kind = EventKind.MODEL_LOADING
+        self.events.emit(kind, self.spec.name, reason, old=old.value, new=new.value)
 
     @property
     def leaving(self) -> bool:
@@ -76,8 +89,12 @@ class ModelEntry:
     def reason(self) -> str:
         if self.failure:  # kept while a failed model is removed
             return self.failure
+        if self.rollout_failure and not self.leaving:
+            return self.rollout_failure
         if self.download is not None:
             return self.download.describe()
+        if self.phase is ModelPhase.UNLOADED:
+            return self.unloaded_why
         # The reason of the replica that decides the aggregate state says most.
         state = self.state
         for replica in self.replicas:

@@ -3,7 +3,10 @@
 A pure decision over snapshots: no I/O, no logging, no clock, no mutation of its inputs.
 
 - A device can take a replica when both its unreserved memory (total - reserved by sem) and its
-  measured free memory cover the replica's need on it. `tensor_parallel: N` needs N such GPUs.
+  measured free memory cover the reservation, and on a GPU the engine's start cost on top (its
+  CUDA context, and NCCL with tensor parallel: vLLM takes them before it checks free memory;
+  `has_room`). `tensor_parallel: N` needs N such GPUs, and on GPUs of unequal sizes each one
+  must hold u x its own total (gpu_budget.tp_reservations): the larger ones more than the need.
 - Best fit: among the devices that can take it, the ones left with the least room afterwards.
 - Order: higher priority first, then first come first served.
 - No starvation: a request that does not fit lets the requests behind it through (backfill) only
@@ -19,11 +22,15 @@ A pure decision over snapshots: no I/O, no logging, no clock, no mutation of its
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 
-from supervisor.gpu_budget import fits
+from supervisor.gpu_budget import fits, start_cost, tp_reservations, tp_utilization
 from supervisor.units import GiB
+
+# Memory held outside sem below this is not worth a word in a wait reason.
+FOREIGN_NOTE_MIN = 256 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,7 @@ class DeviceView:
     starting: bool = False  # an engine of sem's is starting on it (GPUs only: one at a time)
     kind: str = "gpu"
     node: str = ""  # the cluster node it is on ("" on one box)
+    foreign: int = 0  # measured use that none of sem's engines accounts for (other processes)
 
     @property
     def available(self) -> int:
@@ -45,7 +53,7 @@ class DeviceView:
 @dataclass(frozen=True)
 class Request:
     replica_id: str
-    need: int  # bytes per device
+    need: int  # bytes per device (the reservation on the smallest of its GPUs)
     devices: int = 1  # tensor_parallel
     priority: int = 0
     seq: int = 0  # arrival order
@@ -58,8 +66,16 @@ class Request:
 class Placement:
     replica_id: str
     device_ids: tuple[str, ...]
-    per_device: int
+    per_device: int  # the request's need
     reason: str
+    # What is reserved on each device, in device_ids' order: per_device, except on the larger
+    # GPUs of a tensor-parallel engine over unequal GPUs. Empty: per_device on each.
+    reservations: tuple[int, ...] = ()
+
+    def reserved(self) -> dict[str, int]:
+        """Bytes reserved on each of its devices."""
+        amounts = self.reservations or (self.per_device,) * len(self.device_ids)
+        return dict(zip(self.device_ids, amounts, strict=True))
 
 
 @dataclass(frozen=True)
@@ -78,6 +94,10 @@ def gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB"
 
 
+def gib2(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
 def has_room(device: DeviceView, need: int, tensor_parallel: int = 1) -> bool:
     """Can `device` take a reservation of `need` bytes now? On a GPU the engine's CUDA context
     (and NCCL buffers with tensor parallel) come on top, outside vLLM's budget: see
@@ -87,59 +107,110 @@ def has_room(device: DeviceView, need: int, tensor_parallel: int = 1) -> bool:
     return fits(device.available, need, tensor_parallel)
 
 
-def never_fits(need: int, devices_needed: int, totals: list[tuple[str, int]]) -> str | None:
-    """Why a request could not be placed even on empty devices; None if it could."""
+def need_text(need: int, tensor_parallel: int, on_gpu: bool) -> str:
+    """'needs 18.05 GiB + 0.51 GiB context': the reservation and, on GPUs, the start cost."""
+    if not on_gpu:
+        return f"needs {gib2(need)}"
+    what = "context and NCCL" if tensor_parallel > 1 else "context"
+    return f"needs {gib2(need)} + {gib2(start_cost(tensor_parallel))} {what}"
+
+
+def never_fits(
+    need: int, devices_needed: int, totals: list[tuple[str, int]], on_gpu: bool = False
+) -> str | None:
+    """Why a request could not be placed even on empty devices; None if it could. On GPUs the
+    engine's start cost must fit beside the reservation."""
     kind = "GPUs" if devices_needed > 1 else "device"
     if devices_needed > len(totals):
         return f"needs {devices_needed} GPUs; there are {len(totals)}"
-    big_enough = [label for label, total in totals if total >= need]
+    cost = start_cost(devices_needed) if on_gpu else 0
+    big_enough = [label for label, total in totals if total >= need + cost]
     if len(big_enough) < devices_needed:
         largest = max(totals, key=lambda t: t[1])
         return (
-            f"needs {gib(need)} on each of {devices_needed} {kind}; the largest"
-            f" {largest[0]} has {gib(largest[1])} in all"
+            f"{need_text(need, devices_needed, on_gpu)} on each of {devices_needed} {kind};"
+            f" the largest {largest[0]} has {gib(largest[1])} in all"
         )
     return None
 
 
+def _foreign_note(devices: Sequence[DeviceView]) -> str:
+    held = [d for d in devices if d.foreign >= FOREIGN_NOTE_MIN]
+    if not held:
+        return ""
+    parts = ", ".join(f"{gib(d.foreign)} on {d.label}" for d in held)
+    return f" ({parts} held by processes outside sem)"
+
+
 def _wait_reason(request: Request, devices: list[DeviceView]) -> str:
-    what = f"needs {gib(request.need)}"
-    if request.devices > 1:
-        what += f" on {request.devices} GPUs"
     if not devices:
-        return f"{what}; no devices"
+        return f"needs {gib2(request.need)}; no devices"
+    on_gpu = all(d.kind == "gpu" for d in devices)
+    what = need_text(request.need, request.devices, on_gpu)
     best = max(devices, key=lambda d: d.available)
     if request.devices == 1:
-        starting = [d.label for d in devices if d.starting and d.available >= request.need]
+        starting = [d.label for d in devices if d.starting and has_room(d, request.need)]
         if starting:
             return f"{what}; {starting[0]} has room but another engine is starting on it"
-        return f"{what} on 1 device; largest free is {gib(best.available)} on {best.label}"
-    fitting = [d.label for d in devices if d.available >= request.need and not d.starting]
-    if len(fitting) >= request.devices:
-        return f"{what}; {len(fitting)} GPUs have that free, but no node has {request.devices}"
-    return f"{what}; only {len(fitting)} GPU(s) have that free ({', '.join(fitting) or 'none'})"
-
-
-def choose(fitting: list[DeviceView], request: Request, used: Iterable[str]) -> list[DeviceView]:
-    """The request's devices among those that can take it (empty if none will do): all on one
-    node, a node not in `used` if one can take it, then best fit."""
-    used = set(used)
-    nodes = sorted({d.node for d in fitting})
-    best: tuple[tuple[bool, int, tuple[str, ...]], list[DeviceView]] | None = None
-    for node in nodes:
-        on_node = sorted(
-            (d for d in fitting if d.node == node), key=lambda d: (d.available - request.need, d.id)
-        )[: request.devices]
-        if len(on_node) < request.devices:
-            continue
-        score = (
-            node in used and node != "",
-            sum(d.available - request.need for d in on_node),
-            tuple(d.id for d in on_node),
+        where = "1 GPU" if on_gpu else "1 device"
+        return (
+            f"{what} on {where}; largest free is {gib(best.available)} on {best.label}"
+            + _foreign_note([best])
         )
-        if best is None or score < best[0]:
-            best = score, on_node
-    return best[1] if best else []
+    what += f" on each of {request.devices} GPUs"
+    fitting = [d for d in devices if has_room(d, request.need, request.devices)]
+    ready = [d for d in fitting if not d.starting]
+    if len(fitting) >= request.devices and len(ready) < request.devices:
+        return f"{what}; another engine is starting on {', '.join(d.label for d in fitting)}"
+    if len(ready) >= request.devices and len({d.node for d in ready}) > 1:
+        on_one = max(sum(d.node == n for d in ready) for n in {d.node for d in ready})
+        if on_one < request.devices:
+            return f"{what}; {len(ready)} GPUs have that free, but no node has {request.devices}"
+    if len(fitting) < request.devices:
+        labels = ", ".join(d.label for d in fitting) or "none"
+        return f"{what}; only {len(fitting)} GPU(s) have that free ({labels})" + _foreign_note(
+            devices
+        )
+    # Enough GPUs hold the need, but on unequal GPUs vLLM wants u x total on the larger ones.
+    chosen = sorted(fitting, key=lambda d: -d.available)[: request.devices]
+    totals = [d.total for d in chosen]
+    u = tp_utilization(request.need, totals)
+    short = [
+        f"{gib2(r)} on {d.label} ({gib(d.available)} free)"
+        for d, r in zip(chosen, tp_reservations(request.need, totals), strict=True)
+        if not has_room(d, r, request.devices)
+    ]
+    return (
+        f"{what}; at utilization {u:.4f} (of the smallest GPU) vLLM wants {', '.join(short)}"
+        + _foreign_note(chosen)
+    )
+
+
+def _reservations(request: Request, devices: Sequence[DeviceView]) -> list[int]:
+    """What each of these devices would reserve for the request."""
+    if request.devices == 1 or any(d.kind != "gpu" for d in devices):
+        return [request.need] * len(devices)
+    return tp_reservations(request.need, [d.total for d in devices])
+
+
+def _choose(
+    request: Request, candidates: list[DeviceView], used: Collection[str]
+) -> tuple[tuple[DeviceView, ...], list[int]] | None:
+    """The best set of `request.devices` candidates, all on one node, and what each reserves:
+    a node not in `used` if one can take it, then the best fit."""
+    best: tuple[tuple[bool, int, tuple[str, ...]], tuple[DeviceView, ...], list[int]] | None = None
+    for combo in itertools.combinations(candidates, request.devices):
+        if len({d.node for d in combo}) > 1:
+            continue
+        amounts = _reservations(request, combo)
+        if not all(has_room(d, r, request.devices) for d, r in zip(combo, amounts, strict=True)):
+            continue
+        left = sum(d.available - r for d, r in zip(combo, amounts, strict=True))
+        node = combo[0].node
+        key = (node in used and node != "", left, tuple(d.id for d in combo))
+        if best is None or key < best[0]:
+            best = (key, combo, amounts)
+    return None if best is None else (best[1], best[2])
 
 
 def plan(
@@ -167,30 +238,35 @@ def plan(
             replace(d, free=free[d.id], reserved=reserved[d.id], starting=starting[d.id])
             for d in views.values()
         ]
-        fitting = [
-            d for d in current
-            if d.available >= request.need and not (d.kind == "gpu" and d.starting)
+        candidates = [
+            d for d in sorted(current, key=lambda d: d.id)
+            if has_room(d, request.need, request.devices) and not (d.kind == "gpu" and d.starting)
         ]  # fmt: skip
         group_nodes = used.setdefault(request.group, set(request.avoid_nodes))
-        chosen = choose(fitting, request, group_nodes if request.group else ())
-        if not chosen:
+        choice = _choose(request, candidates, group_nodes if request.group else ())
+        if choice is None:
             result.waits.append(Wait(request.replica_id, _wait_reason(request, current)))
             if request.waited >= starvation_guard:
                 blocked_by = request
             continue
+        chosen, amounts = choice
         group_nodes.add(chosen[0].node)
-        for d in chosen:
-            reserved[d.id] += request.need
-            free[d.id] -= request.need
+        for d, amount in zip(chosen, amounts, strict=True):
+            reserved[d.id] += amount
+            free[d.id] -= amount
             starting[d.id] = True
-        labels = "+".join(d.label for d in chosen)
-        left = ", ".join(f"{d.label} {gib(d.available - request.need)} left" for d in chosen)
-        result.placements.append(
-            Placement(
-                request.replica_id,
-                tuple(sorted(d.id for d in chosen)),
-                request.need,
-                f"{gib(request.need)} on {labels} (best fit: {left})",
-            )
-        )
+        result.placements.append(_placement(request, chosen, amounts))
     return result
+
+
+def _placement(request: Request, chosen: Sequence[DeviceView], amounts: list[int]) -> Placement:
+    by_id = sorted(zip(chosen, amounts, strict=True), key=lambda pair: pair[0].id)
+    labels = "+".join(d.label for d, _ in by_id)
+    left = ", ".join(f"{d.label} {gib(d.available - r)} left" for d, r in by_id)
+    return Placement(
+        request.replica_id,
+        tuple(d.id for d, _ in by_id),
+        request.need,
+        f"{gib(request.need)} on {labels} (best fit: {left})",
+        tuple(r for _, r in by_id),
+    )

@@ -6,6 +6,8 @@ import re
 
 import httpx
 
+from supervisor.liveness import Counters, parse_counters
+
 _GAUGE = re.compile(r"^vllm:num_requests_(running|waiting)\{[^}]*\}\s+([0-9.eE+-]+)$", re.M)
 
 
@@ -23,16 +25,24 @@ class EngineProbe:
             return False
         return response.status_code == 200
 
-    async def outstanding(self, base_url: str) -> int | None:
-        """Requests running + waiting in the engine, from its /metrics; None if unknown."""
+    async def _metrics(self, base_url: str) -> str | None:
+        """The engine's /metrics text; None if it does not answer with one."""
         try:
             response = await self._client.get(f"{base_url}/metrics")
         except httpx.HTTPError:
             return None
-        if response.status_code != 200:
-            return None
-        values = [float(v) for _, v in _GAUGE.findall(response.text)]
+        return response.text if response.status_code == 200 else None
+
+    async def outstanding(self, base_url: str) -> int | None:
+        """Requests running + waiting in the engine, from its /metrics; None if unknown."""
+        text = await self._metrics(base_url)
+        values = [float(v) for _, v in _GAUGE.findall(text or "")]
         return int(sum(values)) if values else None
+
+    async def counters(self, base_url: str) -> Counters | None:
+        """Its token counter and running requests (liveness.py); None if unknown."""
+        text = await self._metrics(base_url)
+        return None if text is None else parse_counters(text)
 
     async def served_models(self, base_url: str) -> list[str]:
         """The model names the engine serves (its /v1/models); empty if it does not answer."""

@@ -9,10 +9,11 @@ published in the route table; a change that may let a replica be placed wakes th
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from supervisor.cache import ModelCache
 from supervisor.cache_job import Job
-from supervisor.config import ModelSpec, Source
+from supervisor.config import LoadMode, ModelSpec, Source
 from supervisor.errors import ModelExists, ModelNotFound, SupervisorError
 from supervisor.events import EventKind, EventLog
 from supervisor.launch import ReplicaFactory
@@ -50,6 +51,7 @@ class Registry:
         self._removals: set[asyncio.Task[None]] = set()
         self._downloads: set[asyncio.Task[None]] = set()
         self._closing = False  # shutting down: a finished download adds no replicas
+        self.replica_watchers: list[Callable[[Replica], None]] = []  # told of every transition
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -136,10 +138,42 @@ class Registry:
 
     def add_replicas(self, entry: ModelEntry, upto: int | None = None) -> None:
         """New pending replicas until the model has `upto` (default: as the spec says)."""
-        upto = entry.spec.replicas if upto is None else upto
+        upto = entry.spec.min_replicas if upto is None else upto
         while len([r for r in entry.replicas if not r.done]) < upto:
             entry.replicas.append(self.new_replica(entry, entry.free_replica_id()))
         self._changed()
+
+    def retire_replica(self, entry: ModelEntry, replica: Replica, drain_timeout: float) -> None:
+        """One replica fewer (autoscaling down): it drains and stops, then leaves the list."""
+
+        async def retire() -> None:
+            await replica.stop(drain_timeout)
+            if replica in entry.replicas:
+                entry.replicas.remove(replica)
+            self.publish()
+
+        task = asyncio.create_task(retire(), name=f"retire-{replica.id}")
+        self._removals.add(task)
+        task.add_done_callback(self._removals.discard)
+
+    def load(self, entry: ModelEntry, reason: str) -> None:
+        """An unloaded model becomes active: its replicas queue for placement."""
+        entry.replicas = [r for r in entry.replicas if not r.done]  # ids free for reuse
+        entry.transition(ModelPhase.ACTIVE, reason)
+        leaving = sum(1 for r in entry.replicas if r.state is ReplicaState.DRAINING)
+        self.add_replicas(entry, entry.spec.min_replicas + leaving)
+
+    def unload(self, entry: ModelEntry, reason: str, drain_timeout: float) -> None:
+        """An active model becomes unloaded: its replicas drain and stop, and their memory goes
+        back to the pending queue (each stop wakes the scheduler). It stays known: a request
+        for it waits in the gateway's queue and loads it again."""
+        entry.transition(ModelPhase.UNLOADED, reason)
+        task = asyncio.create_task(
+            self._stop_replicas(entry, drain_timeout), name=f"unload-{entry.spec.name}"
+        )
+        self._removals.add(task)
+        task.add_done_callback(self._removals.discard)
+        self.publish()
 
     def replace_lost(self, lost: set[str]) -> None:
         """Cluster nodes left: a replica on one is gone with it, so it is stopped (nothing is
@@ -157,7 +191,7 @@ class Registry:
         await replica.stop(0.0)
         if replica in entry.replicas:
             entry.replicas.remove(replica)
-        if not entry.leaving and not self._closing:
+        if entry.phase is ModelPhase.ACTIVE and not self._closing:  # not unloaded meanwhile
             self.add_replicas(entry)
 
     def begin_removal(self, entry: ModelEntry, drain_timeout: float) -> None:
@@ -216,7 +250,12 @@ class Registry:
         self._admit(entry)
 
     def _admit(self, entry: ModelEntry, replicas: int | None = None) -> None:
-        """A sized-up model joins the pending queue with `replicas` (default: the spec's)."""
+        """A sized-up model joins the pending queue with `replicas` (default: the spec's), or
+        with `load: on_demand` (and no replicas asked for) waits unloaded for a request."""
+        if replicas is None and entry.spec.load is LoadMode.ON_DEMAND:
+            entry.transition(ModelPhase.UNLOADED, "loads on demand: waiting for a request")
+            self.publish()
+            return
         entry.transition(
             ModelPhase.ACTIVE,
             f"added from {entry.spec.source};"
@@ -224,8 +263,11 @@ class Registry:
         )
         self.add_replicas(entry, replicas)
 
+    async def _stop_replicas(self, entry: ModelEntry, drain_timeout: float) -> None:
+        await asyncio.gather(*(r.stop(drain_timeout) for r in list(entry.replicas)))
+
     async def _remove(self, entry: ModelEntry, drain_timeout: float) -> None:
-        await asyncio.gather(*(r.stop(drain_timeout) for r in entry.replicas))
+        await self._stop_replicas(entry, drain_timeout)
         if self._models.get(entry.spec.name) is entry:  # not replaced by a new one meanwhile
             del self._models[entry.spec.name]
         entry.transition(ModelPhase.REMOVED, "all replicas stopped")
@@ -237,4 +279,6 @@ class Registry:
         if (entry := self._models.get(replica.model)) is not None and replica in entry.replicas:
             self._measurer.note_change(entry, replica)
         self._scheduler.note_change(replica)
+        for watcher in self.replica_watchers:
+            watcher(replica)
         self.publish()

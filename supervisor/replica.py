@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, replace
@@ -17,6 +18,8 @@ from typing import Any
 
 from supervisor.engine import EngineHandle, LaunchPlan
 from supervisor.events import EventKind, EventLog
+from supervisor.gateway_view import GatewayView
+from supervisor.liveness import ProgressTracker, Signal, gateway_stall
 from supervisor.placement import Placement
 from supervisor.probe import EngineProbe
 from supervisor.restart import RestartPolicy
@@ -27,6 +30,8 @@ log = logging.getLogger("sem.replica")
 
 Launch = Callable[[LaunchPlan], Awaitable[EngineHandle]]
 PlanFactory = Callable[[Placement | None], LaunchPlan]
+# Until a restarting replica may start its engine again (start_gate.StartGate.wait_turn).
+StartTurn = Callable[["Replica"], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,7 @@ class ReplicaTiming:
     start_timeout: float = 600.0  # spawn to /health 200 (vLLM itself gives up at 600 s)
     health_interval: float = 2.0  # /health poll period once ready
     health_failures: int = 3  # this many failed polls in a row: unhealthy
+    stall_after: float = 10.0  # work in flight and no progress this long: wedged (liveness.py)
     progress_interval: float = 10.0  # log a "still starting" line this often
     stop_grace: float = 15.0  # SIGTERM to SIGKILL
     drain_poll: float = 0.25
@@ -75,6 +81,9 @@ class Replica:
         timing: ReplicaTiming,
         initial: ReplicaState = ReplicaState.PENDING,
         reason: str = "created",
+        gateway: GatewayView | None = None,
+        start_turn: StartTurn | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.id = replica_id
         self.model = model
@@ -85,6 +94,10 @@ class Replica:
         self._on_change = on_change
         self._policy = policy
         self._timing = timing
+        self._gateway = gateway  # its load and route table as the gateway sees them
+        self._start_turn = start_turn  # None: a restart starts as soon as its backoff is over
+        self._rng = rng or random.Random()  # the backoff's jitter
+        self._last_delay: float | None = None
         self.state = initial
         self.reason = reason
         self.since = time.time()
@@ -144,6 +157,11 @@ class Replica:
         changed, self.reason = self.reason != reason, reason
         return changed
 
+    def note_wait(self, reason: str) -> None:
+        """Why this restarting replica, its backoff over, does not start yet (the start gate)."""
+        assert self.state is ReplicaState.RESTARTING
+        self.reason = reason
+
     def start(self, placement: Placement | None = None) -> None:
         """Begin the lifecycle task (pending -> starting -> ready ...) on these devices."""
         assert self._task is None, "started twice"
@@ -166,6 +184,8 @@ class Replica:
 
     async def stop(self, drain_timeout: float) -> None:
         """Drain (up to `drain_timeout` s), stop the engine, and return once stopped."""
+        if self.state is ReplicaState.STOPPED:  # stopped already: nothing to do
+            return
         self._drain_deadline = time.monotonic() + drain_timeout
         self._stop_requested.set()
         if self._task is None:
@@ -196,6 +216,9 @@ class Replica:
                 await self.process.stop(self._timing.stop_grace)
             with contextlib.suppress(RuntimeError):
                 self._transition(ReplicaState.FAILED, f"internal error: {exc!r}")
+            if self.state is ReplicaState.FAILED:  # failed, like a crash loop: until removed
+                await self._stop_requested.wait()
+                self._transition(ReplicaState.STOPPED, "removed")  # FAILED -> STOPPED
 
     async def _lifecycle(self, adopted: EngineHandle | None) -> None:
         while True:
@@ -270,18 +293,35 @@ class Replica:
             self._transition(ReplicaState.STOPPED, "removed")  # FAILED -> STOPPED
             return False
         self.restarts += 1
-        delay = self._policy.next_delay(self.restarts)
+        delay = self._policy.next_delay(self.restarts, self._last_delay, self._rng)
+        self._last_delay = delay
         # STARTING/READY -> RESTARTING, before the (up to stop_grace) stop of the rest of the
         # group: the gateway must stop sending requests to it at once.
-        self._transition(ReplicaState.RESTARTING, f"{failure}; restart in {delay:g}s")
+        self._transition(ReplicaState.RESTARTING, f"{failure}; restart in {round(delay, 2):g}s")
+        if process.returncode is None:
+            await self._leave_routes()
         await process.stop(self._timing.stop_grace)  # leave no half-dead group behind
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.0, delay - (time.monotonic() - now))):
                 await self._stop_requested.wait()
+        if not self._stop_requested.is_set() and self._start_turn is not None:
+            await self._until_stopped_or(self._start_turn(self))
         if self._stop_requested.is_set():
             self._transition(ReplicaState.STOPPED, "removed while restarting")
             return False
         return True
+
+    async def _until_stopped_or(self, turn: Awaitable[None]) -> None:
+        """Wait for `turn`, or a stop request (then `turn` is cancelled)."""
+        waiting = asyncio.ensure_future(turn)
+        stopping = asyncio.ensure_future(self._stop_requested.wait())
+        try:
+            await asyncio.wait({waiting, stopping}, return_when="FIRST_COMPLETED")
+        finally:
+            for fut in (waiting, stopping):
+                fut.cancel()
+        if waiting.done() and not waiting.cancelled() and (error := waiting.exception()):
+            raise error
 
     async def _wait_for(self, process: EngineHandle, timeout: float) -> str | None:
         """Wait up to `timeout` s for the engine to exit or a stop request; None if neither."""
@@ -322,29 +362,67 @@ class Replica:
                          log_tail(process, lines=1))  # fmt: skip
 
     async def _watch(self, process: EngineHandle) -> tuple[str, str]:
+        """Until the engine exits, a stop is requested, or it is unhealthy by any signal."""
         failures = 0
-        assert self.url is not None
+        progress = ProgressTracker(self._timing.stall_after)
         while True:
             outcome = await self._wait_for(process, timeout=self._timing.health_interval)
             if outcome == _Outcome.STOP:
                 return outcome, "stop requested"
             if outcome == _Outcome.EXITED:
                 return outcome, f"engine exited with code {process.returncode}"
-            if await self._probe.healthy(self.url):
-                failures = 0
-                continue
-            failures += 1
+            healthy, wedged = await self._check(progress)
+            if wedged is not None:
+                return _Outcome.UNHEALTHY, wedged
+            failures = 0 if healthy else failures + 1
             if failures >= self._timing.health_failures:
-                return _Outcome.UNHEALTHY, f"/health failed {failures} times in a row"
+                return _Outcome.UNHEALTHY, f"{Signal.HEALTH} failed {failures} times in a row"
+
+    async def _check(self, progress: ProgressTracker) -> tuple[bool, str | None]:
+        """One liveness round: /health and the engine's counters, asked together, while the
+        gateway's report is read every second (a frozen engine answers neither: its probes
+        hang until they time out). Whether /health said 200, and why it is wedged, if it is."""
+        assert self.url is not None
+        checks = asyncio.gather(self._probe.healthy(self.url), self._probe.counters(self.url))
+        try:
+            while True:
+                load = self._gateway.load(self.id) if self._gateway else None
+                if (stalled := gateway_stall(load, self._timing.stall_after)) is not None:
+                    return False, stalled
+                if (await asyncio.wait({checks}, timeout=1.0))[0]:
+                    break
+        finally:
+            checks.cancel()
+        healthy, counters = checks.result()
+        return healthy, progress.observe(counters, time.monotonic())
+
+    async def _leave_routes(self, blind_wait: float = 0.0) -> None:
+        """Once the replica has left the route table (it is no longer ready): wait until the
+        gateway holds that table, so that no request reaches the engine once it is signalled
+        (vLLM ends open streams as if finished on SIGTERM: engine-notes.md). Bounded: a gateway
+        that does not answer costs `route_wait` s, then the engine is stopped all the same.
+        Without a view of the gateway: `blind_wait` s."""
+        if self._gateway is None:
+            if blind_wait:
+                await asyncio.sleep(blind_wait)
+        elif not await self._gateway.unrouted():
+            log.warning("%s: the gateway did not confirm the new route table in time", self.id)
+
+    async def _outstanding(self) -> int:
+        """Requests still on the engine: its own count, or the gateway's when the engine keeps
+        none (disable_log_stats); 0 if neither knows."""
+        assert self.url is not None
+        if (engine := await self._probe.outstanding(self.url)) is not None:
+            return engine
+        load = self._gateway.load(self.id) if self._gateway else None
+        return load.in_flight if load is not None else 0
 
     async def _drain_and_stop(self, process: EngineHandle) -> None:
         # STARTING/READY -> DRAINING: the route table drops us, so no new requests arrive.
         self._transition(ReplicaState.DRAINING, "stop requested")
-        assert self.url is not None
-        await asyncio.sleep(self._timing.drain_poll)  # let the gateway see the new routes
+        await self._leave_routes(blind_wait=self._timing.drain_poll)
         while time.monotonic() < self._drain_deadline and process.returncode is None:
-            outstanding = await self._probe.outstanding(self.url)
-            if not outstanding:  # 0, or the engine cannot tell us
+            if not await self._outstanding():
                 break
             await asyncio.sleep(self._timing.drain_poll)
         killed = await process.stop(self._timing.stop_grace)

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from supervisor.adoption import adopted_engine, is_our_engine, why_not_adoptable
+from supervisor.config import LoadMode
+from supervisor.elastic import ADOPTED
 from supervisor.engine import Adopt, RemoteEngine
 from supervisor.errors import SupervisorError
 from supervisor.events import EventKind, EventLog
@@ -63,7 +65,10 @@ class Restorer:
                 continue  # not cached: no engine can have run from it
             mine = [r for r in records if r.model == spec.name]
             adopted |= await self._adopt(entry, mine, remote)
-            self._registry.add_replicas(entry)
+            if entry.replicas or spec.load is not LoadMode.ON_DEMAND:
+                self._registry.add_replicas(entry)
+            else:  # nothing of it ran before: it waits for a request, as at a first start
+                self._registry.unload(entry, "loads on demand: waiting for a request", 0)
         leftovers = [r for r in records if r.replica not in adopted]
         await asyncio.gather(*(self._retire(record, remote) for record in leftovers))
 
@@ -74,14 +79,15 @@ class Restorer:
         count; the ids of the replicas that did."""
         adopted: set[str] = set()
         for record in records:
-            if len(entry.replicas) == entry.spec.replicas:
+            if len(entry.replicas) == entry.spec.min_replicas:
                 break
             if why := await self._why_not_adoptable(record, entry, remote):
                 self._events.emit(EventKind.NOT_ADOPTED, record.replica,
                                   f"{why}; starting afresh")  # fmt: skip
                 continue
             replica = self._registry.new_replica(entry, record.replica)
-            placement = Placement(replica.id, record.devices, record.reserved, "re-adopted")
+            placement = Placement(replica.id, record.devices, record.reserved, ADOPTED,
+                                  record.reservations)  # fmt: skip
             if remote is None:
                 replica.adopt(placement, adopted_engine(record))
             else:  # on a cluster node: with the key its engine demands

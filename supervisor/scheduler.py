@@ -1,8 +1,10 @@
 """The scheduler: places pending replicas on devices when memory allows, and says why the rest wait.
 
 Replicas start `pending`; a planning round (placement.py decides) places what fits now. The
-scheduler re-plans every `recheck_interval`, and at once when a replica releases memory (stopped
-or failed) or finishes starting (a GPU's one-engine-starting gate may have opened).
+scheduler re-plans every `recheck_interval`, every `pending_recheck` while a replica waits for
+memory (another process may free some: nothing but a new measurement tells), and at once when a
+replica releases memory (stopped or failed) or finishes starting (a GPU's one-engine-starting
+gate may have opened). Restarts pass the same gate (start_gate.py), which it owns.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from supervisor.events import EventKind, EventLog
 from supervisor.models import ModelEntry
@@ -20,6 +22,7 @@ from supervisor.placement import Request, plan
 from supervisor.replica import Replica
 from supervisor.reservations import device_views
 from supervisor.resources import Device, Inventory
+from supervisor.start_gate import GateSettings, StartGate
 from supervisor.states import ReplicaState
 
 log = logging.getLogger("sem.scheduler")
@@ -32,6 +35,10 @@ class SchedulerSettings:
     recheck_interval: float = 10.0
     release_triggers: bool = True  # re-plan at once on a release (off: periodic re-check only)
     starvation_guard: float = 60.0
+    # While a replica waits for memory, re-measure this often: nothing tells sem when another
+    # process frees GPU memory, and NVML's figures cost microseconds to read.
+    pending_recheck: float = 1.0
+    gate: GateSettings = field(default_factory=GateSettings)
 
 
 class Scheduler:
@@ -42,7 +49,9 @@ class Scheduler:
         self._events = events
         self._settings = settings
         self.devices: list[Device] = inventory.devices()
+        self.gate = StartGate(self.measure, events, settings.gate)  # restarts, one per GPU
         self._replan = asyncio.Event()
+        self._waiting = False  # some replica waited for memory in the last round
         self._stopping = False  # shutting down: nothing more is placed
         self._task: asyncio.Task[None] | None = None
 
@@ -57,11 +66,13 @@ class Scheduler:
 
     def note_change(self, replica: Replica) -> None:
         """React to a replica's transition: a release, or an engine that finished starting."""
+        self.gate.note_change(replica)
         if replica.state in (ReplicaState.STOPPED, ReplicaState.FAILED) and replica.placement:
+            reserved = replica.placement.reserved()
             self._events.emit(
                 EventKind.RELEASED, replica.id,
-                f"released {replica.placement.per_device / 2**30:.2f} GiB on"
-                f" {'+'.join(replica.placement.device_ids)}",
+                f"released {'+'.join(f'{b / 2**30:.2f}' for b in reserved.values())} GiB on"
+                f" {'+'.join(reserved)}",
             )  # fmt: skip
             if self._settings.release_triggers:
                 self.replan()
@@ -84,8 +95,11 @@ class Scheduler:
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
         # arrives as the event fires, and the loop would never end.
         while not self._stopping:
+            interval = self._settings.recheck_interval
+            if self._waiting:
+                interval = min(interval, self._settings.pending_recheck)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._settings.recheck_interval):
+                async with asyncio.timeout(interval):
                     await self._replan.wait()
             self._replan.clear()
             if self._stopping:
@@ -105,6 +119,7 @@ class Scheduler:
             r for e in entries if not e.leaving
             for r in e.replicas if r.state is ReplicaState.PENDING and not r.started
         ]  # fmt: skip
+        self._waiting = False
         if not pending:
             return False
         await self.measure()
@@ -122,14 +137,16 @@ class Scheduler:
             for r in pending
         ]  # fmt: skip
         replicas = [r for e in entries for r in e.replicas]
-        decision = plan(requests, device_views(self.devices, replicas),
-                        self._settings.starvation_guard)  # fmt: skip
+        views = device_views(self.devices, replicas, self.gate.into_start)
+        decision = plan(requests, views, self._settings.starvation_guard)
         by_id = {r.id: r for r in pending}
         for placement in decision.placements:
             replica = by_id[placement.replica_id]
             self._events.emit(EventKind.PLACED, replica.id, placement.reason,
                               devices=list(placement.device_ids))  # fmt: skip
+            self.gate.note_placed(replica)
             replica.start(placement)
+        self._waiting = bool(decision.waits)
         changed = False
         for wait in decision.waits:
             if by_id[wait.replica_id].note_pending(wait.reason):

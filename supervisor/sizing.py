@@ -61,7 +61,7 @@ def size_up(
     if store is not None:
         need = replace(need, measured=measured_need(store, spec, on_gpu))
     eligible = [(d.label, d.total) for d in devices if on_gpu == (d.kind == "gpu")]
-    if problem := never_fits(need.per_device, spec.tensor_parallel, eligible):
+    if problem := never_fits(need.per_device, spec.tensor_parallel, eligible, on_gpu):
         raise InvalidSpec(f"{spec.name} can never be placed: {problem}")
     return need
 

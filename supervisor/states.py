@@ -13,6 +13,8 @@ A model has a phase of its own, changed only by `ModelEntry.transition` (models.
 
     new -> downloading -> active -> draining -> removed
     new -> active;  downloading --files not cached or sized--> failed --removal--> draining
+    new/downloading -> unloaded (load: on_demand);  active <-> unloaded (loaded on demand;
+    unloaded when idle or evicted: its replicas drain and stop);  unloaded --removal--> draining
 
 The state a model shows (API, route table) is its phase, except while active: then it is its
 best replica's (`shown_state`).
@@ -72,15 +74,19 @@ class ModelPhase(StrEnum):
     NEW = "new"  # just made: its files are looked up next
     DOWNLOADING = "downloading"  # its files are being cached; no replicas yet
     ACTIVE = "active"  # sized up: its replicas are placed, run and restarted
+    UNLOADED = "unloaded"  # sized up, no replicas wanted until a request asks (elastic.py)
     FAILED = "failed"  # its files could not be cached or sized; the reason is kept
     DRAINING = "draining"  # removed: its replicas drain and stop, it takes no new requests
     REMOVED = "removed"  # terminal: every replica stopped, gone from the registry
 
 
 _MODEL_TRANSITIONS: dict[ModelPhase, frozenset[ModelPhase]] = {
-    ModelPhase.NEW: frozenset({ModelPhase.DOWNLOADING, ModelPhase.ACTIVE}),
-    ModelPhase.DOWNLOADING: frozenset({ModelPhase.ACTIVE, ModelPhase.FAILED, ModelPhase.DRAINING}),
-    ModelPhase.ACTIVE: frozenset({ModelPhase.DRAINING}),
+    ModelPhase.NEW: frozenset({ModelPhase.DOWNLOADING, ModelPhase.ACTIVE, ModelPhase.UNLOADED}),
+    ModelPhase.DOWNLOADING: frozenset(
+        {ModelPhase.ACTIVE, ModelPhase.UNLOADED, ModelPhase.FAILED, ModelPhase.DRAINING}
+    ),
+    ModelPhase.ACTIVE: frozenset({ModelPhase.DRAINING, ModelPhase.UNLOADED}),
+    ModelPhase.UNLOADED: frozenset({ModelPhase.ACTIVE, ModelPhase.DRAINING}),
     ModelPhase.FAILED: frozenset({ModelPhase.DRAINING}),
     ModelPhase.DRAINING: frozenset({ModelPhase.REMOVED}),
     ModelPhase.REMOVED: frozenset(),
@@ -105,6 +111,7 @@ class ModelState(StrEnum):
     RESTARTING = "restarting"
     FAILED = "failed"
     STOPPED = "stopped"
+    UNLOADED = "unloaded"  # loaded on demand: a request for it queues while it loads
 
 
 # Most hopeful first: a model is as good as its best replica.
@@ -133,6 +140,7 @@ _SHOWN: dict[ModelPhase, ModelState] = {
     ModelPhase.DOWNLOADING: ModelState.DOWNLOADING,
     ModelPhase.FAILED: ModelState.FAILED,
     ModelPhase.DRAINING: ModelState.DRAINING,
+    ModelPhase.UNLOADED: ModelState.UNLOADED,
     ModelPhase.REMOVED: ModelState.STOPPED,
 }
 

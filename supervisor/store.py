@@ -8,7 +8,8 @@ Four tables in `<state-dir>/sem.db`:
   changes or comes back.
 - `engines`: one row per live engine (replica id, pid, process start time, port, spec digest,
   placement): what a restarted supervisor checks before re-adopting an engine instead of
-  starting it again.
+  starting it again. Its `devices` column is JSON: a list of [device id, bytes reserved there]
+  pairs, or of ids alone, each reserving `reserved` (as an older sem wrote every record).
 - `measured` (schema 2): what an engine of a model and spec digest was measured to need
   (measure.py), so later placements of that spec use it instead of the estimate. A database of
   schema 1 gains the table when a newer sem opens it; nothing else changes.
@@ -63,12 +64,17 @@ CREATE TABLE IF NOT EXISTS measured (
 """
 
 
+POLICY_FIELDS = {"replicas", "priority", "load", "idle_unload", "evictable"}
+
+
 def spec_digest(spec: ModelSpec) -> str:
     """What an engine was started from: equal digests mean the same engine command line.
 
-    `replicas` and `priority` are left out: neither changes an engine.
+    Policy is left out (`replicas`, `priority`, `load`, `idle_unload`, `evictable`): none of it
+    changes an engine, so changing it rolls nothing, and engines started before those fields
+    existed keep their digest (they are re-adopted after an upgrade).
     """
-    data = spec.model_dump(mode="json", exclude={"replicas", "priority"})
+    data = spec.model_dump(mode="json", exclude=POLICY_FIELDS)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -87,8 +93,27 @@ class EngineRecord:
     port: int
     spec_digest: str
     devices: tuple[str, ...]
-    reserved: int  # bytes per device
+    reserved: int  # bytes per device: the model's need
     log_path: Path
+    # Bytes reserved on each device, in `devices`' order (more than `reserved` on the larger GPUs
+    # of a tensor-parallel engine over unequal GPUs); empty: `reserved` on each.
+    reservations: tuple[int, ...] = ()
+
+
+def _devices(column: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The `devices` column: (device ids, bytes reserved on each; empty in an older record)."""
+    items = json.loads(column)
+    if all(isinstance(item, str) for item in items):  # an older sem: ids only
+        return tuple(items), ()
+    return tuple(str(i) for i, _ in items), tuple(int(b) for _, b in items)
+
+
+def _devices_column(record: EngineRecord) -> str:
+    """The `devices` column of a record: [id, bytes] pairs, or the ids alone (as an older sem
+    wrote them) when every device reserves `reserved`."""
+    if not record.reservations:
+        return json.dumps(list(record.devices))
+    return json.dumps([list(p) for p in zip(record.devices, record.reservations, strict=True)])
 
 
 @dataclass(frozen=True)
@@ -206,10 +231,11 @@ class Store:
             "SELECT replica, model, pid, create_time, port, spec_digest, devices, reserved,"
             " log_path FROM engines"
         )
-        return [
-            EngineRecord(r, m, pid, ct, port, d, tuple(json.loads(dev)), res, Path(log))
-            for r, m, pid, ct, port, d, dev, res, log in rows
-        ]
+        records = []
+        for r, m, pid, ct, port, d, dev, res, log in rows:
+            ids, amounts = _devices(dev)
+            records.append(EngineRecord(r, m, pid, ct, port, d, ids, res, Path(log), amounts))
+        return records
 
     def put_engine(self, record: EngineRecord) -> None:
         self._db.execute(
@@ -217,7 +243,7 @@ class Store:
             " devices, reserved, log_path, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 record.replica, record.model, record.pid, record.create_time, record.port,
-                record.spec_digest, json.dumps(list(record.devices)), record.reserved,
+                record.spec_digest, _devices_column(record), record.reserved,
                 str(record.log_path), time.time(),
             ),
         )  # fmt: skip

@@ -79,6 +79,8 @@ async def make_manager(tmp_path: Path) -> AsyncIterator[ManagerFactory]:
             policy=kwargs.pop("policy", FAST_POLICY),  # type: ignore[arg-type]
             timing=kwargs.pop("timing", FAST_TIMING),  # type: ignore[arg-type]
             store=kwargs.pop("store", None),  # type: ignore[arg-type]
+            elastic=kwargs.pop("elastic", None),  # type: ignore[arg-type]
+            rng=kwargs.pop("rng", None),  # type: ignore[arg-type]
             gpu_memory=kwargs.pop("gpu_memory", None),  # type: ignore[arg-type]
         )
         made.append((manager, probe, instance))

@@ -15,6 +15,8 @@ Fault knobs, from the environment:
   FAKE_SIGTERM_ABORT=1    on SIGTERM, end every answer in flight at once as if it had finished
                           (finish_reason "length", usage and [DONE] counting only the tokens
                           sent): vLLM 0.32's shutdown in mode=abort (engine-notes.md)
+  FAKE_LOG_REQUESTS=1     print a line per request it receives (and always one on SIGTERM), so
+                          a test can tell whether a request reached it after the signal
 
 Fault signals (what `sem chaos` sends the stand-in):
   SIGUSR1                 wedge: /health stays 200, but no request makes progress any more
@@ -92,7 +94,9 @@ class FakeEngine:
         self.finished = 0  # requests answered to the end (vllm:request_success_total)
         self.prompt_tokens = 0
         self.requests: list[dict[str, object]] = []
+        self.aborted = 0  # generations whose client (the gateway) went away before the end
         self.exit_process = False  # set when it runs as its own process
+        self.log_requests = os.environ.get("FAKE_LOG_REQUESTS") == "1"
         self._flowing = asyncio.Event()  # cleared while wedged: tokens wait for it
         self._flowing.set()
         self.aborting = False
@@ -168,6 +172,8 @@ class FakeEngine:
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
+        if self.log_requests:
+            print(f"fake engine {os.getpid()}: request", flush=True)
         if body.get("model") != self.served_name:
             return web.json_response(
                 {"error": {"message": f"The model `{body.get('model')}` does not exist.",
@@ -195,6 +201,9 @@ class FakeEngine:
                     break
                 self._count(request)
             self.finished += 1
+        except asyncio.CancelledError:  # vLLM aborts a request whose connection closed
+            self.aborted += 1
+            raise
         finally:
             self.running -= 1
         text = "".join(tokens)
@@ -270,7 +279,10 @@ def require_key(api_key: str) -> Middleware:
 
 
 def make_app(engine: FakeEngine, api_key: str | None = None) -> web.Application:
-    app = web.Application(middlewares=[require_key(api_key)] if api_key else [])
+    app = web.Application(
+        middlewares=[require_key(api_key)] if api_key else [],
+        client_max_size=64 * 1024**2,  # long contexts, like vLLM
+    )
     app.router.add_get("/health", engine.health)
     app.router.add_get("/v1/models", engine.models)
     app.router.add_get("/metrics", engine.metrics)
@@ -324,6 +336,7 @@ async def main() -> None:
     abort_on_stop = os.environ.get("FAKE_SIGTERM_ABORT") == "1"
 
     def on_sigterm() -> None:
+        print(f"fake engine {os.getpid()}: SIGTERM", flush=True)
         if abort_on_stop:
             engine.abort()
         stop.set()

@@ -59,7 +59,6 @@ async def test_the_reference_scenarios_pass_on_two_simulated_24gib_gpus(tmp_path
     assert any("a-0:" in d for d in report.decisions)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 point 1: placement.has_room not wired yet")
 async def test_tight_packing_waits_instead_of_failing_on_one_simulated_gpu(tmp_path: Path):
     report = await checks_on(tmp_path, [SimGpu(0, 48 * GiB)])
     assert outcomes(report)["tight packing waits"], report.checks

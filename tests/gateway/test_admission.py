@@ -160,3 +160,38 @@ async def test_a_failed_model_fails_fast_with_its_reason_instead_of_queueing(wat
         await waiting
     with pytest.raises(ModelFailed, match="giving up"):
         await admission.acquire("m")
+
+
+def unloaded(version: int, load_seconds: float | None) -> RouteTable:
+    route = ModelRoute("m", "unloaded", "loads on demand", (), load_seconds=load_seconds)
+    return RouteTable(version, {"m": route})
+
+
+async def test_a_request_for_an_unloaded_model_waits_and_asks_for_it_to_be_loaded(watcher):
+    watcher.update(unloaded(1, load_seconds=2))
+    admission = Admission(watcher, queue_timeout=30)
+    asked: list[str] = []
+    admission.on_unserved = asked.append
+    waiting = asyncio.ensure_future(admission.acquire("m"))
+    await wait_until(lambda: admission.queued("m") == 1)
+    assert asked == ["m"]
+    watcher.update(table(2))  # loaded
+    assert (await waiting).id == "m-0"
+
+
+async def test_a_load_longer_than_the_wait_bound_is_503_at_once_with_its_retry_after(watcher):
+    watcher.update(unloaded(1, load_seconds=45.2))
+    admission = Admission(watcher, queue_timeout=10)
+    asked: list[str] = []
+    admission.on_unserved = asked.append
+    with pytest.raises(ModelNotReady, match="loading it takes ~45s") as err:
+        await admission.acquire("m")
+    assert err.value.status == 503 and err.value.retry_after == 45.2
+    assert asked == ["m"] and admission.queued("m") == 0  # loading anyway, for the retry
+
+
+async def test_a_model_not_loaded_in_time_says_its_measured_load_time(watcher):
+    watcher.update(unloaded(1, load_seconds=0.5))
+    with pytest.raises(ModelNotReady) as err:
+        await Admission(watcher, queue_timeout=0.1).acquire("m")
+    assert err.value.retry_after == 0.5

@@ -16,6 +16,8 @@ from typing import cast
 
 from supervisor.engine import LaunchPlan
 from supervisor.events import Event, EventKind, EventLog
+from supervisor.gateway_view import GatewayView
+from supervisor.liveness import Counters
 from supervisor.placement import Placement
 from supervisor.probe import EngineProbe
 from supervisor.replica import Replica, ReplicaTiming
@@ -92,14 +94,21 @@ class FakeLauncher:
 
 @dataclass
 class FakeProbe:
-    """Answers /health and the outstanding-request count as the test sets them."""
+    """Answers /health, the outstanding-request count and the counters as the test sets them."""
 
     health: bool = False
     outstanding_answers: list[int | None] = field(default_factory=list)  # then 0
     outstanding_asked: int = 0
+    counters_now: Counters | None = None  # what /metrics says of the engine's work
+    hangs: bool = False  # frozen (SIGSTOP): /health and /metrics never answer
 
     async def healthy(self, base_url: str) -> bool:
+        if self.hangs:
+            await asyncio.Event().wait()
         return self.health
+
+    async def counters(self, base_url: str) -> Counters | None:
+        return self.counters_now
 
     async def outstanding(self, base_url: str) -> int | None:
         self.outstanding_asked += 1
@@ -109,7 +118,15 @@ class FakeProbe:
 class Rig:
     """One replica over the stand-ins, with what it reported."""
 
-    def __init__(self, log_dir: Path, policy: RestartPolicy, timing: ReplicaTiming) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        policy: RestartPolicy,
+        timing: ReplicaTiming,
+        gateway: GatewayView | None = None,
+    ) -> None:
+        """`gateway`: the gateway's side (its reports, its long-polls of the route table, which
+        every state change publishes anew), else none."""
         self.launcher = FakeLauncher()
         self.probe = FakeProbe()
         self.events = EventLog()
@@ -122,8 +139,14 @@ class Rig:
         self.replica = Replica(
             replica_id="m-0", model="m", make_plan=self._make_plan, launch=self.launcher,
             probe=cast(EngineProbe, self.probe), events=self.events,
-            on_change=lambda r: self.seen.append(r.state), policy=policy, timing=timing,
+            on_change=self._on_change, policy=policy, timing=timing, gateway=gateway,
         )  # fmt: skip
+        self.gateway = gateway
+
+    def _on_change(self, replica: Replica) -> None:
+        self.seen.append(replica.state)
+        if self.gateway is not None:
+            self.gateway.routes.publish({})
 
     def _make_plan(self, placement: Placement | None) -> LaunchPlan:
         if self.broken_plan is not None:

@@ -65,3 +65,36 @@ def test_hf_source_with_revision():
 def test_missing_file_is_a_config_error(tmp_path: Path):
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_elastic_fields_parse_with_their_defaults():
+    config = parse_config(
+        "min_residency: 2m\nmodels:\n"
+        "  - {name: a, source: hf://o/a, load: on_demand, idle_unload: 10m}\n"
+        "  - {name: b, source: hf://o/b, evictable: true}\n"
+        "  - {name: c, source: hf://o/c}\n"
+    )
+    a, b, c = config.models
+    assert config.residency_seconds == 120
+    assert a.load == "on_demand" and a.idle_seconds == 600 and a.may_evict
+    assert b.load == "always" and b.idle_seconds is None and b.may_evict
+    assert not c.may_evict  # always loaded: not evicted unless the operator says so
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ("load: sometimes", r"models\[0\].load: Input should be 'always' or 'on_demand'"),
+        ("idle_unload: soon", r"models\[0\].idle_unload: .*'soon' is not a duration"),
+        ("idle_unload: 0s", r"models\[0\].idle_unload: .*must be a positive duration"),
+        ("evictable: maybe", r"models\[0\].evictable: Input should be a valid boolean"),
+    ],
+)
+def test_bad_elastic_fields_name_the_line_and_field(entry: str, problem: str):
+    with pytest.raises(ConfigError, match=r"m.yaml:3: " + problem):
+        parse_config(f"models:\n  - name: a\n    {entry}\n    source: hf://o/a\n", "m.yaml")
+
+
+def test_a_negative_min_residency_is_refused():
+    with pytest.raises(ConfigError, match=r"min_residency: .*must not be negative"):
+        parse_config("min_residency: -1\n")

@@ -54,7 +54,7 @@ def test_two_7b_models_land_one_per_gpu_and_a_third_waits_with_numbers():
     ]  # fmt: skip
     assert [w.replica_id for w in decision.waits] == ["m2-0"]
     assert decision.waits[0].reason == (
-        "needs 18.1 GiB on 1 device; largest free is 5.9 GiB on GPU0"
+        "needs 18.10 GiB + 0.51 GiB context on 1 GPU; largest free is 5.9 GiB on GPU0"
     )
 
 
@@ -115,7 +115,7 @@ def test_small_models_backfill_until_the_large_one_waited_too_long():
 @pytest.mark.parametrize(
     ("need", "devices", "expected"),
     [
-        (30 * GiB, 1, "needs 30.0 GiB on each of 1 device; the largest GPU0 has 24.0 GiB in all"),
+        (30 * GiB, 1, "needs 30.00 GiB on each of 1 device; the largest GPU0 has 24.0 GiB in all"),
         (8 * GiB, 4, "needs 4 GPUs; there are 2"),
         (8 * GiB, 2, None),
     ],

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import random
 from pathlib import Path
 
 import pytest
 
 from supervisor.engine import EngineCommand, LaunchPlan, engine_argv, engine_env
-from supervisor.restart import RestartPolicy
+from supervisor.restart import Jitter, RestartPolicy
 from supervisor.states import ReplicaState, aggregate, can_transition
 from supervisor.units import GiB, parse_duration, parse_size
 
@@ -35,8 +36,32 @@ def test_model_state_is_its_best_replica():
 
 
 def test_backoff_doubles_then_caps():
-    policy = RestartPolicy(backoff_base=1, backoff_cap=8)
-    assert [policy.next_delay(n) for n in range(1, 7)] == [1, 2, 4, 8, 8, 8]
+    policy = RestartPolicy(backoff_base=1, backoff_cap=8, jitter=Jitter.NONE)
+    rng = random.Random(0)
+    assert [policy.next_delay(n, None, rng) for n in range(1, 7)] == [1, 2, 4, 8, 8, 8]
+
+
+def delays(policy: RestartPolicy, seed: int, count: int = 6) -> list[float]:
+    rng, out, previous = random.Random(seed), [], None
+    for attempt in range(1, count + 1):
+        previous = policy.next_delay(attempt, previous, rng)
+        out.append(previous)
+    return out
+
+
+@pytest.mark.parametrize("jitter", [Jitter.FULL, Jitter.DECORRELATED])
+def test_jittered_backoff_is_seeded_spread_and_capped(jitter: Jitter):
+    policy = RestartPolicy(backoff_base=1, backoff_cap=8, jitter=jitter)
+    assert delays(policy, seed=7) == delays(policy, seed=7), "deterministic under a seed"
+    first_delays = {delays(policy, seed)[0] for seed in range(20)}
+    assert len(first_delays) == 20, "replicas that crash together restart apart"
+    every = [d for seed in range(20) for d in delays(policy, seed)]
+    assert all(0 <= d <= 8 for d in every)
+    if jitter is Jitter.DECORRELATED:
+        assert min(every) >= 1, "never below the base"
+        assert all(1 <= d <= 3 for d in first_delays)
+    else:
+        assert all(0 <= d <= 1 for d in first_delays)
 
 
 def test_gives_up_after_max_failures_within_the_window_only():

@@ -47,7 +47,7 @@ async def test_two_7b_land_one_per_gpu_and_the_third_waits(
     await wait_until(lambda: third.replicas[0].reason.startswith("needs"), what="a wait reason")
     assert third.state.value == "pending"
     assert third.replicas[0].reason == (
-        "needs 18.1 GiB on 1 device; largest free is 5.9 GiB on GPU0"
+        "needs 18.05 GiB + 0.51 GiB context on 1 GPU; largest free is 5.9 GiB on GPU0"
     )
     gpus = {}
     for entry in (first, second):
@@ -83,7 +83,8 @@ async def test_third_model_starts_within_a_second_of_a_release(
 ):
     manager = make_manager(
         inventory=StaticInventory.parse(TWO_GPUS),
-        scheduling=SchedulerSettings(recheck_interval=3600),  # only the release can wake it
+        # only the release can wake it
+        scheduling=SchedulerSettings(recheck_interval=3600, pending_recheck=3600),
     )
     first, third = await fill_then_release_one(manager, seven_b)
     await wait_until(lambda: third.state.value == "ready", what="third ready")
@@ -111,7 +112,9 @@ async def test_without_release_events_or_recheck_it_keeps_waiting(
     """The control for the two tests above: with both switched off nothing places it."""
     manager = make_manager(
         inventory=StaticInventory.parse(TWO_GPUS),
-        scheduling=SchedulerSettings(recheck_interval=3600, release_triggers=False),
+        scheduling=SchedulerSettings(
+            recheck_interval=3600, pending_recheck=3600, release_triggers=False
+        ),
     )
     _, third = await fill_then_release_one(manager, seven_b)
     deadline = time.monotonic() + 1.5
@@ -138,7 +141,9 @@ async def test_tensor_parallel_2_waits_for_both_gpus(make_manager: ManagerFactor
 
 async def test_a_model_that_can_never_fit_is_refused(make_manager: ManagerFactory, seven_b: Path):
     manager = make_manager(inventory=StaticInventory.parse(TWO_GPUS))
-    with pytest.raises(InvalidSpec, match=r"can never be placed: needs 40\.0 GiB"):
+    with pytest.raises(
+        InvalidSpec, match=r"can never be placed: needs 40\.00 GiB \+ 0\.51 GiB context"
+    ):
         add_7b(manager, seven_b, "huge", memory="40GiB")
     with pytest.raises(InvalidSpec, match="needs 4 GPUs; there are 2"):
         add_7b(manager, seven_b, "wide", tensor_parallel=4)

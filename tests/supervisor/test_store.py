@@ -66,3 +66,16 @@ def test_a_reload_acts_on_the_files_changes_only():
 def test_scaling_or_reprioritising_does_not_change_the_engine_digest():
     assert spec_digest(spec("a")) == spec_digest(spec("a", replicas=3, priority=5))
     assert spec_digest(spec("a")) != spec_digest(spec("a", max_model_len=512))
+
+
+def test_policy_fields_leave_the_engine_digest_as_it_was():
+    """Engines started before the elastic fields existed keep their digest (re-adopted after an
+    upgrade), and a change of policy alone rolls no engine."""
+    from supervisor.config import ModelSpec
+    from supervisor.store import spec_digest
+
+    spec = ModelSpec(name="m", source="path:/models/m")
+    before_elastic = "4d2ae4b62ee5c3a4"  # spec_digest of this spec by the code before it
+    policy = spec.model_copy(update={"load": "on_demand", "idle_unload": "5m", "evictable": True,
+                                     "priority": 3})  # fmt: skip
+    assert spec_digest(spec) == before_elastic == spec_digest(policy)

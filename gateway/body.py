@@ -1,0 +1,178 @@
+"""Request bodies: read within the front door's limits (gateway.limits), held within a memory
+budget, and parsed as the JSON object the routes expect.
+
+Reading: the declared `Content-Length` over `max_body` is a 413 before a byte is read; each read
+must come within `body_timeout` (a trickled body is a 408); a chunked body is counted as it comes.
+Memory: every body is held for its whole request (the relay forwards it, and a stream keeps it to
+resume), so a byte budget (`BodyBudget`) is taken before a body is read and given back when its
+request ends; a request that cannot get its share within `body_timeout` is a 503 with
+Retry-After, and its bytes stay in the kernel's socket buffers meanwhile.
+Parsing: nesting deeper than `max_json_depth` is a 400, found before parsing by a scan of the
+raw bytes that skips strings (in C: a regex, a translate, then one `replace` per level), not by
+catching RecursionError, which only fires near 1000 levels, well past what engines should get;
+NaN and infinities, which JSON does not have, are a 400 too (they would reach the engine as
+invalid JSON). Bodies over `THREAD_PARSE` bytes are parsed in a thread, so that the event loop
+keeps serving other clients (/health, streams) while it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aiohttp import web
+
+from gateway.errors import BadRequest, BodyTimeout, BodyTooLarge, Overloaded
+from gateway.limits import Limits
+
+THREAD_PARSE = 256 * 1024  # bytes above which a body is parsed off the event loop
+
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_SQUARE = bytes.maketrans(b"{}", b"[]")
+
+
+class BodyBudget:
+    """A semaphore over bytes: the request bodies held in memory at once. First come, first
+    served: a large body waiting is not overtaken by small ones."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.held = 0
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    @asynccontextmanager
+    async def hold(self, size: int, timeout: float) -> AsyncIterator[None]:
+        """`size` bytes (at most the whole budget) for the time of the block."""
+        size = min(size, self.capacity)
+        await self._take(size, timeout)
+        try:
+            yield
+        finally:
+            self.held -= size
+            self._grant()
+
+    async def _take(self, size: int, timeout: float) -> None:
+        if not self._waiters and self.held + size <= self.capacity:
+            self.held += size
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        entry = (size, waiter)
+        self._waiters.append(entry)
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+        except TimeoutError:
+            if self._withdraw(entry):
+                raise Overloaded(
+                    f"the gateway holds {self.held} bytes of request bodies, its limit"
+                    " (--max-body-memory); try again shortly",
+                    retry_after=1,
+                ) from None
+        except BaseException:  # cancelled: the client went away
+            if not self._withdraw(entry):
+                self.held -= size
+                self._grant()
+            raise
+
+    def _withdraw(self, entry: tuple[int, asyncio.Future[None]]) -> bool:
+        """Take a waiter out of the line; False if it had been granted its bytes already."""
+        if entry[1].done() and not entry[1].cancelled():
+            return False
+        if entry in self._waiters:
+            self._waiters.remove(entry)
+        self._grant()  # those behind it may fit now
+        return True
+
+    def _grant(self) -> None:
+        while self._waiters and self.held + self._waiters[0][0] <= self.capacity:
+            size, waiter = self._waiters.popleft()
+            if waiter.done():
+                continue
+            self.held += size
+            waiter.set_result(None)
+
+
+def declared_size(request: web.Request, limits: Limits) -> int:
+    """The bytes a request says its body has (a chunked body: the cap); over the cap, a 413."""
+    declared = request.content_length
+    if declared is not None and declared > limits.max_body:
+        raise too_large(limits)
+    return limits.max_body if declared is None and request.body_exists else declared or 0
+
+
+def too_large(limits: Limits) -> BodyTooLarge:
+    return BodyTooLarge(f"request body over {limits.max_body} bytes (--max-body)", param="body")
+
+
+async def read_body(request: web.Request, limits: Limits) -> bytes:
+    """The whole body, each read within `body_timeout`, at most `max_body` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            async with asyncio.timeout(limits.body_timeout):
+                chunk = await request.content.readany()
+        except TimeoutError:
+            raise BodyTimeout(
+                f"no byte of the request body came for {limits.body_timeout:g}s (--body-timeout)",
+                param="body",
+            ) from None
+        if not chunk:
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        size += len(chunk)
+        if size > limits.max_body:
+            raise too_large(limits)
+        chunks.append(chunk)
+
+
+def too_deep(raw: bytes, limit: int) -> bool:
+    """Whether arrays and objects in `raw` nest deeper than `limit` (strings skipped). Malformed
+    JSON may pass: the parser refuses it next."""
+    brackets = _STRING.sub(b"", raw).translate(_SQUARE, _NOT_BRACKET)
+    for _ in range(limit):
+        if not brackets:
+            return False
+        shorter = brackets.replace(b"[]", b"")  # one level of innermost pairs
+        if len(shorter) == len(brackets):
+            return False  # unbalanced: not JSON
+        brackets = shorter
+    return bool(brackets)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large for a number")
+    return value
+
+
+def parse_object(raw: bytes, max_depth: int) -> dict[str, Any]:
+    """`raw` as a JSON object; anything else is a 400 saying why."""
+    if too_deep(raw, max_depth):
+        raise BadRequest(f"body: JSON nested deeper than {max_depth} levels")
+    try:
+        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError too
+        raise BadRequest(f"body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+async def read_object(request: web.Request, limits: Limits) -> tuple[dict[str, Any], bytes]:
+    """The body parsed (to route and validate it) and as the bytes that came (to forward)."""
+    raw = await read_body(request, limits)
+    if len(raw) > THREAD_PARSE:
+        return await asyncio.to_thread(parse_object, raw, limits.max_json_depth), raw
+    return parse_object(raw, limits.max_json_depth), raw

@@ -1,0 +1,226 @@
+"""The front door: every client connection watched from accept to close, so that no client can
+hold a slot, a file descriptor or memory by being slow (see gateway.limits for the limits).
+
+Each connection is aiohttp's own protocol behind a thin `Connection` that forwards everything to
+it and watches three things aiohttp does not:
+
+- the cap on open connections (`max_connections`): one over it is closed at accept, with a log
+  line (one per 10 s at most, with the count). Not a 503: answering needs the request's headers
+  read first, which is exactly what a flood of stalled connections never finishes; closing at
+  once keeps the descriptors in use at the cap, and HTTP clients (the OpenAI SDK among them)
+  retry a connection that was closed before any answer;
+- the first request's headers must be complete within `header_timeout` of the accept (later
+  requests on a kept-alive connection are bounded by aiohttp's keep-alive timer, which runs from
+  the end of the previous answer and is not reset by partial headers);
+- a client that leaves what it was sent unread for `client_write_timeout` (its socket buffers
+  full, the transport paused) loses its connection: its handler is cancelled, which closes its
+  engine exchange (vLLM then aborts the generation) and frees its slot. This is nginx's
+  `send_timeout`, and it costs the relay nothing: the timer runs only while writing is paused.
+
+Request bodies (size, pace, memory) are gateway.body's; the middleware here applies them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import cast
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+from aiohttp.web_protocol import RequestHandler
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from gateway.body import BodyBudget, declared_size
+from gateway.limits import Limits
+
+log = logging.getLogger("sem.gateway")
+REFUSAL_LOG_EVERY = 10.0  # s between two log lines about refused connections
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Closed(enum.Enum):
+    """Why the front door closed a connection (the `reason` metrics label)."""
+
+    OVER_CAP = "max_connections"
+    HEADERS = "header_timeout"
+    NOT_READING = "client_write_timeout"
+
+
+class FrontDoor:
+    """The client connections of one gateway: counted, capped and timed."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.cap = limits.connections
+        self.bodies = BodyBudget(limits.max_body_memory)
+        self.open = 0
+        self.closed = dict.fromkeys(Closed, 0)
+        self._connections: dict[RequestHandler, Connection] = {}
+        self._refused_since_log = 0
+        self._last_refusal_log = 0.0
+
+    def protocols(self, server: web.Server) -> Callable[[], asyncio.Protocol]:
+        """The protocol factory for `loop.create_server`: aiohttp's, behind the watch."""
+        return lambda: Connection(self, server())
+
+    async def listen(
+        self, runner: web.AppRunner, host: str, port: int, sock: socket.socket | None = None
+    ) -> asyncio.Server:
+        """Accept connections for `runner`'s app (set up) on host:port, or on `sock` (a
+        listening socket inherited from `sem run`, which keeps it open across gateway
+        restarts); the caller closes the server before cleaning the runner up."""
+        assert runner.server is not None, "runner.setup() first"
+        loop = asyncio.get_running_loop()
+        if sock is not None:
+            return await loop.create_server(self.protocols(runner.server), sock=sock, backlog=4096)
+        return await loop.create_server(
+            self.protocols(runner.server), host, port, backlog=4096, reuse_address=True
+        )
+
+    def admit(self, conn: Connection) -> bool:
+        if self.open >= self.cap:
+            self._refused(conn)
+            return False
+        self.open += 1
+        self._connections[conn.handler] = conn
+        return True
+
+    def gone(self, conn: Connection) -> None:
+        self.open -= 1
+        self._connections.pop(conn.handler, None)
+
+    def request_started(self, handler: RequestHandler) -> None:
+        conn = self._connections.get(handler)
+        if conn is not None:
+            conn.headers_complete()
+
+    def _refused(self, conn: Connection) -> None:
+        self.closed[Closed.OVER_CAP] += 1
+        self._refused_since_log += 1
+        now = time.monotonic()
+        if now - self._last_refusal_log >= REFUSAL_LOG_EVERY:
+            log.warning("%d connection(s) closed at accept: %d open, the cap (--max-connections)",
+                        self._refused_since_log, self.open)  # fmt: skip
+            self._last_refusal_log, self._refused_since_log = now, 0
+
+    def collector(self) -> Collector:
+        return _DoorCollector(self)
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: aiohttp's handler, forwarded every event, and two timers."""
+
+    __slots__ = ("_door", "_header_timer", "_transport", "_write_timer", "admitted", "handler")
+
+    def __init__(self, door: FrontDoor, handler: RequestHandler) -> None:
+        self._door = door
+        self.handler = handler
+        self.admitted = False
+        self._transport: asyncio.Transport | None = None
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        if not self._door.admit(self):
+            transport.abort()
+            return
+        self.admitted = True
+        self._transport = transport
+        loop = asyncio.get_running_loop()
+        timeout = self._door.limits.header_timeout
+        self._header_timer = loop.call_later(timeout, self._close, Closed.HEADERS)
+        self.handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.handler.data_received(data)
+
+    def eof_received(self) -> None:
+        self.handler.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.admitted:
+            return
+        self._cancel_timers()
+        self._door.gone(self)
+        self.handler.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.handler.pause_writing()
+        timeout = self._door.limits.client_write_timeout
+        loop = asyncio.get_running_loop()
+        self._write_timer = loop.call_later(timeout, self._close, Closed.NOT_READING)
+
+    def resume_writing(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        self.handler.resume_writing()
+
+    def headers_complete(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._header_timer, self._write_timer):
+            if timer is not None:
+                timer.cancel()
+        self._header_timer = self._write_timer = None
+
+    def _close(self, why: Closed) -> None:
+        """Abort the connection (not a graceful close: its buffers would never drain)."""
+        self._door.closed[why] += 1
+        transport = self._transport
+        if transport is None:
+            return
+        peer, limits = transport.get_extra_info("peername"), self._door.limits
+        if why is Closed.NOT_READING:
+            log.warning("client %s read nothing for %gs: connection closed"
+                        " (--client-write-timeout)", peer, limits.client_write_timeout)  # fmt: skip
+        else:
+            log.info("client %s: no complete request headers within %gs: connection closed"
+                     " (--header-timeout)", peer, limits.header_timeout)  # fmt: skip
+        transport.abort()
+
+
+class _DoorCollector(Collector):
+    def __init__(self, door: FrontDoor) -> None:
+        self._door = door
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        door = self._door
+        yield GaugeMetricFamily("sem_gateway_connections", "Client connections open",
+                                value=door.open)  # fmt: skip
+        yield GaugeMetricFamily("sem_gateway_body_bytes_held", "Request body bytes held",
+                                value=door.bodies.held)  # fmt: skip
+        closed = CounterMetricFamily(
+            "sem_gateway_connections_closed", "Client connections the front door closed",
+            labels=["reason"],
+        )  # fmt: skip
+        for why, count in door.closed.items():
+            closed.add_metric([why.value], count)
+        yield closed
+
+
+def middleware_for(door: FrontDoor) -> Middleware:
+    """The app middleware that ends a connection's header timer and holds each request body's
+    share of the memory budget for the whole request."""
+
+    @web.middleware
+    async def front_door(request: web.Request, handler: Handler) -> web.StreamResponse:
+        door.request_started(request.protocol)
+        size = declared_size(request, door.limits) if request.body_exists else 0
+        if not size:
+            return await handler(request)
+        async with door.bodies.hold(size, door.limits.body_timeout):
+            return await handler(request)
+
+    return front_door

@@ -1,0 +1,49 @@
+"""The OpenAI request bodies, as far as sem reads them: checked at the door (a bad field is a
+422 naming it, not an engine failure) and described in the gateway's OpenAPI spec
+(gateway.openapi). Every other field is a sampling parameter passed to the engine as it came
+(the raw bytes are forwarded, not these models)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
+
+
+class Message(BaseModel):
+    """One chat message: a role and its content (text, or a list of parts)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class OpenAIRequest(BaseModel):
+    """What both OpenAI routes read."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, description="a model sem serves (GET /v1/models)")
+    stream: StrictBool | None = Field(default=None, description="server-sent events if true")
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0)
+
+
+class CompletionRequest(OpenAIRequest):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+
+
+class ChatCompletionRequest(OpenAIRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[Message]
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+REQUESTS: dict[str, type[OpenAIRequest]] = {
+    "/v1/completions": CompletionRequest,
+    "/v1/chat/completions": ChatCompletionRequest,
+}
