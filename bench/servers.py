@@ -10,8 +10,9 @@ machine), p50, req/s, and how much of CPU 1 other processes took meanwhile.
 
     .venv/bin/python bench/servers.py [--reps 3] [--duration 5] [--granian PATH]
 
-granian is not one of sem's dependencies: give its executable (from any venv with granian and
-uvloop; it imports this module, which needs only the standard library at import time).
+granian is in the `bench` extra (`pip install 'sem[bench]'`), else give its executable from any
+venv with granian and uvloop (it imports this module, which needs only the standard library at
+import time).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import statistics
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
+from shutil import which
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -253,7 +254,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per non-stream run")
     parser.add_argument("--servers", default=",".join(KINDS))
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
-    parser.add_argument("--granian", default=shutil.which("granian"))
+    beside = Path(sys.executable).parent / "granian"  # `pip install 'sem[bench]'`
+    parser.add_argument("--granian", default=str(beside) if beside.exists() else which("granian"))
     return asyncio.run(compare(parser.parse_args()))
 
 
