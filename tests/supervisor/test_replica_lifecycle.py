@@ -66,7 +66,9 @@ async def test_draining_escalates_to_sigkill_when_sigterm_is_ignored(
 async def test_ready_to_restarting_when_engine_crashes(
     make_manager: ManagerFactory, model_dir: Path
 ):
-    manager = make_manager(command=fake_engine_command(FAKE_CRASH_AFTER="0.5"))
+    # 2 s of being healthy: the supervisor's first probes (0.5 s apart while it starts) see it
+    # ready even on a loaded machine, so the crash comes from READY.
+    manager = make_manager(command=fake_engine_command(FAKE_CRASH_AFTER="2"))
     await manager.add(spec(model_dir))
     await wait_until(lambda: len(states(manager, "m-0")) >= 4, what="a restart")
     history = states(manager, "m-0")
