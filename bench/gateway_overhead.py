@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import socket
 import statistics
@@ -31,18 +30,13 @@ from aiohttp import web
 from supervisor.engine import free_port
 
 REPO = Path(__file__).resolve().parent.parent
-CHUNKS, CHUNK_GAP = 64, 0.005
+if str(REPO) not in sys.path:  # run as a file: sem's packages from this checkout
+    sys.path.insert(0, str(REPO))
 
+from bench.fake_answers import CHUNK, CHUNK_GAP, CHUNKS, COMPLETION, DONE  # noqa: E402
 
 # -- the stand-in engine -------------------------------------------------------------------------
 
-COMPLETION = json.dumps({
-    "id": "cmpl-b", "object": "chat.completion", "model": "fake",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
-                 "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
-}).encode()  # fmt: skip
-CHUNK = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'  # noqa: E501
 CHUNK_WITH_USAGE = (
     CHUNK[:-3] + b',"usage":{"prompt_tokens":5,"total_tokens":%d,"completion_tokens":%d}}\n\n'
 )
@@ -62,7 +56,7 @@ async def engine_handler(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(CHUNK_GAP)
     if options.get("include_usage"):
         await response.write(FINAL_USAGE)
-    await response.write(b"data: [DONE]\n\n")
+    await response.write(DONE)
     return response
 
 

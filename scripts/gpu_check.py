@@ -115,10 +115,10 @@ class Scenario:
             scheduling=SchedulerSettings(recheck_interval=1.0), gpu_memory=seams.process_memory,
         )  # fmt: skip
 
-    def add(self, name: str, need: int) -> ModelEntry:
+    async def add(self, name: str, need: int) -> ModelEntry:
         spec = ModelSpec(name=name, source=f"path:{self.seams.source}", memory=str(need),
                          max_model_len=512, max_num_seqs=4)  # fmt: skip
-        return self.manager.add(spec)
+        return await self.manager.add(spec)
 
     async def until(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
         deadline = time.monotonic() + (timeout or self.timeout)
@@ -162,15 +162,16 @@ def device_of(entry: ModelEntry) -> tuple[str, ...]:
 
 async def two_per_box(s: Scenario, need: int, gpus: int) -> tuple[ModelEntry, ...] | None:
     """Checks 1-3; the two models running at the end (b and c), or None if a check failed."""
-    a, b = s.add("a", need), s.add("b", need)
+    a, b = await s.add("a", need), await s.add("b", need)
     ok = await s.until(lambda: ready(a) and ready(b))
-    s.record_engine(a), s.record_engine(b)
+    s.record_engine(a)
+    s.record_engine(b)
     where = "one per GPU" if gpus > 1 else "both on GPU0"
     spread = (device_of(a) != device_of(b)) if gpus > 1 else (device_of(a) == device_of(b))
     if not s.report.check("two models", ok and spread, f"{where}: a on {device_of(a)}, b on"
                           f" {device_of(b)}, states {a.state.value}/{b.state.value}"):  # fmt: skip
         return None
-    c = s.add("c", need)
+    c = await s.add("c", need)
     waits = await s.until(lambda: c.replicas[0].reason.startswith("needs"), 30)
     if not s.report.check("third waits", waits, c.replicas[0].reason):
         return None
@@ -201,7 +202,7 @@ async def tight_packing(s: Scenario, need: int, gpus: list[Device]) -> None:
     await s.until(lambda: all(not api.processes(int(d.id)) for d in gpus))  # engines' memory back
     releases = [await s.seams.hold(int(d.id), need) for d in gpus]
     try:
-        d = s.add("d", need)
+        d = await s.add("d", need)
         waited = await s.until(lambda: d.replicas[0].reason.startswith("needs"), 30)
         moves = s.manager.events.recent("d-0", kind=EventKind.TRANSITION)
         failed = any(e.data.get("new") == "starting" for e in moves)

@@ -111,7 +111,7 @@ def create_app(
 
     @app.post("/models", status_code=202, dependencies=mutating)
     async def add_model(spec: ModelSpec) -> dict[str, Any]:
-        return redact(manager.add(spec).snapshot())
+        return redact((await manager.add(spec)).snapshot())
 
     @app.delete("/models/{name}", status_code=202, dependencies=mutating)
     async def remove_model(

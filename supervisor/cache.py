@@ -140,9 +140,9 @@ class ModelCache:
         await asyncio.gather(*(j.checked.wait() for j in jobs))
         return jobs
 
-    def prepare(self, source: Source) -> Path | Job:
+    async def prepare(self, source: Source) -> Path | Job:
         """For the manager: the local folder if cached, else the job that fetches it."""
-        if (path := self.local(source)) is not None:
+        if (path := await self.locate(source)) is not None:
             self.touch(source)
             return path
         if source.kind == "path":

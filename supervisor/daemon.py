@@ -96,9 +96,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
-    """The admin API's socket, bound before anything starts (OSError if the port is taken)."""
+    """The admin API's socket, bound before anything starts (OSError if the port is taken).
+
+    Made with proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on accepted sockets whose
+    proto says TCP, and without it a response written as headers then body waits for the
+    client's delayed ACK (~40 ms per request on a kept-alive connection; bench/control_plane.py).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))

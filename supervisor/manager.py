@@ -146,9 +146,9 @@ class Manager:
         replaced on the nodes left, and a joined node's room counts at once."""
         self._registry.replace_lost(lost)
 
-    def add(self, spec: ModelSpec, origin: Origin = "api") -> ModelEntry:
+    async def add(self, spec: ModelSpec, origin: Origin = "api") -> ModelEntry:
         """A new model (replicas pending); kept in the desired state across restarts."""
-        return self._registry.add(spec, origin)
+        return await self._registry.add(spec, origin)
 
     def remove(self, name: str, drain_timeout: float) -> ModelEntry:
         """Begin draining the model; it disappears once every replica has stopped."""

@@ -82,18 +82,23 @@ class Registry:
 
     # -- commands ----------------------------------------------------------------------------
 
-    def prepare(self, spec: ModelSpec) -> Prepared:
+    async def prepare(self, spec: ModelSpec) -> Prepared:
         """The model's folder and size, or the download that comes first; InvalidSpec if
         neither can be had."""
-        return prepare(spec, self.cache, self.devices, self._store)
+        return await prepare(spec, self.cache, self.devices, self._store)
 
-    def add(self, spec: ModelSpec, origin: Origin = "api") -> ModelEntry:
+    async def add(self, spec: ModelSpec, origin: Origin = "api") -> ModelEntry:
         """A new model (replicas pending); kept in the desired state across restarts."""
-        if spec.name in self._models:
-            raise ModelExists(f"model {spec.name!r} already exists; remove it first")
-        entry = self.create(spec, origin, self.prepare(spec))
+        self._refuse_existing(spec.name)
+        prepared = await self.prepare(spec)
+        self._refuse_existing(spec.name)  # another add of the name may have won meanwhile
+        entry = self.create(spec, origin, prepared)
         self._store.put_desired(spec, origin)
         return entry
+
+    def _refuse_existing(self, name: str) -> None:
+        if name in self._models:
+            raise ModelExists(f"model {name!r} already exists; remove it first")
 
     def remove(self, name: str, drain_timeout: float) -> ModelEntry:
         """Begin draining the model; it disappears once every replica has stopped."""

@@ -56,7 +56,7 @@ class Restorer:
         for desired in self._store.desired():
             spec = desired.spec
             try:
-                prepared = self._registry.prepare(spec)
+                prepared = await self._registry.prepare(spec)
                 entry = self._registry.create(spec, desired.origin, prepared, replicas=0)
             except SupervisorError as exc:
                 self._events.emit(EventKind.MODEL_INVALID, spec.name, exc.message)

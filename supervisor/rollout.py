@@ -62,7 +62,7 @@ class Rollouts:
         """
         async with self._reloading:
             diff = diff_config(self._store.applied_config(), config)
-            prepared = self._prepare_all(diff.added + diff.changed, strict)
+            prepared = await self._prepare_all(diff.added + diff.changed, strict)
             for spec in diff.added + diff.changed:
                 if spec.name not in prepared:
                     continue  # invalid, skipped (not strict)
@@ -83,13 +83,13 @@ class Rollouts:
             self._events.emit(EventKind.RELOADED, "models.yaml", str(diff))
             return diff
 
-    def _prepare_all(self, specs: list[ModelSpec], strict: bool) -> dict[str, Prepared]:
+    async def _prepare_all(self, specs: list[ModelSpec], strict: bool) -> dict[str, Prepared]:
         """Each valid model's folder and size (or download); `strict`: the first invalid one's
         InvalidSpec, else it is left out with a `model_invalid` event."""
         prepared: dict[str, Prepared] = {}
         for spec in specs:
             try:
-                prepared[spec.name] = self._registry.prepare(spec)
+                prepared[spec.name] = await self._registry.prepare(spec)
             except SupervisorError as exc:
                 if strict:
                     raise

@@ -8,6 +8,7 @@ where a measured figure replaces the estimate.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from pathlib import Path
 
@@ -52,12 +53,36 @@ def size_up(
     spec: ModelSpec, model_dir: Path | None, devices: list[Device], store: Store | None = None
 ) -> MemoryEstimate:
     """The memory one replica needs: estimated, and measured where `store` knows this spec;
-    InvalidSpec if it cannot be estimated or never fits."""
-    on_gpu = any(d.kind == "gpu" for d in devices)
+    InvalidSpec if it cannot be estimated or never fits. Blocks (it reads the checkpoint's
+    headers): the daemon calls `sized` instead."""
+    return _corrected(spec, _estimated(spec, model_dir, devices), devices, store)
+
+
+async def sized(
+    spec: ModelSpec, model_dir: Path | None, devices: list[Device], store: Store | None = None
+) -> MemoryEstimate:
+    """`size_up` with the checkpoint read in a worker thread (the store, whose SQLite
+    connection belongs to the event loop's thread, stays on it)."""
+    need = await asyncio.to_thread(_estimated, spec, model_dir, devices)
+    return _corrected(spec, need, devices, store)
+
+
+def _estimated(spec: ModelSpec, model_dir: Path | None, devices: list[Device]) -> MemoryEstimate:
     try:
-        need = estimate(spec, model_dir, on_gpu=on_gpu)
+        return estimate(spec, model_dir, on_gpu=_on_gpu(devices))
     except EstimateError as exc:
         raise InvalidSpec(str(exc)) from None
+
+
+def _on_gpu(devices: list[Device]) -> bool:
+    return any(d.kind == "gpu" for d in devices)
+
+
+def _corrected(
+    spec: ModelSpec, need: MemoryEstimate, devices: list[Device], store: Store | None
+) -> MemoryEstimate:
+    """`need` with what was measured of this spec, if anything; InvalidSpec if it never fits."""
+    on_gpu = _on_gpu(devices)
     if store is not None:
         need = replace(need, measured=measured_need(store, spec, on_gpu))
     eligible = [(d.label, d.total) for d in devices if on_gpu == (d.kind == "gpu")]
@@ -66,18 +91,19 @@ def size_up(
     return need
 
 
-def prepare(
+async def prepare(
     spec: ModelSpec, cache: ModelCache | None, devices: list[Device], store: Store | None = None
 ) -> Prepared:
     """The engine's model folder and the memory a replica needs, or the download that must
-    come first (an hf:// source not cached yet); InvalidSpec if neither can be had."""
+    come first (an hf:// source not cached yet); InvalidSpec if neither can be had. The disk
+    is read in worker threads, never on the event loop."""
     if cache is None:
-        located: Path | Job = local_model_dir(spec)
+        located: Path | Job = await asyncio.to_thread(local_model_dir, spec)
     else:
-        located = cache.prepare(Source.parse(spec.source))
+        located = await cache.prepare(Source.parse(spec.source))
     if isinstance(located, Job):
         return located
-    return str(located), size_up(spec, located, devices, store)
+    return str(located), await sized(spec, located, devices, store)
 
 
 async def after_download(
@@ -86,4 +112,4 @@ async def after_download(
     """Once `job` has cached the model's files: its folder and the memory a replica needs.
     The job's CacheError if the download failed, InvalidSpec if it cannot be sized."""
     path = await job.wait()
-    return str(path), size_up(spec, path, devices, store)
+    return str(path), await sized(spec, path, devices, store)

@@ -113,7 +113,7 @@ class LocalRay:
         found = []
         assert group != os.getpgid(0), "a node in the tests' own process group"
         for process in psutil.process_iter():
-            with contextlib.suppress(psutil.Error):
+            with contextlib.suppress(psutil.Error, ProcessLookupError):  # gone meanwhile
                 if os.getpgid(process.pid) == group:
                     found += [process, *process.children(recursive=True)]
         return found

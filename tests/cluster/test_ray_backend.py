@@ -164,7 +164,9 @@ async def test_a_model_on_two_nodes_loses_one_under_load_with_no_failed_request(
     client = TestClient(TestServer(create_app(watcher, retry=budget)))
     await client.start_server()
     try:
-        manager.add(ModelSpec(name="m", source=f"path:{model_dir}", replicas=2, memory="10GiB"))
+        await manager.add(
+            ModelSpec(name="m", source=f"path:{model_dir}", replicas=2, memory="10GiB")
+        )
         await wait_until(lambda: len(ready_nodes(manager)) == 2, timeout=60, what="2 ready")
         nodes = set(ready_nodes(manager).values())
         assert len(nodes) == 2, "two replicas of one model go to two nodes"

@@ -167,7 +167,7 @@ async def test_cached_models_are_used_offline(make_cache, hub: Hub):
         await online.aclose()
     offline = make_cache(offline=True, endpoint=f"http://127.0.0.1:{free_port()}")
     try:
-        assert offline.prepare(hf(TWO_B)) == path
+        assert await offline.prepare(hf(TWO_B)) == path
         requests_before = len(hub.requests())
         (job,) = await offline.fetch_many([hf(TWO_B)])
         assert await job.wait() == path and "HF_HUB_OFFLINE" in job.note
@@ -265,7 +265,7 @@ async def test_model_is_downloaded_then_started_and_its_files_are_kept(api, hub:
 async def test_model_whose_download_fails_is_failed_with_the_reason(api):
     client, manager, _ = api
     spec = ModelSpec(name="ghost", source="hf://nobody/ghost")
-    manager.add(spec)
+    await manager.add(spec)
     await wait_until(lambda: manager.get("ghost").state.value == "failed", what="ghost failed")
     model = (await client.get("/models/ghost")).json()
     assert "not found" in model["reason"] and model["replicas"] == []

@@ -40,7 +40,7 @@ def seven_b(tmp_path: Path) -> Path:
     return llama2_7b(tmp_path / "llama2-7b")
 
 
-def add_7b(manager: Manager, folder: Path, name: str, **extra: object) -> ModelEntry:
+async def add_7b(manager: Manager, folder: Path, name: str, **extra: object) -> ModelEntry:
     spec = ModelSpec(
         name=name,
         source=f"path:{folder}",
@@ -48,7 +48,7 @@ def add_7b(manager: Manager, folder: Path, name: str, **extra: object) -> ModelE
         load="on_demand",
         **extra,  # type: ignore[arg-type]
     )
-    return manager.add(spec)
+    return await manager.add(spec)
 
 
 @contextlib.asynccontextmanager
@@ -69,12 +69,12 @@ async def gateway(manager: Manager, demand: Demand) -> AsyncIterator[None]:
             await task
 
 
-def two_on_room_for_one(
+async def two_on_room_for_one(
     make_manager: ManagerFactory, folder: Path
 ) -> tuple[Manager, ModelEntry, ModelEntry]:
     """Models a and b, on demand, on a device that holds one; no minimum residency."""
     manager = make_manager(inventory=StaticInventory.parse(ONE_GPU), elastic=NO_RESIDENCY)
-    return manager, add_7b(manager, folder, "a"), add_7b(manager, folder, "b")
+    return manager, await add_7b(manager, folder, "a"), await add_7b(manager, folder, "b")
 
 
 def ready(entry: ModelEntry) -> bool:
@@ -86,7 +86,7 @@ async def test_an_on_demand_model_starts_unloaded_and_a_queued_request_loads_it(
 ):
     store = Store(tmp_path / "sem.db")
     manager = make_manager(inventory=StaticInventory.parse(ONE_GPU), store=store)
-    entry = add_7b(manager, seven_b, "a")
+    entry = await add_7b(manager, seven_b, "a")
     assert entry.phase is ModelPhase.UNLOADED and entry.replicas == []
     route = manager.routes.models["a"]
     assert route.state == "unloaded" and route.replicas == ()
@@ -108,7 +108,7 @@ async def test_an_idle_model_is_unloaded_after_its_idle_time_and_its_memory_rele
     make_manager: ManagerFactory, seven_b: Path
 ):
     manager = make_manager(inventory=StaticInventory.parse(ONE_GPU))
-    entry = add_7b(manager, seven_b, "a", idle_unload="1s")
+    entry = await add_7b(manager, seven_b, "a", idle_unload="1s")
     queued = {"a": ModelDemand(queued=1, last_request=time.time())}
     async with gateway(manager, lambda: queued):
         await wait_until(lambda: ready(entry), what="a loaded")
@@ -127,7 +127,7 @@ async def test_an_idle_model_is_unloaded_after_its_idle_time_and_its_memory_rele
 
 async def test_a_busy_model_is_not_idle(make_manager: ManagerFactory, seven_b: Path):
     manager = make_manager(inventory=StaticInventory.parse(ONE_GPU))
-    entry = add_7b(manager, seven_b, "a", idle_unload="0.2s")
+    entry = await add_7b(manager, seven_b, "a", idle_unload="0.2s")
     async with gateway(manager, lambda: {"a": ModelDemand(queued=1, in_flight=1)}):
         await wait_until(lambda: ready(entry), what="a loaded")
         await asyncio.sleep(0.3)  # past its idle time, by the clock alone
@@ -138,7 +138,7 @@ async def test_a_busy_model_is_not_idle(make_manager: ManagerFactory, seven_b: P
 async def test_an_idle_model_is_evicted_for_one_that_has_requests_waiting(
     make_manager: ManagerFactory, seven_b: Path
 ):
-    manager, first, second = two_on_room_for_one(make_manager, seven_b)
+    manager, first, second = await two_on_room_for_one(make_manager, seven_b)
     demand = {"a": ModelDemand(queued=1)}
     async with gateway(manager, lambda: demand):
         await wait_until(lambda: ready(first), what="a loaded")
@@ -153,7 +153,7 @@ async def test_an_idle_model_is_evicted_for_one_that_has_requests_waiting(
 async def test_a_model_with_requests_in_flight_is_not_evicted_for_an_equal_priority(
     make_manager: ManagerFactory, seven_b: Path
 ):
-    manager, first, second = two_on_room_for_one(make_manager, seven_b)
+    manager, first, second = await two_on_room_for_one(make_manager, seven_b)
     demand = {"a": ModelDemand(queued=1)}
     async with gateway(manager, lambda: demand):
         await wait_until(lambda: ready(first), what="a loaded")
@@ -171,8 +171,8 @@ async def test_a_model_loaded_always_is_not_evicted_by_default(
     make_manager: ManagerFactory, seven_b: Path
 ):
     manager = make_manager(inventory=StaticInventory.parse(ONE_GPU), elastic=NO_RESIDENCY)
-    always = manager.add(ModelSpec(name="a", source=f"path:{seven_b}", max_model_len=4096))
-    second = add_7b(manager, seven_b, "b")
+    always = await manager.add(ModelSpec(name="a", source=f"path:{seven_b}", max_model_len=4096))
+    second = await add_7b(manager, seven_b, "b")
     await wait_until(lambda: ready(always), what="a ready")
     async with gateway(manager, lambda: {"b": ModelDemand(queued=1)}):
         await wait_until(lambda: second.phase is ModelPhase.ACTIVE, what="b loading")
@@ -185,7 +185,7 @@ async def test_replicas_scale_up_under_a_queue_and_back_down_when_calm(
 ):
     quick = ScaleSettings(window=0.3, calm=0.5, cooldown=0.2)
     manager = make_manager(elastic=ElasticSettings(scale=quick))
-    entry = manager.add(ModelSpec(name="m", source=f"path:{model_dir}",
+    entry = await manager.add(ModelSpec(name="m", source=f"path:{model_dir}",
                                   replicas={"min": 1, "max": 2, "target_queue_per_replica": 2}))  # type: ignore[arg-type]  # fmt: skip
     await wait_until(lambda: ready(entry), what="m ready")
 
@@ -233,7 +233,7 @@ async def test_a_restart_keeps_an_on_demand_model_unloaded_and_its_load_time(
 ):
     store = Store(tmp_path / "sem.db")
     first = make_manager(inventory=StaticInventory.parse(ONE_GPU), store=store)
-    entry = add_7b(first, seven_b, "a")
+    entry = await add_7b(first, seven_b, "a")
     async with gateway(first, lambda: {"a": ModelDemand(queued=1)}):
         await wait_until(lambda: ready(entry), what="a loaded")
     first.remove("a", drain_timeout=0)  # its engine stops: nothing to re-adopt

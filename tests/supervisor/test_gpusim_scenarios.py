@@ -23,8 +23,8 @@ from tests.gpusim.ledger import GiB, SimGpu
 FAST = {"SIM_LOAD_SECONDS": "0.1", "SIM_PROFILE_SECONDS": "0.05"}
 
 
-def add_7b(manager: Manager, folder: Path, name: str):
-    return manager.add(ModelSpec(name=name, source=f"path:{folder}", max_model_len=4096))
+async def add_7b(manager: Manager, folder: Path, name: str):
+    return await manager.add(ModelSpec(name=name, source=f"path:{folder}", max_model_len=4096))
 
 
 async def test_reference_box_two_7b_one_per_gpu_third_starts_after_a_removal(
@@ -33,11 +33,14 @@ async def test_reference_box_two_7b_one_per_gpu_third_starts_after_a_removal(
     sim = SimBox.create(tmp_path, [SimGpu(0, 24 * GiB), SimGpu(1, 24 * GiB)])
     manager = make_manager(command=sim.engine_command(**FAST), inventory=sim.inventory())
     folder = llama2_7b(tmp_path / "llama2-7b")
-    first, second = add_7b(manager, folder, "llama-a"), add_7b(manager, folder, "llama-b")
+    first, second = (
+        await add_7b(manager, folder, "llama-a"),
+        await add_7b(manager, folder, "llama-b"),
+    )
     await wait_until(lambda: first.state.value == "ready" and second.state.value == "ready")
     held = [sum(b for _, b in sim.ledger.processes(gpu)) for gpu in (0, 1)]
     assert all(17 * GiB < h < 18.6 * GiB for h in held), held
-    third = add_7b(manager, folder, "llama-c")
+    third = await add_7b(manager, folder, "llama-c")
     await wait_until(lambda: third.replicas[0].reason.startswith("needs"), what="a wait reason")
     assert third.replicas[0].reason == (
         "needs 18.05 GiB + 0.51 GiB context on 1 GPU; largest free is 5.9 GiB on GPU0"
@@ -66,7 +69,9 @@ async def test_a_gap_equal_to_the_reservation_waits_instead_of_failing_vllms_che
     sim = SimBox.create(tmp_path, [SimGpu(0, 24 * GiB)])
     sim.ledger.allocate("foreign", 0, int(5.7 * GiB), "another user's job")  # 18.3 GiB free
     manager = make_manager(command=sim.engine_command(**FAST), inventory=sim.inventory())
-    entry = add_7b(manager, llama2_7b(tmp_path / "llama2-7b"), "llama-a")  # reserves 18.05 GiB
+    entry = await add_7b(
+        manager, llama2_7b(tmp_path / "llama2-7b"), "llama-a"
+    )  # reserves 18.05 GiB
     log = tmp_path / "state" / "logs" / "llama-a-0.log"
     await waits_rather_than_fails(entry, log, "ValueError: Free memory on device cuda:0")
 
@@ -80,7 +85,7 @@ async def test_tensor_parallel_over_unequal_gpus_reserves_u_x_total_on_the_large
     manager = make_manager(command=sim.engine_command(**FAST), inventory=sim.inventory())
     spec = ModelSpec(name="tp", source=f"path:{llama2_7b(tmp_path / 'm')}", max_model_len=4096,
                      tensor_parallel=2)  # fmt: skip
-    entry = manager.add(spec)
+    entry = await manager.add(spec)
     log = tmp_path / "state" / "logs" / "tp-0.log"
     await waits_rather_than_fails(entry, log, "ValueError: Free memory on device cuda:1")
 
@@ -108,7 +113,7 @@ async def test_two_engines_killed_together_on_one_gpu_both_come_back(
         inventory=sim.inventory(), rng=random.Random(12),
     )  # fmt: skip
     folder = llama2_7b(tmp_path / "llama2-7b")
-    pair = [add_7b(manager, folder, "llama-a"), add_7b(manager, folder, "llama-b")]
+    pair = [await add_7b(manager, folder, "llama-a"), await add_7b(manager, folder, "llama-b")]
     await wait_until(lambda: all(e.state.value == "ready" for e in pair), what="both ready")
     for entry in pair:
         kill_engine(entry)
@@ -135,7 +140,7 @@ async def test_a_restart_waits_until_nvml_shows_the_dead_engines_memory_released
     manager = make_manager(
         command=sim.engine_command(**FAST), inventory=sim.inventory(), rng=random.Random(3)
     )
-    entry = add_7b(manager, llama2_7b(tmp_path / "llama2-7b"), "llama-a")
+    entry = await add_7b(manager, llama2_7b(tmp_path / "llama2-7b"), "llama-a")
     await wait_until(lambda: entry.state.value == "ready")
     kill_engine(entry)
     await wait_until(lambda: entry.replicas[0].restarts >= 1 and entry.state.value == "ready")
@@ -152,7 +157,7 @@ async def test_tensor_parallel_2_over_two_equal_gpus_takes_the_same_on_each(
     manager = make_manager(command=sim.engine_command(**FAST), inventory=sim.inventory())
     spec = ModelSpec(name="tp", source=f"path:{llama2_7b(tmp_path / 'm')}", max_model_len=4096,
                      tensor_parallel=2)  # fmt: skip
-    entry = manager.add(spec)
+    entry = await manager.add(spec)
     await wait_until(lambda: entry.state.value == "ready", what="tp=2 ready")
     replica = entry.replicas[0]
     assert replica.placement is not None and replica.placement.device_ids == ("0", "1")
@@ -178,7 +183,7 @@ async def test_a_model_waits_for_a_foreign_process_and_starts_within_a_second_of
         scheduling=SchedulerSettings(recheck_interval=30),
     )  # fmt: skip
     sim.ledger.allocate("foreign", 0, 10 * GiB, "another user's job")
-    entry = add_7b(manager, llama2_7b(tmp_path / "llama2-7b"), "llama-a")
+    entry = await add_7b(manager, llama2_7b(tmp_path / "llama2-7b"), "llama-a")
     replica = entry.replicas[0]
     await wait_until(lambda: replica.reason.startswith("needs"), what="a wait reason")
     assert replica.reason == (
@@ -204,7 +209,7 @@ async def test_the_wait_for_a_dead_engines_memory_is_bounded(
         command=sim.engine_command(**FAST), inventory=sim.inventory(),
         scheduling=SchedulerSettings(gate=GateSettings(release_timeout=1.0)),
     )  # fmt: skip
-    entry = add_7b(manager, llama2_7b(tmp_path / "llama2-7b"), "llama-a")
+    entry = await add_7b(manager, llama2_7b(tmp_path / "llama2-7b"), "llama-a")
     replica = entry.replicas[0]
     await wait_until(lambda: entry.state.value == "ready")
     kill_engine(entry)

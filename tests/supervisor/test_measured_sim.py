@@ -59,7 +59,7 @@ async def test_second_placement_reserves_within_5_percent_of_real_use(
     manager = make_manager(command=command, inventory=sim.inventory(), store=store,
                            gpu_memory=sim.nvml())  # fmt: skip
     folder = llama2_7b(tmp_path / "llama2-7b")
-    first = manager.add(spec_7b(folder))
+    first = await manager.add(spec_7b(folder))
     await wait_until(lambda: first.state.value == "ready", what="first ready")
     assert placed_need(manager, "llama-0") == first.sized.estimated, "first: the estimate"
     await measured(manager, "llama-0")
@@ -68,7 +68,7 @@ async def test_second_placement_reserves_within_5_percent_of_real_use(
 
     manager.remove("llama", drain_timeout=0)
     await wait_until(lambda: not manager.entries(), what="removed")
-    second = manager.add(spec_7b(folder))
+    second = await manager.add(spec_7b(folder))
     await wait_until(lambda: second.state.value == "ready", what="second ready")
     reserved = placed_need(manager, "llama-0")
     assert abs(reserved - truth) / truth < 0.05, (reserved / GiB, truth / GiB)
@@ -92,7 +92,7 @@ async def test_an_out_of_memory_start_is_placed_again_on_the_other_gpu(
     manager = make_manager(command=sim.engine_command(**FAST, SIM_WEIGHTS_FACTOR="1.2"),
                            inventory=sim.inventory(), gpu_memory=sim.nvml())  # fmt: skip
     folder = llama2_7b(tmp_path / "llama2-7b")
-    entry = manager.add(spec_7b(folder))
+    entry = await manager.add(spec_7b(folder))
     await wait_until(lambda: entry.state.value == "ready", what="ready after re-placement")
     replica = entry.replicas[0]
     assert replica.placement is not None and replica.placement.device_ids == ("1",)
@@ -113,7 +113,7 @@ async def test_a_bad_flag_fails_at_once_without_retries(
     manager = make_manager(command=sim.engine_command(**FAST, SIM_STRICT_ARGS="1"),
                            inventory=sim.inventory())  # fmt: skip
     spec = spec_7b(llama2_7b(tmp_path / "m"), engine_args={"no-such-flag": True})
-    entry = manager.add(spec)
+    entry = await manager.add(spec)
     await wait_until(lambda: entry.replicas[0].state is ReplicaState.FAILED, what="failed")
     replica = entry.replicas[0]
     assert replica.reason.startswith("engine refused its configuration:")

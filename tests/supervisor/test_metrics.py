@@ -81,7 +81,7 @@ def spec(model_dir: Path, name: str, **fields: object) -> ModelSpec:
 
 async def serving(manager: Manager, model_dir: Path, name: str = "m", **fields: object) -> Replica:
     """Add a one-replica model and wait until it is ready; its replica."""
-    manager.add(spec(model_dir, name, **fields))
+    await manager.add(spec(model_dir, name, **fields))
     await wait_until(lambda: manager.get(name).state.value == "ready", what=f"{name} ready")
     return manager.get(name).replicas[0]
 
@@ -129,8 +129,8 @@ async def test_pending_replica_has_its_wait_and_kind(
 ) -> None:
     manager = make_manager(inventory=StaticInventory.parse("cpu:1GiB"))
     async with metrics_api(manager) as (client, _):
-        manager.add(spec(model_dir, "first", memory="700MiB"))
-        manager.add(spec(model_dir, "second", memory="700MiB"))
+        await manager.add(spec(model_dir, "first", memory="700MiB"))
+        await manager.add(spec(model_dir, "second", memory="700MiB"))
         waiting = manager.get("second").replicas[0]
         await wait_until(lambda: "largest free" in waiting.reason, what="second waits")
         samples = await scrape(client)
@@ -150,7 +150,7 @@ async def test_crash_loop_at_start_counts_restarts_then_a_give_up_by_cause(
 ) -> None:
     manager = make_manager(command=fake_engine_command(FAKE_EXIT_AT_START="3"))
     async with metrics_api(manager) as (client, _):
-        manager.add(spec(model_dir, "m"))
+        await manager.add(spec(model_dir, "m"))
         replica = manager.get("m").replicas[0]
         await wait_until(lambda: replica.state.value == "failed", what="given up")
         samples = await scrape(client)

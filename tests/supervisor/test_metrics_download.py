@@ -22,7 +22,7 @@ async def test_download_bytes_and_active_jobs_while_files_are_cached(
     hub.throttle(1 << 20)  # per connection: its few MiB take a few seconds
     try:
         async with metrics_api(manager) as (client, _):
-            job = cache.prepare(Source.parse(source))
+            job = await cache.prepare(Source.parse(source))
             assert isinstance(job, Job)
             await wait_until(lambda: job.progress.done > 0, what="bytes arriving")
             during = await scrape(client)

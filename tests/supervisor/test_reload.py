@@ -131,7 +131,7 @@ async def test_removal_drains_then_stops_and_releases(
     make_manager: ManagerFactory, model_dir: Path
 ):
     manager = make_manager(store=Store(None))
-    replica = manager.add(spec(model_dir, "a")).replicas[0]
+    replica = (await manager.add(spec(model_dir, "a"))).replicas[0]
     await wait_until(lambda: ready(manager, "a"))
     manager.remove("a", drain_timeout=1)
     assert manager.routes.models["a"].state == "draining"

@@ -25,7 +25,7 @@ def states(manager: Manager, replica_id: str) -> list[str]:
 
 async def test_pending_to_starting_to_ready(make_manager: ManagerFactory, model_dir: Path):
     manager = make_manager()
-    entry = manager.add(spec(model_dir))
+    entry = await manager.add(spec(model_dir))
     replica = entry.replicas[0]
     await wait_until(lambda: replica.state is ReplicaState.READY, what="ready")
     assert states(manager, "m-0") == ["starting", "ready"]
@@ -38,7 +38,7 @@ async def test_ready_to_draining_to_stopped_kills_the_whole_group(
     make_manager: ManagerFactory, model_dir: Path
 ):
     manager = make_manager()
-    replica = manager.add(spec(model_dir)).replicas[0]
+    replica = (await manager.add(spec(model_dir))).replicas[0]
     await wait_until(lambda: replica.state is ReplicaState.READY)
     assert replica.process is not None
     pgid = replica.process.pgid
@@ -53,7 +53,7 @@ async def test_draining_escalates_to_sigkill_when_sigterm_is_ignored(
     make_manager: ManagerFactory, model_dir: Path
 ):
     manager = make_manager(command=fake_engine_command(FAKE_IGNORE_SIGTERM="1"))
-    replica = manager.add(spec(model_dir)).replicas[0]
+    replica = (await manager.add(spec(model_dir))).replicas[0]
     await wait_until(lambda: replica.state is ReplicaState.READY)
     assert replica.process is not None
     pgid = replica.process.pgid
@@ -66,8 +66,10 @@ async def test_draining_escalates_to_sigkill_when_sigterm_is_ignored(
 async def test_ready_to_restarting_when_engine_crashes(
     make_manager: ManagerFactory, model_dir: Path
 ):
-    manager = make_manager(command=fake_engine_command(FAKE_CRASH_AFTER="0.5"))
-    manager.add(spec(model_dir))
+    # 2 s of being healthy: the supervisor's first probes (0.5 s apart while it starts) see it
+    # ready even on a loaded machine, so the crash comes from READY.
+    manager = make_manager(command=fake_engine_command(FAKE_CRASH_AFTER="2"))
+    await manager.add(spec(model_dir))
     await wait_until(lambda: len(states(manager, "m-0")) >= 4, what="a restart")
     history = states(manager, "m-0")
     assert history[:4] == ["starting", "ready", "restarting", "starting"]
@@ -80,7 +82,7 @@ async def test_starting_to_restarting_when_exit_before_ready_then_failed(
     make_manager: ManagerFactory, model_dir: Path
 ):
     manager = make_manager(command=fake_engine_command(FAKE_EXIT_AT_START="3"))
-    replica = manager.add(spec(model_dir)).replicas[0]
+    replica = (await manager.add(spec(model_dir))).replicas[0]
     await wait_until(lambda: replica.state is ReplicaState.FAILED, what="failed")
     assert states(manager, "m-0") == [
         "starting", "restarting", "starting", "restarting", "starting", "failed",
@@ -93,7 +95,7 @@ async def test_starting_to_restarting_when_exit_before_ready_then_failed(
 
 async def test_failed_to_stopped_on_removal(make_manager: ManagerFactory, model_dir: Path):
     manager = make_manager(command=fake_engine_command(FAKE_EXIT_AT_START="3"))
-    replica = manager.add(spec(model_dir)).replicas[0]
+    replica = (await manager.add(spec(model_dir))).replicas[0]
     await wait_until(lambda: replica.state is ReplicaState.FAILED)
     manager.remove("m", drain_timeout=0)
     await wait_until(lambda: "m" not in manager.routes.models)
@@ -104,7 +106,7 @@ async def test_two_replicas_get_their_own_ports_and_processes(
     make_manager: ManagerFactory, model_dir: Path
 ):
     manager = make_manager()
-    entry = manager.add(spec(model_dir, replicas=2))
+    entry = await manager.add(spec(model_dir, replicas=2))
     await wait_until(lambda: all(r.state is ReplicaState.READY for r in entry.replicas))
     ports = {r.plan.port for r in entry.replicas if r.plan}
     pids = {r.process.pid for r in entry.replicas if r.process}
@@ -118,7 +120,7 @@ async def test_two_replicas_get_their_own_ports_and_processes(
 async def test_route_table_long_poll_wakes_on_change(make_manager: ManagerFactory, model_dir: Path):
     manager = make_manager()
     before = manager.routes.version
-    manager.add(spec(model_dir))
+    await manager.add(spec(model_dir))
     table = await manager.wait_routes(after=before, timeout=5)
     assert table.version > before
     # An `after` from an earlier supervisor run (higher than ours) answers at once.
@@ -131,7 +133,7 @@ async def test_add_rejects_a_source_without_config_json(make_manager: ManagerFac
 
     manager = make_manager()
     with pytest.raises(InvalidSpec, match=r"no config\.json"):
-        manager.add(ModelSpec(name="m", source=bad))
+        await manager.add(ModelSpec(name="m", source=bad))
     assert manager.entries() == []
 
 
@@ -142,7 +144,7 @@ async def test_a_stopped_engine_is_unhealthy_then_replaced_without_waiting_for_s
     import signal
 
     manager = make_manager()
-    replica = manager.add(spec(model_dir)).replicas[0]
+    replica = (await manager.add(spec(model_dir))).replicas[0]
     await wait_until(lambda: replica.state is ReplicaState.READY)
     assert replica.process is not None
     hung = replica.process.pid

@@ -27,9 +27,9 @@ def seven_b(tmp_path: Path) -> Path:
     return llama2_7b(tmp_path / "llama2-7b")
 
 
-def add_7b(manager: Manager, folder: Path, name: str, **extra: object):
+async def add_7b(manager: Manager, folder: Path, name: str, **extra: object):
     spec = ModelSpec(name=name, source=f"path:{folder}", max_model_len=4096, **extra)  # type: ignore[arg-type]
-    return manager.add(spec)
+    return await manager.add(spec)
 
 
 def event_time(manager: Manager, kind: EventKind, subject: str) -> float:
@@ -40,10 +40,10 @@ async def test_two_7b_land_one_per_gpu_and_the_third_waits(
     make_manager: ManagerFactory, seven_b: Path
 ):
     manager = make_manager(inventory=StaticInventory.parse(TWO_GPUS))
-    first = add_7b(manager, seven_b, "llama-a")
-    second = add_7b(manager, seven_b, "llama-b")
+    first = await add_7b(manager, seven_b, "llama-a")
+    second = await add_7b(manager, seven_b, "llama-b")
     await wait_until(lambda: first.state.value == "ready" and second.state.value == "ready")
-    third = add_7b(manager, seven_b, "llama-c")
+    third = await add_7b(manager, seven_b, "llama-c")
     await wait_until(lambda: third.replicas[0].reason.startswith("needs"), what="a wait reason")
     assert third.state.value == "pending"
     assert third.replicas[0].reason == (
@@ -66,9 +66,9 @@ async def test_two_7b_land_one_per_gpu_and_the_third_waits(
 async def fill_then_release_one(manager: Manager, folder: Path):
     """llama-a and llama-b fill both GPUs, llama-c waits; then llama-a is removed.
     Returns (llama-a, llama-c)."""
-    first = add_7b(manager, folder, "llama-a")
-    second = add_7b(manager, folder, "llama-b")
-    third = add_7b(manager, folder, "llama-c")
+    first = await add_7b(manager, folder, "llama-a")
+    second = await add_7b(manager, folder, "llama-b")
+    third = await add_7b(manager, folder, "llama-c")
     # Both ready first: an engine that becomes ready also wakes the scheduler (a GPU's
     # one-engine-starting gate opens), which would blur what the callers test.
     await wait_until(lambda: first.state.value == "ready" and second.state.value == "ready")
@@ -125,9 +125,9 @@ async def test_without_release_events_or_recheck_it_keeps_waiting(
 
 async def test_tensor_parallel_2_waits_for_both_gpus(make_manager: ManagerFactory, seven_b: Path):
     manager = make_manager(inventory=StaticInventory.parse(TWO_GPUS))
-    single = add_7b(manager, seven_b, "llama-a")
+    single = await add_7b(manager, seven_b, "llama-a")
     await wait_until(lambda: single.state.value == "ready")
-    pair = add_7b(manager, seven_b, "llama-tp", tensor_parallel=2, memory="30GiB")
+    pair = await add_7b(manager, seven_b, "llama-tp", tensor_parallel=2, memory="30GiB")
     await wait_until(lambda: pair.replicas[0].reason.startswith("needs"))
     assert "only 1 GPU(s) have that free (GPU1)" in pair.replicas[0].reason
     manager.remove("llama-a", drain_timeout=0)
@@ -144,18 +144,18 @@ async def test_a_model_that_can_never_fit_is_refused(make_manager: ManagerFactor
     with pytest.raises(
         InvalidSpec, match=r"can never be placed: needs 40\.00 GiB \+ 0\.51 GiB context"
     ):
-        add_7b(manager, seven_b, "huge", memory="40GiB")
+        await add_7b(manager, seven_b, "huge", memory="40GiB")
     with pytest.raises(InvalidSpec, match="needs 4 GPUs; there are 2"):
-        add_7b(manager, seven_b, "wide", tensor_parallel=4)
+        await add_7b(manager, seven_b, "wide", tensor_parallel=4)
     assert manager.entries() == []
 
 
 async def test_adding_never_disturbs_running_models(make_manager: ManagerFactory, seven_b: Path):
     manager = make_manager(inventory=StaticInventory.parse(TWO_GPUS))
-    first = add_7b(manager, seven_b, "llama-a")
+    first = await add_7b(manager, seven_b, "llama-a")
     await wait_until(lambda: first.state.value == "ready")
     pid = first.replicas[0].process.pid
-    second = add_7b(manager, seven_b, "llama-b")
+    second = await add_7b(manager, seven_b, "llama-b")
     await wait_until(lambda: second.state.value == "ready")
     assert first.replicas[0].process.pid == pid and first.replicas[0].restarts == 0
     kinds = [e.kind for e in manager.events.recent("llama-b")]
