@@ -38,7 +38,7 @@ async def test_a_local_engine_refuses_v1_without_its_key(
     make_manager: ManagerFactory, model_dir: Path
 ):
     manager = make_manager()
-    manager.add(ModelSpec(name="m", source=f"path:{model_dir}"))
+    await manager.add(ModelSpec(name="m", source=f"path:{model_dir}"))
     url, key = await ready_replica(manager)
     async with httpx.AsyncClient(base_url=url) as engine:
         refused = await engine.post("/v1/completions", json=ASK)
@@ -58,7 +58,7 @@ async def test_a_re_adopted_engine_keeps_its_key_and_the_gateway_can_call_it(
     path = tmp_path / "sem.db"
     spec = ModelSpec(name="m", source=f"path:{model_dir}")
     first = make_manager(store=Store(path))
-    first.add(spec)
+    await first.add(spec)
     url, key = await ready_replica(first)
     pid = first.get("m").replicas[0].process.pid  # type: ignore[union-attr]
     assert [r.api_key for r in Store(path).engines()] == [key]
