@@ -200,3 +200,30 @@ def test_ctrl_c_continues_the_engine_it_stopped(chaos):
     finally:
         tool.kill()
         tool.wait()
+
+
+async def test_a_model_without_chat_template_gets_completions_only():
+    """A base model answers chat with 400 (no chat template): that is no fault's cost, so the
+    load sends it completions only."""
+    import asyncio
+
+    import httpx
+
+    from sem.chaos.load import Load
+
+    routes: list[tuple[str, str]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        routes.append((json.loads(request.content)["model"], request.url.path))
+        return httpx.Response(200, json={"choices": []})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer), base_url="http://g") as c:
+        load = Load(c, ["base", "chat"], clients=4, max_tokens=1, no_chat=frozenset({"base"}))
+        load.start()
+        await asyncio.sleep(0.2)
+        await load.stop()
+    assert {path for model, path in routes if model == "base"} == {"/v1/completions"}
+    assert {path for model, path in routes if model == "chat"} == {
+        "/v1/completions",
+        "/v1/chat/completions",
+    }

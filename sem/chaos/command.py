@@ -53,7 +53,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         ("--settle", 2.0, "seconds of load after each recovery"),
         ("--recover-timeout", 90.0, "seconds a fault gets to be recovered from"),
         ("--slow-seconds", 3.0, "slow-engine: seconds the engine stays stopped"),
-        ("--request-timeout", 120.0, "seconds one request may take"),
+        ("--request-timeout", 300.0, "seconds one request may take (past a 180 s replay)"),
     ):
         p.add_argument(flag, type=_positive(float), default=default, help=what)
     p.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from sem.chaos.check import KINDS, RequestKind, check_answer, request_body
+from sem.chaos.check import KINDS, RequestKind, Route, check_answer, request_body
 
 FAILURE_PAUSE = 0.1  # s a client waits after a failed request
 
@@ -55,6 +55,7 @@ class Load:
     models: list[str]
     clients: int = 8
     max_tokens: int = 32
+    no_chat: frozenset[str] = frozenset()  # models sent completions only (no chat template)
     outcomes: list[Outcome] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -87,6 +88,8 @@ class Load:
         while not self._stop.is_set():
             kind = KINDS[(worker + n) % len(KINDS)]
             model = self.models[worker % len(self.models)]
+            if model in self.no_chat and kind.route is Route.CHAT:
+                kind = RequestKind(Route.COMPLETIONS, kind.stream)
             outcome = await send(self.client, kind, model, self.max_tokens, worker * 100_000 + n)
             self.outcomes.append(outcome)
             n += 1

@@ -20,7 +20,7 @@ import httpx
 import psutil
 
 from sem.chaos import procs
-from sem.chaos.check import KINDS
+from sem.chaos.check import KINDS, Route
 from sem.chaos.faults import (
     Injection,
     Ledger,
@@ -56,7 +56,7 @@ class ChaosOptions:
     settle: float = 2.0  # s of load after recovery
     recover_timeout: float = 90.0
     slow_seconds: float = 3.0  # the slow engine: how long it stays stopped
-    request_timeout: float = 120.0
+    request_timeout: float = 300.0
     orphan_grace: float = 10.0  # s a replaced engine's group gets to go away
 
 
@@ -96,6 +96,22 @@ class Sem:
     def __init__(self, admin: httpx.AsyncClient, gateway: httpx.AsyncClient) -> None:
         self.admin = admin
         self.gateway = gateway
+        self.no_chat: frozenset[str] = frozenset()  # models without a chat template
+
+    async def find_no_chat(self, models: list[str]) -> None:
+        """The models that refuse chat requests (a base model has no chat template: vLLM
+        answers 400), so the load sends them completions only: a 400 there is no fault's."""
+        refused = set()
+        for model in models:
+            body = {
+                "model": model,
+                "max_tokens": 1,
+                "messages": [{"role": "user", "content": "hi"}],
+            }
+            response = await self.gateway.post(Route.CHAT.value, json=body)
+            if response.status_code == 400 and "chat template" in response.text:
+                refused.add(model)
+        self.no_chat = frozenset(refused)
 
     async def models(self) -> list[dict[str, Any]]:
         response = await self.admin.get("/models")
@@ -142,6 +158,7 @@ async def run_chaos(opts: ChaosOptions, ledger: Ledger) -> ChaosReport:
         target = opts.model or (models[0] if models else "")
         if target not in models:
             raise ChaosError(f"no ready model {target!r} to aim at (ready: {models or 'none'})")
+        await sem.find_no_chat(models)
         baseline = Phase.of(await timed_load(sem, models, opts, opts.baseline))
         report = ChaosReport(target=target, models=models, baseline=baseline)
         for scenario in opts.scenarios:
@@ -153,7 +170,7 @@ async def run_chaos(opts: ChaosOptions, ledger: Ledger) -> ChaosReport:
 async def timed_load(
     sem: Sem, models: list[str], opts: ChaosOptions, seconds: float
 ) -> list[Outcome]:
-    load = Load(sem.gateway, models, opts.clients, opts.max_tokens).start()
+    load = Load(sem.gateway, models, opts.clients, opts.max_tokens, sem.no_chat).start()
     try:
         await asyncio.sleep(seconds)
     except BaseException:
@@ -181,7 +198,9 @@ class ScenarioRun:
             )
             return report
         victim = await self.victim()
-        load = Load(self.sem.gateway, self.models, self.opts.clients, self.opts.max_tokens)
+        load = Load(
+            self.sem.gateway, self.models, self.opts.clients, self.opts.max_tokens, self.sem.no_chat
+        )
         load.start()
         try:
             injection = await self.fault(victim, report)
