@@ -58,6 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         engine_module=args.engine_module,
         token=args.token,
         queue_timeout=args.queue_timeout,
+        replay_timeout=args.replay_timeout,
     )
     return asyncio.run(run(opts))
 
@@ -206,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--queue-timeout", type=float, default=defaults.QUEUE_TIMEOUT,
         help="seconds a request may wait for a ready replica (say, an engine restart)",
+    )  # fmt: skip
+    p.add_argument(
+        "--replay-timeout", type=float, default=defaults.REPLAY_TIMEOUT,
+        help="seconds a request whose engine failed waits for a ready replica (a restart)",
     )  # fmt: skip
     p.set_defaults(func=cmd_run)
 

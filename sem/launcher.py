@@ -45,9 +45,8 @@ class RunOptions:
     stop_timeout: float = 25.0  # both children gone within this, else SIGKILL
     token: str | None = None
     max_restarts: int = 5  # per child and minute
-    queue_timeout: float = (
-        defaults.QUEUE_TIMEOUT
-    )  # the gateway's: how long a request waits for a ready replica
+    queue_timeout: float = defaults.QUEUE_TIMEOUT  # the gateway's wait for a ready replica
+    replay_timeout: float = defaults.REPLAY_TIMEOUT  # its wait for a restarted engine on a retry
 
     @property
     def gateway_url(self) -> str:
@@ -85,6 +84,7 @@ def gateway_argv(opts: RunOptions, listen_fd: int) -> list[str]:
         "--listen-fd", str(listen_fd),
         "--supervisor", opts.supervisor_url,
         "--queue-timeout", f"{opts.queue_timeout:g}",
+        "--replay-timeout", f"{opts.replay_timeout:g}",
     ]  # fmt: skip
 
 

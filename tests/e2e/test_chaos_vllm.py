@@ -94,7 +94,8 @@ FAULTS = [
 @pytest.mark.timeout(1200)
 def test_chaos_every_request_completes(start_sem: StartSem):
     run = start_sem(CONFIG.format(repo=REPO), engine="vllm", ready=["base", "chat"],
-                    ready_timeout=400, extra_args=("--queue-timeout", "240"))  # fmt: skip
+                    ready_timeout=400,
+                    extra_args=("--queue-timeout", "600", "--replay-timeout", "600"))  # fmt: skip
     report = []
     for what, model, inject in FAULTS:
         load = Load(run.gateway, chaos_request, workers=32, timeout=300).start()

@@ -38,6 +38,7 @@ def model(run: SemRun, name: str) -> dict:
 
 
 @pytest.mark.vllm
+@pytest.mark.timeout(1200)  # three real engine starts, one after a removal
 def test_third_model_waits_for_memory_then_serves_after_a_removal(start_sem: StartSem):
     run = start_sem(budget_yaml(), engine="vllm", ready=["base", "chat"], ready_timeout=400)
     third = model(run, "third")
