@@ -43,7 +43,7 @@ def events(run: SemRun, kind: str) -> list[dict]:
     ("engine", "idle", "timeout"),
     [
         ("fake", "4s", 60.0),
-        pytest.param("vllm", "150s", 600.0, marks=pytest.mark.vllm),
+        pytest.param("vllm", "150s", 600.0, marks=[pytest.mark.vllm, pytest.mark.timeout(1800)]),
     ],
 )
 def test_three_models_on_room_for_two_all_answered_then_unloaded_when_idle(
