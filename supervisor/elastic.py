@@ -88,10 +88,13 @@ class Elastic:
             adopted = replica.placement is not None and replica.placement.reason == ADOPTED
             if not adopted:
                 self._starting[replica.id] = time.monotonic()
-        elif (began := self._starting.pop(replica.id, None)) is not None and (
-            replica.state is ReplicaState.READY
-        ):
-            self._measured(replica.model, time.monotonic() - began)
+        elif replica.state is ReplicaState.READY:
+            if (entry := self._registry.find(replica.model)) is not None:
+                # Idle time and residency count from when it can serve: a request that waited
+                # through a long load must not make the model look idle the moment it is ready.
+                entry.loaded_at = max(entry.loaded_at, time.time())
+            if (began := self._starting.pop(replica.id, None)) is not None:
+                self._measured(replica.model, time.monotonic() - began)
 
     def _measured(self, model: str, seconds: float) -> None:
         entry = self._registry.find(model)

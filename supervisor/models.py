@@ -44,7 +44,8 @@ class ModelEntry:
     rollout: asyncio.Task[None] | None = None  # replacing replicas after a spec change
     download: Job | None = None  # caching its hf:// source first (phase `downloading`)
     failure: str = ""  # why it could not be cached or sized (phase `failed`)
-    loaded_at: float = 0.0  # unix time it last became active (minimum residency counts from it)
+    # Unix time it last became active or a replica of it ready (residency and idle count from it).
+    loaded_at: float = 0.0
     load_seconds: float | None = None  # measured start-to-ready time of its engines (elastic.py)
     unloaded_why: str = ""  # why it is unloaded (phase `unloaded`)
     rollout_failure: str = ""  # why its last new spec was not applied (it runs the old one)

@@ -27,7 +27,7 @@ from supervisor.resources import StaticInventory
 from supervisor.states import ModelPhase, ModelState, ReplicaState
 from supervisor.store import Store
 from tests.checkpoints import llama2_7b
-from tests.conftest import ManagerFactory, wait_until
+from tests.conftest import ManagerFactory, fake_engine_command, wait_until
 
 ONE_GPU = "1x24GiB"
 NO_RESIDENCY = ElasticSettings(min_residency=0)
@@ -123,6 +123,29 @@ async def test_an_idle_model_is_unloaded_after_its_idle_time_and_its_memory_rele
     assert manager.events.recent(replica.id, kind=EventKind.RELEASED)
     assert manager.routes.models["a"].state == "unloaded"
     assert manager.routes.models["a"].replicas == ()
+
+
+async def test_idle_time_counts_from_ready_not_from_a_request_that_waited_for_the_load(
+    make_manager: ManagerFactory, seven_b: Path
+):
+    """The only request arrived before a slow load (2 s here) ended: the model is not idle the
+    moment it is ready (seen on real vLLM: unloaded 68 s after serving, idle_unload 150 s)."""
+    manager = make_manager(command=fake_engine_command(FAKE_START_DELAY="2"),
+                           inventory=StaticInventory.parse(ONE_GPU))  # fmt: skip
+    entry = await add_7b(manager, seven_b, "a", idle_unload="1s")
+    arrived = time.time()
+    demand = {"a": ModelDemand(queued=1, last_request=arrived)}
+    async with gateway(manager, lambda: demand):
+        await wait_until(lambda: ready(entry), timeout=30, what="a loaded")
+        demand = {"a": ModelDemand(last_request=arrived)}  # served; nothing new since
+        await wait_until(lambda: entry.phase is ModelPhase.UNLOADED, what="a unloaded")
+    became_ready = next(
+        e.time
+        for e in manager.events.recent("a-0", kind=EventKind.TRANSITION)
+        if e.data["new"] == "ready"
+    )
+    unloaded = manager.events.recent("a", kind=EventKind.MODEL_UNLOADED)[-1].time
+    assert unloaded - became_ready >= 1.0, "idle counted from before it could serve"
 
 
 async def test_a_busy_model_is_not_idle(make_manager: ManagerFactory, seven_b: Path):
