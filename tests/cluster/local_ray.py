@@ -79,7 +79,8 @@ class LocalRay:
     def _ray_start(self, name: str, gpus: int, gpu_gib: int, head: bool) -> subprocess.Popen[str]:
         argv = [RAY, "start", "--num-cpus", "1", "--num-gpus", str(gpus),
                 "--resources", json.dumps({GPU_MEMORY_RESOURCE: gpu_gib}),
-                "--temp-dir", str(self.root / name), "--disable-usage-stats"]  # fmt: skip
+                "--temp-dir", str(self.root / name), "--disable-usage-stats",
+                "--node-ip-address", "127.0.0.1"]  # fmt: skip  # the tests stay on loopback
         if head:
             argv += ["--head", "--port", str(self.port), "--include-dashboard=false"]
         else:
