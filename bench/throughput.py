@@ -1,8 +1,8 @@
 """Throughput of real vLLM engines, direct and through sem: a concurrency sweep (the "TPS table").
 
 Starts `sem run` over models.yaml (real vLLM from .venv-engine, or `--engine-module
-tests.fake_engine`), waits until every model serves, reads the benchmarked model's engine port
-from the admin API (GET /models/{name}: replicas[].port), then, per concurrency level, runs the
+tests.fake_engine`), waits until every model serves, reads the benchmarked model's engine URL
+and the key it demands from the admin API (GET /routes), then, per concurrency level, runs the
 same closed-loop streamed workload (fixed prompt, `max_tokens` N, `ignore_eos`, temperature 0)
 direct to the engine and through sem's gateway, interleaved (direct, sem, direct, sem ...
 `--reps`) so machine noise hits both. Measured at the client: output tokens/s (token events that
@@ -54,6 +54,7 @@ from bench.throughput_figures import (  # noqa: E402
     ratio_text,
     ratios,
 )
+from contract.routes import RouteTable  # noqa: E402
 from supervisor.engine import free_port  # noqa: E402
 from supervisor.procgroup import INSTANCE_ENV, kill_marked  # noqa: E402
 
@@ -72,10 +73,25 @@ def request_body(model: str, max_tokens: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-async def stream_once(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Stream:
+@dataclass(frozen=True)
+class Target:
+    """Where a path's requests go, and the bearer token it demands (an engine demands the key
+    sem gave it; the gateway, none unless API keys are configured)."""
+
+    url: str
+    api_key: str | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+
+async def stream_once(
+    session: aiohttp.ClientSession, target: Target, body: dict[str, Any]
+) -> Stream:
     stream = Stream(started=time.perf_counter())
     try:
-        async with session.post(url, json=body) as response:
+        async with session.post(target.url, json=body, headers=target.headers) as response:
             if response.status != 200:
                 text = (await response.text())[:80]
                 stream.error = f"HTTP {response.status}: {text}"
@@ -88,7 +104,12 @@ async def stream_once(session: aiohttp.ClientSession, url: str, body: dict[str, 
 
 
 async def closed_loop(
-    path: str, url: str, body: dict[str, Any], concurrency: int, duration: float, meter: CpuMeter
+    path: str,
+    target: Target,
+    body: dict[str, Any],
+    concurrency: int,
+    duration: float,
+    meter: CpuMeter,
 ) -> Run:
     """`concurrency` workers, each sending its next request as soon as one ends, until
     `duration` has passed; requests then in flight finish (the run's drain)."""
@@ -102,7 +123,7 @@ async def closed_loop(
 
         async def worker() -> None:
             while time.perf_counter() < deadline:
-                streams.append(await stream_once(session, url, body))
+                streams.append(await stream_once(session, target, body))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         ended = time.perf_counter()
@@ -173,16 +194,18 @@ class SemRun:
                 raise RuntimeError(f"models not ready after {timeout:g} s:\n{self.tail()}")
             await asyncio.sleep(0.5)
 
-    async def engine_url(self, session: aiohttp.ClientSession, model: str) -> str:
-        """The model's first ready replica, as the admin API reports it."""
-        async with session.get(f"{self.supervisor}/models/{model}") as response:
+    async def engine(self, session: aiohttp.ClientSession, model: str) -> Target:
+        """The model's first ready replica and the key its engine demands, from the route
+        table (the admin API; this sem run sets no admin token, so loopback may read it)."""
+        async with session.get(f"{self.supervisor}/routes") as response:
             if response.status != 200:
-                raise RuntimeError(f"GET /models/{model}: {response.status}")
-            replicas = (await response.json())["replicas"]
-        ports = [r["port"] for r in replicas if r["state"] == "ready" and r["port"]]
-        if not ports:
-            raise RuntimeError(f"{model} has no ready replica: {replicas}")
-        return f"http://127.0.0.1:{ports[0]}"
+                raise RuntimeError(f"GET /routes: {response.status}")
+            table = RouteTable.from_json(await response.json())
+        route = table.models.get(model)
+        ready = route.ready_replicas if route else ()
+        if not ready or ready[0].url is None:
+            raise RuntimeError(f"{model} has no ready replica: {route}")
+        return Target(f"{ready[0].url}/v1/completions", ready[0].api_key)
 
     def processes(self) -> list[psutil.Process]:
         """sem run and its process tree (supervisor, gateway, engines and their workers)."""
@@ -210,14 +233,16 @@ class SemRun:
 # -- orchestration -------------------------------------------------------------------------------
 
 
-async def sweep(args: argparse.Namespace, direct: str, gateway: str, meter: CpuMeter) -> list[Run]:
+async def sweep(
+    args: argparse.Namespace, direct: Target, gateway: str, meter: CpuMeter
+) -> list[Run]:
     """Every level, `reps` times direct then sem, after one warm-up request each way."""
     body = request_body(args.model, args.max_tokens)
-    urls = {"direct": f"{direct}/v1/completions", "sem": f"{gateway}/v1/completions"}
+    urls = {"direct": direct, "sem": Target(f"{gateway}/v1/completions")}
     for path in PATHS:  # the first requests of an engine are slower; and fail fast if broken
         warm = await closed_loop(path, urls[path], body, 1, 0.01, meter)
         if problems := warm.errors():
-            raise RuntimeError(f"warm-up {path} ({urls[path]}): {dict(problems)}")
+            raise RuntimeError(f"warm-up {path} ({urls[path].url}): {dict(problems)}")
     runs: list[Run] = []
     for concurrency in args.levels:
         for rep in range(1, args.reps + 1):
@@ -279,8 +304,8 @@ async def bench(args: argparse.Namespace, sem: SemRun) -> int:
         models = await sem.wait_ready(session, args.ready_timeout)
         if args.model not in models:
             raise RuntimeError(f"--model {args.model} is not in {args.config}: {models}")
-        direct = await sem.engine_url(session, args.model)
-    print(f"ready: {', '.join(models)}; {args.model} direct at {direct}, sem at {sem.gateway}")
+        direct = await sem.engine(session, args.model)
+    print(f"ready: {', '.join(models)}; {args.model} direct at {direct.url}, sem at {sem.gateway}")
     state["ready"] = machine_state()
     meter = CpuMeter([psutil.Process(), *sem.processes()])
     before, started = await asyncio.to_thread(meter.others_by_process), time.monotonic()

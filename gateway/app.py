@@ -24,7 +24,13 @@ from gateway.admission import Admission
 from gateway.body import read_object
 from gateway.errors import GatewayError, InvalidField, InvalidRequest, error_response
 from gateway.frontdoor import FrontDoor, middleware_for
-from gateway.generate import ENGINE_PATH, GenerateAnswer, GenerateRequest, generate_events
+from gateway.generate import (
+    ENGINE_PATH,
+    STREAM_OPTIONS,
+    GenerateAnswer,
+    GenerateRequest,
+    generate_events,
+)
 from gateway.journey import Journeys
 from gateway.keys import KeyGate
 from gateway.limits import Limits
@@ -75,6 +81,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
     except ValidationError as exc:
         raise validation_error(exc) from None
     engine_body = req.model_dump(exclude_none=True)
+    if req.stream:
+        engine_body["stream_options"] = STREAM_OPTIONS
     payload = json.dumps(engine_body).encode()
     pool = request.app[UPSTREAM]
     relay: Relay

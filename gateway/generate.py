@@ -4,7 +4,12 @@ differ.
 
     POST /generate {model, prompt, max_tokens?, temperature?, stream?, ...sampling parameters}
     -> {model, text, finish_reason, usage}
-    -> with stream: true, `data: {"text": delta}` events (`finish_reason` on the last), `[DONE]`
+    -> with stream: true, `data: {"text": delta}` events (`finish_reason` and `usage` on the
+       last), `[DONE]`
+
+A stream's events may carry several tokens each, or none (vLLM merges the outputs a busy server
+has not sent yet; a token that ends mid-character gives empty text): `usage` on the last event is
+the count, the engine's own (across a resumed stream, the whole answer's).
 """
 
 from __future__ import annotations
@@ -17,6 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from gateway.sse import events, sse
 
 ENGINE_PATH = "/v1/completions"  # what /generate is served by
+# A stream's engine request asks usage in every chunk, kept through the relay (and adjusted by a
+# resume) so that the finishing chunk carries the answer's count.
+STREAM_OPTIONS = {"include_usage": True, "continuous_usage_stats": True}
+
+
+USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
 class GenerateRequest(BaseModel):
@@ -47,17 +58,14 @@ class GenerateAnswer:
             "model": self.model,
             "text": choice.get("text", ""),
             "finish_reason": choice.get("finish_reason"),
-            "usage": {
-                "prompt_tokens": usage.get("prompt_tokens", 0),
-                "completion_tokens": usage.get("completion_tokens", 0),
-                "total_tokens": usage.get("total_tokens", 0),
-            },
+            "usage": {k: usage.get(k, 0) for k in USAGE_FIELDS},
         }
 
 
 def generate_events(raw: bytes) -> bytes:
     """/generate's stream format from the engine's completion events: `data: {"text": delta}`
-    (with `finish_reason` on the last), then `data: [DONE]`; error events pass as they are."""
+    (with `finish_reason` and `usage` on the last), then `data: [DONE]`; error events pass as
+    they are, the usage-only event goes."""
     out = []
     for data in events(raw):
         if data == b"[DONE]":
@@ -70,5 +78,7 @@ def generate_events(raw: bytes) -> bytes:
             delta: dict[str, Any] = {"text": choice.get("text", "")}
             if choice.get("finish_reason"):
                 delta["finish_reason"] = choice["finish_reason"]
+                if usage := chunk.get("usage"):
+                    delta["usage"] = {k: usage.get(k, 0) for k in USAGE_FIELDS}
             out.append(sse(delta))
     return b"".join(out)

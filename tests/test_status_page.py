@@ -116,7 +116,7 @@ def test_status_page_shows_models_follows_removal_and_says_why_one_waits(
     waiting = page.locator('[data-pending="c"]')
     expect(waiting).to_contain_text("pending", timeout=WAIT_MS)
     expect(waiting.locator(".reason")).to_contain_text(
-        "needs 1.0 GiB on 1 device; largest free is 0.5 GiB on CPU"
+        "needs 1.00 GiB on 1 device; largest free is 0.5 GiB on CPU"
     )
     expect(page.locator('[data-device="cpu"]')).to_contain_text("reserved by sem 2.0 GiB")
     # The event naming b's folder shows the markup as text, and no element came of it.

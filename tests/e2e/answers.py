@@ -5,9 +5,9 @@ by `length`), or fewer ended by a `stop` the model chose (not possible with `ign
 stream must also end with one finish and one `[DONE]` and carry no error event: a stream that
 finishes early, or says `abort`, is a failed request even under HTTP 200.
 
-Tokens are counted from `usage` when the answer has it (non-streamed answers; OpenAI streams asked
-with `stream_options: {include_usage: true}`), else one per token event (vLLM and the stand-in
-engine send one token per chunk).
+Tokens are counted from `usage` when the answer has it (non-streamed answers; /generate streams'
+last event; OpenAI streams asked with `stream_options: {include_usage: true}`), else one per token
+event, which only the stand-in engine makes true: a busy vLLM merges tokens into one chunk.
 """
 
 from __future__ import annotations

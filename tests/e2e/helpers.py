@@ -24,6 +24,19 @@ from tests.conftest import REPO
 from tests.e2e.answers import answer_problem
 
 ENGINE_PYTHON = os.environ.get("SEM_ENGINE_PYTHON", str(REPO / ".venv-engine" / "bin" / "python"))
+# An engine restart on 2 shared cores can pass the gateway's default waits (180 s for a restarted
+# engine): real-vLLM fault tests give it 600 s, as a user with slow restarts would.
+SLOW_RESTARTS = ("--queue-timeout", "600", "--replay-timeout", "600")
+
+
+def demo_pair_yaml(max_num_seqs: int | None = None) -> str:
+    """models.yaml of the two demo checkpoints, `base` and `chat`, as real-vLLM tests serve them."""
+    seqs = f"\n    max_num_seqs: {max_num_seqs}" if max_num_seqs else ""
+    return "models:\n" + "".join(
+        f"  - name: {name}\n    source: path:{REPO}/models/tiny-llama-{name}\n"
+        f"    max_model_len: 512{seqs}\n"
+        for name in ("base", "chat")
+    )
 
 
 @dataclass

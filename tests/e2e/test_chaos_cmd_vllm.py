@@ -1,9 +1,6 @@
 """`sem chaos` on real vLLM, as a user runs it on their own box before trusting sem: the faults
 the older chaos test does not inject (a wedged engine that still answers /health, the supervisor
-killed) and a frozen engine, each under load, every answer checked for all its tokens.
-
-An engine restart on 2 shared cores can pass the gateway's default 180 s replay wait: the run
-gives it 600 s, as a user with slow restarts would (`sem run --replay-timeout`)."""
+killed) and a frozen engine, each under load, every answer checked for all its tokens."""
 
 from __future__ import annotations
 
@@ -15,25 +12,16 @@ import pytest
 
 from tests.conftest import REPO
 from tests.e2e.conftest import StartSem
+from tests.e2e.helpers import SLOW_RESTARTS, demo_pair_yaml
 
-CONFIG = """\
-models:
-  - name: base
-    source: path:{repo}/models/tiny-llama-base
-    max_model_len: 512
-  - name: chat
-    source: path:{repo}/models/tiny-llama-chat
-    max_model_len: 512
-"""
 SCENARIOS = ("wedge-engine", "stop-engine", "kill-supervisor")
 
 
 @pytest.mark.vllm
 @pytest.mark.timeout(2400)
 def test_sem_chaos_reports_no_failed_request_on_real_vllm(start_sem: StartSem):
-    run = start_sem(CONFIG.format(repo=REPO), engine="vllm", ready=["base", "chat"],
-                    ready_timeout=600,
-                    extra_args=("--queue-timeout", "600", "--replay-timeout", "600"))  # fmt: skip
+    run = start_sem(demo_pair_yaml(), engine="vllm", ready=["base", "chat"], ready_timeout=600,
+                    extra_args=SLOW_RESTARTS)  # fmt: skip
     argv = [
         sys.executable, "-m", "sem", "--admin", run.supervisor, "chaos", "--gateway",
         run.gateway, "--json", "--model", "base", "--clients", "8", "--max-tokens", "24",

@@ -14,22 +14,10 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import REPO
 from tests.e2e.answers import answer_problem
 from tests.e2e.conftest import StartSem
-from tests.e2e.helpers import Load, SemRun, poll
+from tests.e2e.helpers import SLOW_RESTARTS, Load, SemRun, demo_pair_yaml, poll
 
-CONFIG = """\
-models:
-  - name: base
-    source: path:{repo}/models/tiny-llama-base
-    max_model_len: 512
-    max_num_seqs: 32
-  - name: chat
-    source: path:{repo}/models/tiny-llama-chat
-    max_model_len: 512
-    max_num_seqs: 32
-"""
 MAX_TOKENS = 24
 
 # (path, model, stream): every mix of route, model and streaming the gateway offers.
@@ -93,9 +81,8 @@ FAULTS = [
 @pytest.mark.vllm
 @pytest.mark.timeout(1200)
 def test_chaos_every_request_completes(start_sem: StartSem):
-    run = start_sem(CONFIG.format(repo=REPO), engine="vllm", ready=["base", "chat"],
-                    ready_timeout=400,
-                    extra_args=("--queue-timeout", "600", "--replay-timeout", "600"))  # fmt: skip
+    run = start_sem(demo_pair_yaml(max_num_seqs=32), engine="vllm", ready=["base", "chat"],
+                    ready_timeout=400, extra_args=SLOW_RESTARTS)  # fmt: skip
     report = []
     for what, model, inject in FAULTS:
         load = Load(run.gateway, chaos_request, workers=32, timeout=300).start()

@@ -105,6 +105,8 @@ async def test_an_in_band_error_is_a_failure_and_the_generate_stream_resumes(rig
     events = await read_stream(await client.post("/generate", json=body))
     assert "".join(e["text"] for e in events if isinstance(e, dict)) == " 2 3 4 5 6 7"  # type: ignore[misc]
     assert not any(isinstance(e, dict) and "error" in e for e in events)
+    last = events[-2]
+    assert isinstance(last, dict) and last["usage"]["completion_tokens"] == 6  # both attempts'
     assert events[-1] == "[DONE]"
 
 

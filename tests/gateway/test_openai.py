@@ -110,6 +110,8 @@ async def test_generate_stream_sends_text_deltas_then_done(gateway):
     deltas = [json.loads(e) for e in events[:-1]]
     assert "".join(d["text"] for d in deltas) == " b a b"
     assert deltas[-1]["finish_reason"] == "length"
+    assert deltas[-1]["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    assert not any("usage" in d for d in deltas[:-1])  # the count comes once, at the end
 
 
 async def test_models_list_through_the_sdk(gateway):
