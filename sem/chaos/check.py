@@ -6,9 +6,12 @@ finish, `length`, after exactly `max_tokens` completion tokens. A stream that st
 still ends with a `finish_reason` and `[DONE]` looks successful to a careless client; here it is
 FAILED, because the client did not get what it asked for.
 
-Stream tokens are the usage chunk's count (`stream_options.include_usage`), else one per content
-event (vLLM sends one token per chunk unless speculative decoding or `--stream-interval` batch
-them, which is why usage comes first).
+Stream tokens are the last usage's count (`stream_options.include_usage`; /generate's last event),
+else one per token event, which only the stand-in engine makes true: vLLM merges tokens into one
+chunk when busy (and with speculative decoding or `--stream-interval`), hence usage first.
+
+The e2e tests judge their answers here too (tests/e2e/answers.py), with `may_stop` for requests
+that let the model stop.
 """
 
 from __future__ import annotations
@@ -70,23 +73,25 @@ def check_answer(kind: RequestKind, status: int, body: bytes, max_tokens: int) -
     return check_whole(data, max_tokens)
 
 
-def check_whole(data: Any, max_tokens: int) -> str | None:
-    """A non-streamed answer: one choice with a finish, usage counting every token asked for."""
+def check_whole(data: Any, max_tokens: int, *, may_stop: bool = False) -> str | None:
+    """A non-streamed answer: one choice with a finish, usage counting every token asked for.
+    /generate's answer is its own one choice (`text`, `finish_reason`, `usage`)."""
     if not isinstance(data, dict):
         return f"not a JSON object: {str(data)[:200]}"
     if "error" in data:
         return f"error: {str(data['error'])[:200]}"
-    choices = [c for c in data.get("choices") or [] if isinstance(c, dict)]
+    choices = _choices(data)
     finish = choices[0].get("finish_reason") if choices else None
     tokens = (data.get("usage") or {}).get("completion_tokens")
-    if tokens is None:
-        return "no usage.completion_tokens"
-    return _count_problem(tokens, max_tokens, finish)
+    if not isinstance(tokens, int):
+        return f"no usage.completion_tokens (finish {finish!r})"
+    return _count_problem(tokens, max_tokens, finish, may_stop)
 
 
-def check_stream(body: bytes, max_tokens: int) -> str | None:
+def check_stream(body: bytes, max_tokens: int, *, may_stop: bool = False) -> str | None:
     """A server-sent event stream: events, one `[DONE]` last, one finish, no error event, and
-    `max_tokens` tokens by the usage chunk (or by content events when there is none)."""
+    `max_tokens` tokens by the last usage (or by token events when there is none). /generate's
+    own events (`{"text": delta[, "finish_reason", "usage"]}`) are their one choice."""
     events = [
         line[len("data:") :].strip()
         for block in body.decode(errors="replace").split("\n\n")
@@ -99,27 +104,44 @@ def check_stream(body: bytes, max_tokens: int) -> str | None:
         chunks = [json.loads(event) for event in events[:-1]]
     except ValueError:
         return "an event is not JSON"
-    if errors := [c["error"] for c in chunks if isinstance(c, dict) and "error" in c]:
+    if not all(isinstance(c, dict) for c in chunks):
+        return "an event is not a JSON object"
+    if errors := [c["error"] for c in chunks if "error" in c]:
         return f"error event: {str(errors[0])[:200]}"
-    choices = [ch for c in chunks for ch in c.get("choices") or []]
+    choices = [ch for c in chunks for ch in _choices(c)]
     finishes = [ch["finish_reason"] for ch in choices if ch.get("finish_reason")]
     if len(finishes) != 1:
-        return f"{len(finishes)} finish_reason events (want 1)"
+        return f"{len(finishes)} finishes in the stream (want 1)"
     usage = [c["usage"] for c in chunks if isinstance(c.get("usage"), dict)]
-    if usage and "completion_tokens" in usage[-1]:
-        return _count_problem(int(usage[-1]["completion_tokens"]), max_tokens, finishes[0])
-    return _count_problem(sum(1 for ch in choices if _content(ch)), max_tokens, finishes[0])
+    if usage and isinstance(usage[-1].get("completion_tokens"), int):
+        tokens = usage[-1]["completion_tokens"]
+    else:  # one token an event: true of the stand-in engine, not of a busy vLLM
+        tokens = sum(1 for ch in choices if _carries_token(ch))
+    return _count_problem(tokens, max_tokens, finishes[0], may_stop)
 
 
-def _content(choice: dict[str, Any]) -> str:
+def _choices(chunk: dict[str, Any]) -> list[dict[str, Any]]:
+    """An OpenAI chunk's or answer's choices; a /generate event or answer is its own."""
+    if "choices" not in chunk:
+        return [chunk] if "text" in chunk else []
+    choices = chunk["choices"]
+    return [c for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
+
+
+def _carries_token(choice: dict[str, Any]) -> bool:
+    """A token event: completions and /generate carry `text` (empty when a token ends
+    mid-character); chat a delta with content that is not the opening role-only one."""
+    if "text" in choice:
+        return True
     delta = choice.get("delta")
-    text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-    return text if isinstance(text, str) else ""
+    return isinstance(delta, dict) and "content" in delta and "role" not in delta
 
 
-def _count_problem(tokens: int, max_tokens: int, finish: object) -> str | None:
-    """Complete: every token asked for, ended by `length` (with `ignore_eos` and no stop strings,
-    the model cannot choose to stop)."""
+def _count_problem(tokens: int, max_tokens: int, finish: object, may_stop: bool) -> str | None:
+    """Complete: every token asked for, ended by `length`; or, with `may_stop` (no
+    `ignore_eos`), fewer ended by a `stop` the model chose."""
     if tokens == max_tokens and finish == "length":
+        return None
+    if may_stop and finish == "stop" and tokens <= max_tokens:
         return None
     return f"{tokens} of {max_tokens} tokens, finish {finish!r}"
