@@ -13,8 +13,9 @@ durations), each request for a model drawn from a Zipf popularity. Every request
 `BOUND` s for a slot (the gateway's queue_timeout); past that it fails (503).
 
 - sem: `decide()` every tick: loads a model with requests queued, evicts only idle, evictable
-  models resident past `min_residency` (least recently used, cheapest to reload first), never one
-  with requests queued or in flight; idle unload after `IDLE_UNLOAD`.
+  models (least recently used, cheapest to reload first), never one with requests queued or in
+  flight, keeps one resident less than `min_residency` or used within its reload time as long as
+  the oldest waiting request can afford it; idle unload after `IDLE_UNLOAD`.
 - lru (llama-swap-like): a request for a model that is not loaded evicts the least recently used
   loaded models at once until it fits, whatever they have queued (their in-flight requests
   finish first, their queue waits for a reload).
@@ -23,7 +24,8 @@ Figures: requests served (within the bound), failed, latency p50/p99 (arrival to
 ones), loads (swaps in), evictions, and idle GPU-seconds (seconds x the share of the device held
 by loaded models with nothing in flight).
 
-    .venv/bin/python bench/elastic.py [--seeds 1,2,3] [--duration 3600] [--json out.json]
+    .venv/bin/python bench/elastic.py [--seeds 1,2,3] [--duration 3600] [--rate-scale 1]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -94,8 +96,10 @@ class Tally:
     idle_gpu_seconds: float = 0.0
 
 
-def trace(seed: int, duration: float, models: int) -> list[tuple[float, int]]:
-    """(arrival time, model index), bursty and Zipf-skewed."""
+def trace(
+    seed: int, duration: float, models: int, rate_scale: float = 1.0
+) -> list[tuple[float, int]]:
+    """(arrival time, model index), bursty and Zipf-skewed; `rate_scale` x the request rates."""
     rng = random.Random(seed)
     weights = [1 / (rank + 1) ** ZIPF for rank in range(models)]
     order = list(range(models))
@@ -103,7 +107,7 @@ def trace(seed: int, duration: float, models: int) -> list[tuple[float, int]]:
     arrivals, now, burst = [], 0.0, False
     period_end = rng.expovariate(1 / CALM_MEAN)
     while now < duration:
-        rate = BURST_RATE if burst else CALM_RATE
+        rate = (BURST_RATE if burst else CALM_RATE) * rate_scale
         now += rng.expovariate(rate)
         if now >= period_end:
             now, burst = period_end, not burst
@@ -207,14 +211,15 @@ class Box:
             last_used=max(model.last_request, model.loaded_at), loaded_at=model.loaded_at,
             load_seconds=model.load_seconds if model.measured else 30.0,
             waited=now - model.pending_since if model.phase is Phase.PENDING else 0.0,
+            oldest_wait=now - model.queue[0] if model.queue else 0.0,
             pending=model.phase is Phase.PENDING,
             reserved={"0": model.need} if model.holds else {},
         )  # fmt: skip
 
 
-def simulate(policy: str, seed: int, duration: float) -> Tally:
+def simulate(policy: str, seed: int, duration: float, rate_scale: float = 1.0) -> Tally:
     box = Box(policy)
-    arrivals = deque(trace(seed, duration, len(SIZES)))
+    arrivals = deque(trace(seed, duration, len(SIZES), rate_scale))
     now = 0.0
     while now < duration + BOUND + 60 or any(m.queue or m.running for m in box.models):
         while arrivals and arrivals[0][0] <= now:
@@ -259,10 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--duration", type=float, default=3600.0, help="simulated seconds")
+    parser.add_argument("--rate-scale", type=float, default=1.0,
+                        help="x the request rates (0.5: a box less overloaded)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the rows here too")
     args = parser.parse_args(argv)
     rows = [
-        row(policy, seed, simulate(policy, seed, args.duration))
+        row(policy, seed, simulate(policy, seed, args.duration, args.rate_scale))
         for seed in (int(s) for s in args.seeds.split(","))
         for policy in ("sem", "lru")
     ]

@@ -20,6 +20,7 @@ class ModelDemand:
     queued: int = 0  # requests waiting for a slot (the model may not be loaded at all)
     in_flight: int = 0  # requests holding a slot on one of its replicas
     last_request: float = 0.0  # unix time a request for it last arrived (0: never)
+    oldest_wait: float = 0.0  # seconds the longest-queued request has waited (0: none queued)
 
 
 @dataclass(frozen=True)
@@ -47,13 +48,14 @@ class GatewayReport:
     models: dict[str, ModelDemand] = field(default_factory=dict)
     replicas: dict[str, ReplicaLoad] = field(default_factory=dict)  # by replica id
     keys: dict[str, KeyUsage] = field(default_factory=dict)  # by API key id
+    queue_timeout: float | None = None  # the gateway's bound on a request's wait (None: unsaid)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "time": self.time,
             "models": {
                 name: {"queued": d.queued, "in_flight": d.in_flight,
-                       "last_request": d.last_request}
+                       "last_request": d.last_request, "oldest_wait": d.oldest_wait}
                 for name, d in self.models.items()
             },
             "replicas": {
@@ -64,13 +66,19 @@ class GatewayReport:
                 kid: {"requests": u.requests, "tokens": u.tokens, "last_used": u.last_used}
                 for kid, u in self.keys.items()
             },
+            "queue_timeout": self.queue_timeout,
         }  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> GatewayReport:
         """The report from its wire form; ValueError/KeyError/TypeError if it is malformed."""
         models = {
-            str(name): ModelDemand(int(d["queued"]), int(d["in_flight"]), float(d["last_request"]))
+            str(name): ModelDemand(
+                int(d["queued"]),
+                int(d["in_flight"]),
+                float(d["last_request"]),
+                float(d.get("oldest_wait", 0.0)),
+            )
             for name, d in dict(data.get("models", {})).items()
         }
         replicas = {
@@ -84,4 +92,6 @@ class GatewayReport:
             str(kid): KeyUsage(int(u["requests"]), int(u["tokens"]), float(u["last_used"]))
             for kid, u in dict(data.get("keys", {})).items()
         }
-        return cls(time=float(data["time"]), models=models, replicas=replicas, keys=keys)
+        bound = data.get("queue_timeout")
+        return cls(time=float(data["time"]), models=models, replicas=replicas, keys=keys,
+                   queue_timeout=None if bound is None else float(bound))  # fmt: skip

@@ -36,6 +36,7 @@ class _Waiter:
     key: tuple[int, int]  # (-priority, arrival): heapq pops the smallest
     model: str = field(compare=False)
     future: asyncio.Future[ReplicaRoute] = field(compare=False)
+    since: float = field(compare=False, default_factory=time.monotonic)
 
 
 class Admission:
@@ -61,6 +62,13 @@ class Admission:
 
     def queued(self, model: str) -> int:
         return sum(1 for w in self._queues.get(model, ()) if not w.future.done())
+
+    def oldest_wait(self, model: str) -> float:
+        """Seconds the longest-queued request for `model` has waited (0: none queued): what the
+        supervisor weighs a swap against (elastic_policy)."""
+        now = time.monotonic()
+        return max((now - w.since for w in self._queues.get(model, ()) if not w.future.done()),
+                   default=0.0)  # fmt: skip
 
     def known_models(self) -> list[str]:
         """Models in the route table, and any a request asked for since (demand for a model the

@@ -1,10 +1,11 @@
 """Reporting demand and load to the supervisor (contract.report), once a second and on demand.
 
 The supervisor decides what runs; the gateway alone sees what clients want. So the gateway
-posts what it sees: per model, requests queued and in flight and when one last arrived; per
-replica, requests in flight; per API key, its use (shown by `sem keys ls`). A request for a
-model with no ready replica (not loaded, starting) sends a report at once (`nudge`), so the
-supervisor can act on it without waiting for the tick.
+posts what it sees: per model, requests queued (and the oldest one's wait) and in flight and
+when one last arrived, with its bound on a request's wait (--queue-timeout); per replica,
+requests in flight; per API key, its use (shown by `sem keys ls`). A request for a model with
+no ready replica (not loaded, starting) sends a report at once (`nudge`), so the supervisor can
+act on it without waiting for the tick.
 A supervisor that is away costs nothing but a log line: the next tick tries again.
 """
 
@@ -62,6 +63,7 @@ class Reporter:
                 queued=admission.queued(name),
                 in_flight=admission.in_flight(name),
                 last_request=admission.last_request.get(name, 0.0),
+                oldest_wait=admission.oldest_wait(name),
             )
             for name in admission.known_models()
         }
@@ -69,7 +71,8 @@ class Reporter:
             rid: ReplicaLoad(in_flight=n, stalled_for=stalls.get(rid))
             for rid, n in admission.outstanding.items()
         }
-        return GatewayReport(time=time.time(), models=models, replicas=replicas, keys=self._usage())
+        return GatewayReport(time=time.time(), models=models, replicas=replicas,
+                             keys=self._usage(), queue_timeout=admission.queue_timeout)  # fmt: skip
 
     async def run(self) -> None:
         """Report until cancelled."""

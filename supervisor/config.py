@@ -20,6 +20,7 @@ from pydantic import (
 )  # fmt: skip
 from pydantic_core import PydanticCustomError
 
+from supervisor.autoscale_policy import ScaleSettings
 from supervisor.fence import EngineArg as EngineArg  # re-exported: engine.py's value type
 from supervisor.fence import check_engine_args, check_env
 from supervisor.gpu_selection import check_device_list
@@ -178,6 +179,27 @@ class CacheConfig(BaseModel):
         return value
 
 
+class AutoscaleConfig(BaseModel):
+    """The timings of replica autoscaling (docs/elastic.md#replica-autoscaling)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    window: str | float = Field(default="10s", description="queue above target this long: +1")
+    calm: str | float = Field(default="60s", description="calm this long: -1")
+    cooldown: str | float = Field(default="30s", description="after each change, no other")
+
+    @field_validator("window", "calm", "cooldown")
+    @classmethod
+    def _check_positive(cls, value: str | float) -> str | float:
+        if parse_duration(value) <= 0:
+            raise ValueError("must be a positive duration")
+        return value
+
+    def settings(self) -> ScaleSettings:
+        return ScaleSettings(window=parse_duration(self.window), calm=parse_duration(self.calm),
+                             cooldown=parse_duration(self.cooldown))  # fmt: skip
+
+
 class ClusterConfig(BaseModel):
     """Place models over a Ray cluster's nodes instead of this machine (docs/cluster.md)."""
 
@@ -202,6 +224,7 @@ class SemConfig(BaseModel):
     min_residency: str | float = Field(
         default="30s", description="a model loaded on demand stays at least this long"
     )
+    autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig)
     models: list[ModelSpec] = Field(default_factory=list)
 
     @field_validator("devices")

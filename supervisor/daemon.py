@@ -239,7 +239,8 @@ async def _serve(
         settings=settings, inventory=inventory, probe=probe, events=events, timing=timing,
         scheduling=SchedulerSettings(recheck_interval=config.recheck_seconds), store=store,
         cache=cache, gpu_memory=gpus,
-        elastic=ElasticSettings(min_residency=config.residency_seconds),
+        elastic=ElasticSettings(min_residency=config.residency_seconds,
+                                scale=config.autoscale.settings()),
     )  # fmt: skip
     await asyncio.to_thread(private_folder, settings.state_dir / "logs")  # engine logs
     log_devices(inventory, manager.devices)

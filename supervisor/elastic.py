@@ -3,7 +3,8 @@ and autoscale replicas (autoscaler.py).
 
 The controller wakes at every gateway report (about once a second, and at once when a request
 finds no ready replica), snapshots the models and the devices, asks `elastic_policy.decide` what
-to do, and does it through the registry: `load` (the model's replicas queue for placement) and
+to do (the bound on a request's wait is the gateway's own --queue-timeout, from its report), and
+does it through the registry: `load` (the model's replicas queue for placement) and
 `unload` (they drain and stop; each stop releases memory and wakes the scheduler). Every
 decision is an event with its reason.
 
@@ -19,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import replace
 
 from supervisor.autoscaler import Autoscaler
 from supervisor.config import LoadMode
@@ -68,6 +70,7 @@ class Elastic:
         self.settings = settings
         self._drain_timeout = drain_timeout
         self._starting: dict[str, float] = {}  # replica id -> time.monotonic() it spawned
+        self._holding: set[tuple[str, str]] = set()  # (model, victim) of the last round's holds
         self._task: asyncio.Task[None] | None = None
         self.autoscaler = Autoscaler(registry, demand, events, settings.scale, drain_timeout)
 
@@ -133,9 +136,18 @@ class Elastic:
             self._registry.publish()
         views = [self.view(e) for e in entries]
         devices = device_views(self._scheduler.devices, self._registry.replicas())
-        decision = decide(views, devices, time.time(), self.settings,
-                          demand_known=self._demand.report is not None)  # fmt: skip
+        report = self._demand.report
+        settings = self.settings
+        if report is not None and report.queue_timeout is not None:
+            settings = replace(settings, wait_bound=report.queue_timeout)  # the gateway's own
+        decision = decide(views, devices, time.time(), settings, demand_known=report is not None)
         by_name = {e.spec.name: e for e in entries}
+        holding = {(h.model, h.victim) for h in decision.holds}
+        for hold in decision.holds:
+            if (hold.model, hold.victim) not in self._holding:  # once a hold, not every round
+                self._events.emit(EventKind.SWAP_HELD, hold.victim, hold.reason,
+                                  for_model=hold.model, seconds=round(hold.seconds, 1))  # fmt: skip
+        self._holding = holding
         for unload in decision.unloads:
             if unload.why is UnloadWhy.EVICTED:
                 self._events.emit(EventKind.EVICTING, unload.model, unload.reason,
@@ -167,6 +179,7 @@ class Elastic:
             loaded_at=entry.loaded_at,
             load_seconds=entry.load_seconds or ASSUMED_LOAD_SECONDS,
             waited=max((now - r.pending_since for r in pending), default=0.0),
+            oldest_wait=demand.oldest_wait if demand else 0.0,
             pending=bool(pending), reserved=reserved,
         )  # fmt: skip
 

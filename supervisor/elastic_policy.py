@@ -12,12 +12,18 @@ decisions out; bench/elastic.py drives the same function in a simulation.
   (counted from its last request, or from its load) is unloaded. Without a fresh gateway report
   nothing counts as idle: the supervisor cannot see requests itself.
 - Eviction: a model that wants memory (being loaded, or with a replica pending) and does not fit
-  may unload loaded models that are evictable, of lower or equal priority, resident at least
-  `min_residency` (two models cannot thrash) and with nothing queued (a loaded model's queue is
-  served before it is swapped out). Without a fresh report nothing is evicted either. Least
-  recently used go first, then the cheapest to reload.
+  may unload loaded models that are evictable, of lower or equal priority, and with nothing
+  queued (a loaded model's queue is served before it is swapped out). Without a fresh report
+  nothing is evicted either. Least recently used go first, then the cheapest to reload.
   One with requests in flight goes only for a model of higher priority that has waited past
   `wait_bound`. Victims are chosen only if they make room: no eviction that would not help.
+- Holds, weighed against the wait bound: a victim is kept (a `Hold`) while it is resident less
+  than `min_residency` (two models cannot thrash), and, for a model of equal priority, while it
+  was used more recently than its own reload time (rent or buy: a model kept at least as long as
+  its reload costs, then let go, never costs more than twice the swap time of the best choice
+  made knowing the future). A hold lasts only while the requests waiting can afford it: once
+  the oldest one's wait so far + the rest of the hold + the waiting model's own load would pass
+  `wait_bound`, the victim goes at once: a swap never costs a request its answer.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class ModelView:
     loaded_at: float = 0.0  # unix time it was last loaded
     load_seconds: float = 0.0  # measured (or assumed) start-to-ready time: its swap cost
     waited: float = 0.0  # seconds its oldest pending replica has waited (0: none pending)
+    oldest_wait: float = 0.0  # seconds its longest-queued request has waited (gateway report)
     pending: bool = False  # a replica of it waits for memory
     reserved: dict[str, int] = field(default_factory=dict)  # device id -> bytes its replicas hold
 
@@ -82,9 +89,20 @@ class Unload:
 
 
 @dataclass(frozen=True)
+class Hold:
+    """`victim` would make room for `model` but is kept a while (swap cost, weighed)."""
+
+    model: str
+    victim: str
+    seconds: float  # how much longer it is kept, at most
+    reason: str
+
+
+@dataclass(frozen=True)
 class Decision:
     loads: list[Load] = field(default_factory=list)
     unloads: list[Unload] = field(default_factory=list)
+    holds: list[Hold] = field(default_factory=list)
 
 
 def decide(
@@ -112,6 +130,7 @@ def decide(
         key=lambda m: (-m.priority, -m.waited),
     )  # fmt: skip
     free = _free_after(devices, models, gone)
+    holds: list[Hold] = []
     for want in wanting if demand_known else ():
         candidates = [
             m for m in models
@@ -120,6 +139,10 @@ def decide(
         victims = _victims(want, candidates, free)
         if victims is None:
             continue  # fits now, or no eviction would make it fit: take nothing
+        kept = [h for v in victims if (h := _hold(v, want, now, settings)) is not None]
+        if kept:
+            holds.extend(kept)  # the swap waits until it pays, or until the bound says go
+            continue
         for victim in victims:
             gone.add(victim.name)
             for device_id, held in victim.reserved.items():
@@ -127,7 +150,7 @@ def decide(
             unloads.append(_eviction(victim, want, now))
         for device_id in _fitting(want, free)[: want.tensor_parallel]:
             free[device_id] -= want.need  # spoken for: not counted again for the next one
-    return Decision(loads, unloads)
+    return Decision(loads, unloads, holds)
 
 
 def waiting_for_memory(models: list[ModelView]) -> list[Waiting]:
@@ -167,13 +190,38 @@ def _unwanted(model: ModelView) -> Unload | None:
 def _may_evict(model: ModelView, want: ModelView, now: float, settings: ElasticSettings) -> bool:
     if not model.loaded or not model.evictable or model.priority > want.priority:
         return False
-    if not model.reserved or now - model.loaded_at < settings.min_residency:
+    if not model.reserved:
         return False
     if model.queued:
         return False  # its own queue is served before it is swapped out
     if model.in_flight:
         return want.priority > model.priority and want.waited > settings.wait_bound
     return True
+
+
+def _hold(victim: ModelView, want: ModelView, now: float, settings: ElasticSettings) -> Hold | None:
+    """Keep `victim` a while (its minimum residency; its reuse, weighed: see the module
+    docstring), or None: it may go now."""
+    residency = settings.min_residency - (now - victim.loaded_at)
+    # Priority is the operator's word: a higher one is not weighed against a reload.
+    reuse = (
+        victim.load_seconds - (now - victim.last_used) if want.priority == victim.priority else 0
+    )
+    left = max(residency, reuse)
+    if left <= 0:
+        return None
+    if want.oldest_wait + left + want.load_seconds >= settings.wait_bound:
+        return None  # the oldest waiting request cannot afford the hold
+    why = (
+        f"loaded {now - victim.loaded_at:.0f}s ago (min_residency {settings.min_residency:g}s)"
+        if residency >= reuse
+        else f"used {now - victim.last_used:.0f}s ago, reloads in ~{victim.load_seconds:.0f}s"
+    )
+    return Hold(
+        want.name, victim.name, left,
+        f"{victim.name} kept {left:.0f}s more for {want.name}: {why}; {want.queued} request(s)"
+        f" waiting, the oldest {want.oldest_wait:.0f}s of {settings.wait_bound:g}s",
+    )  # fmt: skip
 
 
 def _free_after(

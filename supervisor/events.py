@@ -42,6 +42,7 @@ class EventKind(StrEnum):
     MODEL_LOADING = "model_loading"  # an unloaded model is loaded (a request asked for it)
     MODEL_UNLOADED = "model_unloaded"  # a model was unloaded (idle, evicted, on demand)
     EVICTING = "evicting"  # a model is unloaded to make room for another (data: for, freed)
+    SWAP_HELD = "swap_held"  # a recently used model is kept a while before an eviction pays
     SCALED = "scaled"  # the autoscaler added or removed a replica (data: delta)
     LOAD_MEASURED = "load_measured"  # a replica went from starting to ready (data: seconds)
     NODE_LOST = "node_lost"  # a cluster node left: its replica is replaced on another node

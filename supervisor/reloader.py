@@ -20,7 +20,14 @@ from supervisor.reconcile import ConfigDiff
 
 log = logging.getLogger("sem.supervisor")
 
-RESTART_ONLY = ("devices", "cpu_memory_budget", "recheck_interval", "cluster")
+RESTART_ONLY = (
+    "devices",
+    "cpu_memory_budget",
+    "recheck_interval",
+    "cluster",
+    "min_residency",
+    "autoscale",
+)
 
 
 def removes_every_model(manager: Manager, models: list[ModelSpec]) -> list[str]:

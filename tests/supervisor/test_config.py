@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.autoscale_policy import ScaleSettings
 from supervisor.config import ConfigError, Source, load_config, parse_config
 from tests.conftest import REPO
 
@@ -98,3 +99,11 @@ def test_bad_elastic_fields_name_the_line_and_field(entry: str, problem: str):
 def test_a_negative_min_residency_is_refused():
     with pytest.raises(ConfigError, match=r"min_residency: .*must not be negative"):
         parse_config("min_residency: -1\n")
+
+
+def test_autoscale_timings_parse_with_their_defaults_and_a_bad_one_is_located():
+    config = parse_config("autoscale: {window: 5s, calm: 2m}\n")
+    assert config.autoscale.settings() == ScaleSettings(window=5, calm=120, cooldown=30)
+    assert parse_config("").autoscale.settings() == ScaleSettings()
+    with pytest.raises(ConfigError, match=r"m.yaml:2: autoscale.cooldown: .*must be a positive"):
+        parse_config("autoscale:\n  cooldown: 0s\n", "m.yaml")

@@ -52,12 +52,15 @@ async def add_7b(manager: Manager, folder: Path, name: str, **extra: object) -> 
 
 
 @contextlib.asynccontextmanager
-async def gateway(manager: Manager, demand: Demand) -> AsyncIterator[None]:
+async def gateway(
+    manager: Manager, demand: Demand, queue_timeout: float | None = None
+) -> AsyncIterator[None]:
     """Report `demand()` every 0.1 s, as the gateway's reporter does every second."""
 
     async def report() -> None:
         while True:
-            manager.demand.post(GatewayReport(time=time.time(), models=demand()))
+            manager.demand.post(GatewayReport(time=time.time(), models=demand(),
+                                              queue_timeout=queue_timeout))  # fmt: skip
             await asyncio.sleep(0.1)
 
     task = asyncio.create_task(report())
@@ -171,6 +174,33 @@ async def test_an_idle_model_is_evicted_for_one_that_has_requests_waiting(
     evicting = manager.events.recent("a", kind=EventKind.EVICTING)
     assert len(evicting) == 1 and evicting[0].data["for_model"] == "b"
     assert evicting[0].message.startswith("evicted for b (priority 0 >= 0)")
+
+
+@pytest.mark.parametrize("queue_timeout", [600.0, 1.0])
+async def test_a_swap_waits_until_it_pays_unless_the_gateways_bound_says_go(
+    make_manager: ManagerFactory, seven_b: Path, queue_timeout: float
+):
+    """a, just used, is kept for its reload time before b takes its place; with the gateway's
+    --queue-timeout at 1 s, b's request cannot afford that (nor b's own load), so a goes at once."""
+    manager, first, second = await two_on_room_for_one(make_manager, seven_b)
+    demand = {"a": ModelDemand(queued=1)}
+    async with gateway(manager, lambda: demand, queue_timeout):
+        await wait_until(lambda: ready(first), what="a loaded")
+        assert first.load_seconds is not None and first.load_seconds > 0  # measured
+        used = time.time()
+        demand = {"a": ModelDemand(last_request=used), "b": ModelDemand(queued=1)}
+        await wait_until(lambda: ready(second), what="b loaded in a's place")
+    evicting = manager.events.recent("a", kind=EventKind.EVICTING)
+    held = manager.events.recent("a", kind=EventKind.SWAP_HELD)
+    assert len(evicting) == 1
+    if queue_timeout == 1.0:
+        assert held == []
+        return
+    assert len(held) == 1, "one event a hold, not one a round"
+    assert held[0].data["for_model"] == "b"
+    assert held[0].message.startswith("a kept ")
+    # Evicted once idle for its reload time: not before (a round is ~0.1 s late at most).
+    assert evicting[0].time - used >= first.load_seconds - 0.05
 
 
 async def test_a_model_with_requests_in_flight_is_not_evicted_for_an_equal_priority(

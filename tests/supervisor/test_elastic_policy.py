@@ -138,6 +138,47 @@ def test_minimum_residency_keeps_a_just_loaded_model_from_thrashing():
     }
 
 
+def test_minimum_residency_yields_when_a_waiting_request_could_not_afford_it():
+    # Loaded 5 s ago: 25 s of residency left; the oldest request has waited 30 s and the model
+    # it wants loads in 10 s: 30 + 25 + 10 >= 60, so the resident goes now.
+    just = loaded("a", loaded_at=NOW - 5, last_used=NOW - 5, load_seconds=1)
+    want = wanted("b", oldest_wait=30, load_seconds=10)
+    assert unloads(decide([just, want], [device(6)], NOW, SETTINGS)) == {"a": UnloadWhy.EVICTED}
+    early = wanted("b", oldest_wait=20, load_seconds=10)  # 20 + 25 + 10 < 60: kept
+    [hold] = decide([just, early], [device(6)], NOW, SETTINGS).holds
+    assert hold.reason.startswith("a kept 25s more for b: loaded 5s ago (min_residency 30s);")
+
+
+def test_a_model_used_within_its_reload_time_is_kept_while_the_waiting_can_afford_it():
+    # Used 5 s ago, reloads in 20 s: kept 15 s more; the waiting request (10 s so far, 10 s
+    # to load) will still be served within the 60 s bound.
+    recent = loaded("a", last_used=NOW - 5, load_seconds=20)
+    want = wanted("b", queued=2, oldest_wait=10, load_seconds=10)
+    decision = decide([recent, want], [device(4)], NOW, SETTINGS)
+    assert decision.unloads == [] and [ld.model for ld in decision.loads] == ["b"]
+    [hold] = decision.holds
+    assert (hold.model, hold.victim, hold.seconds) == ("b", "a", 15)
+    assert hold.reason.startswith("a kept 15s more for b: used 5s ago, reloads in ~20s;")
+    assert "2 request(s) waiting, the oldest 10s of 60s" in hold.reason
+
+
+def test_a_kept_model_goes_once_the_oldest_waiting_request_could_not_afford_more():
+    recent = loaded("a", last_used=NOW - 5, load_seconds=20)
+    late = wanted("b", oldest_wait=36, load_seconds=10)  # 36 + 15 + 10 >= 60
+    decision = decide([recent, late], [device(4)], NOW, SETTINGS)
+    assert unloads(decision) == {"a": UnloadWhy.EVICTED} and decision.holds == []
+
+
+def test_a_model_idle_for_its_reload_time_goes_and_priority_is_not_weighed():
+    idle_enough = loaded("a", last_used=NOW - 20, load_seconds=20)
+    assert unloads(decide([idle_enough, wanted("b")], [device(4)], NOW, SETTINGS)) == {
+        "a": UnloadWhy.EVICTED
+    }
+    recent = loaded("a", last_used=NOW - 5, load_seconds=20)
+    urgent = wanted("b", priority=1)
+    assert unloads(decide([recent, urgent], [device(4)], NOW, SETTINGS)) == {"a": UnloadWhy.EVICTED}
+
+
 def test_a_loaded_models_queue_is_served_before_it_is_swapped_out():
     decision = decide([loaded("a", queued=3), wanted("b")], [device(6)], NOW, SETTINGS)
     assert decision.unloads == []
