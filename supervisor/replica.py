@@ -23,7 +23,7 @@ from supervisor.liveness import ProgressTracker, Signal, gateway_stall
 from supervisor.placement import Placement
 from supervisor.probe import EngineProbe
 from supervisor.restart import RestartPolicy
-from supervisor.start_failure import FailureKind, StartFailure, classify, read_tail
+from supervisor.start_failure import FailureKind, StartFailure, classify, log_tail, read_tail
 from supervisor.states import ACTIVE_STATES, ReplicaState, can_transition
 
 log = logging.getLogger("sem.replica")
@@ -51,19 +51,6 @@ class _Outcome:
     UNHEALTHY = "unhealthy"
     TIMEOUT = "timeout"
     STOP = "stop"
-
-
-def log_tail(process: EngineHandle, lines: int = 3) -> str:
-    """The last lines of the engine's log: the reason a start failed is usually there."""
-    try:
-        with process.log_path.open("rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - 4096))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    tail = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
-    return " | ".join(tail)[-400:]
 
 
 class Replica:
@@ -214,11 +201,15 @@ class Replica:
             log.exception("%s: lifecycle task crashed", self.id)
             if self.process is not None:
                 await self.process.stop(self._timing.stop_grace)
-            with contextlib.suppress(RuntimeError):
-                self._transition(ReplicaState.FAILED, f"internal error: {exc!r}")
-            if self.state is ReplicaState.FAILED:  # failed, like a crash loop: until removed
-                await self._stop_requested.wait()
-                self._transition(ReplicaState.STOPPED, "removed")  # FAILED -> STOPPED
+            if self.state is ReplicaState.FAILED or can_transition(self.state, ReplicaState.FAILED):
+                await self._failed(f"internal error: {exc!r}")
+
+    async def _failed(self, reason: str) -> None:
+        """FAILED, like a crash loop: it stays so (its engine gone) until it is removed."""
+        if self.state is not ReplicaState.FAILED:
+            self._transition(ReplicaState.FAILED, reason)
+        await self._stop_requested.wait()
+        self._transition(ReplicaState.STOPPED, "removed")  # FAILED -> STOPPED
 
     async def _lifecycle(self, adopted: EngineHandle | None) -> None:
         while True:
@@ -236,9 +227,7 @@ class Replica:
                     self.process = await self._launch(self.plan)
                 except OSError as exc:
                     # Cannot even exec the engine: retrying will not help.
-                    self._transition(ReplicaState.FAILED, f"cannot start engine: {exc}")
-                    await self._stop_requested.wait()
-                    self._transition(ReplicaState.STOPPED, "removed")  # FAILED -> STOPPED
+                    await self._failed(f"cannot start engine: {exc}")
                     return
             outcome, detail = await self._until_ready(self.process)
             if outcome == _Outcome.EXITED and await self._start_failed(self.process):
@@ -266,9 +255,7 @@ class Replica:
         now = time.monotonic()
         self._failures.append(now)
         if failure.kind is FailureKind.BAD_CONFIG or self._policy.gives_up(self._failures, now):
-            self._transition(ReplicaState.FAILED, failure.describe(code))  # STARTING -> FAILED
-            await self._stop_requested.wait()
-            self._transition(ReplicaState.STOPPED, "removed")  # FAILED -> STOPPED
+            await self._failed(failure.describe(code))  # STARTING -> FAILED
             return True
         self._task, self.pending_since = None, now  # the scheduler places it again
         self._transition(ReplicaState.PENDING, f"{failure.describe(code)}; to be placed again")
@@ -285,12 +272,9 @@ class Replica:
         if self._policy.gives_up(self._failures, now):
             recent = len(self._failures)
             await process.stop(self._timing.stop_grace)  # memory is released once it is gone
-            self._transition(
-                ReplicaState.FAILED,
-                f"{failure}; {recent} failures in {self._policy.window:.0f}s, giving up",
+            await self._failed(
+                f"{failure}; {recent} failures in {self._policy.window:.0f}s, giving up"
             )
-            await self._stop_requested.wait()
-            self._transition(ReplicaState.STOPPED, "removed")  # FAILED -> STOPPED
             return False
         self.restarts += 1
         delay = self._policy.next_delay(self.restarts, self._last_delay, self._rng)

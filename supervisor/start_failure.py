@@ -20,6 +20,10 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from supervisor.engine import EngineHandle
 
 TAIL_BYTES = 64 * 1024  # a vLLM traceback ends well within this
 
@@ -99,7 +103,7 @@ def kv_available(log_tail: str, ranks: int = 1) -> int | None:
 
 def read_tail(path: Path, size: int = TAIL_BYTES) -> str:
     """The last `size` bytes of a log, as text ("" if it cannot be read). Small and local:
-    cheap enough to read on the event loop, as replica.log_tail does."""
+    cheap enough to read on the event loop."""
     try:
         with path.open("rb") as f:
             f.seek(0, 2)
@@ -107,3 +111,9 @@ def read_tail(path: Path, size: int = TAIL_BYTES) -> str:
             return f.read().decode(errors="replace")
     except OSError:
         return ""
+
+
+def log_tail(process: EngineHandle, lines: int = 3) -> str:
+    """The last lines of the engine's log, joined: the reason a start failed is usually there."""
+    text = read_tail(process.log_path, 4096)
+    return " | ".join([line.strip() for line in text.splitlines() if line.strip()][-lines:])[-400:]

@@ -19,8 +19,8 @@ from typing import Any
 from supervisor.cluster import NODE_ENV
 from supervisor.cluster.nodes import NodeInfo, declared_devices
 from supervisor.engine import EngineCommand, EngineProcess, LaunchPlan, spawn_engine, start_time
-from supervisor.replica import log_tail
 from supervisor.resources import Device, detect
+from supervisor.start_failure import log_tail
 
 
 class NodeAgent:
