@@ -48,7 +48,12 @@ def admin_request(args: argparse.Namespace, method: str, path: str, **kwargs: An
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    opts = RunOptions(
+    return asyncio.run(run(run_options(args)))
+
+
+def run_options(args: argparse.Namespace) -> RunOptions:
+    """`sem run`'s flags, as the launcher takes them."""
+    return RunOptions(
         config=args.config,
         host=args.host,
         gateway_port=args.gateway_port,
@@ -59,8 +64,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         token=args.token,
         queue_timeout=args.queue_timeout,
         replay_timeout=args.replay_timeout,
+        cluster_address=args.cluster_address,
     )
-    return asyncio.run(run(opts))
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
@@ -212,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--replay-timeout", type=float, default=defaults.REPLAY_TIMEOUT,
         help="seconds a request whose engine failed waits for a ready replica (a restart)",
     )  # fmt: skip
+    p.add_argument(
+        "--cluster-address",
+        help="a Ray cluster's head (host:port, or auto): place models on its nodes (overrides"
+        " models.yaml's cluster.address; docs/cluster.md)",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("ps", help="models and replicas with their states")

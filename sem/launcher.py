@@ -47,6 +47,7 @@ class RunOptions:
     max_restarts: int = 5  # per child and minute
     queue_timeout: float = defaults.QUEUE_TIMEOUT  # the gateway's wait for a ready replica
     replay_timeout: float = defaults.REPLAY_TIMEOUT  # its wait for a restarted engine on a retry
+    cluster_address: str | None = None  # a Ray cluster's head (the supervisor's --cluster-address)
 
     @property
     def gateway_url(self) -> str:
@@ -73,6 +74,8 @@ def supervisor_argv(opts: RunOptions) -> list[str]:
         argv += ["--engine-python", opts.engine_python]
     if opts.engine_module:
         argv += ["--engine-module", opts.engine_module]
+    if opts.cluster_address:
+        argv += ["--cluster-address", opts.cluster_address]
     return argv
 
 
