@@ -212,14 +212,6 @@ async def _serve(
         log.error("cannot listen on %s:%d: %s", args.host, args.port, exc.strerror)
         return 2
 
-    settings = EngineSettings(
-        command=command,
-        state_dir=args.state_dir.resolve(),
-        instance=instance,
-        parent_env=dict(os.environ),
-        spawn=spawn_engine if cluster is None else cluster.spawn,
-        adopt=None if cluster is None else cluster.adopt,
-    )
     cache_config = config.cache
     cache = ModelCache(
         CacheSettings(
@@ -228,6 +220,15 @@ async def _serve(
             margin=parse_size(cache_config.margin),
             parallel_files=cache_config.parallel_files,
         )
+    )
+    settings = EngineSettings(
+        command=command,
+        state_dir=args.state_dir.resolve(),
+        instance=instance,
+        parent_env=dict(os.environ),
+        spawn=spawn_engine if cluster is None else cluster.spawn,
+        adopt=None if cluster is None else cluster.adopt,
+        hub_endpoint=cache.client.endpoint,
     )
     events = EventLog()
     probe = EngineProbe()

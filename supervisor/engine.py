@@ -41,6 +41,17 @@ class EngineCommand:
 
 
 @dataclass(frozen=True)
+class HubFetch:
+    """An hf:// model as a cluster node caches it before its engine starts (cluster/agent.py):
+    the source pinned to the commit the supervisor cached, the cache folder it is in there (a
+    node may keep its own: SEM_CACHE_DIR), and the hub it came from."""
+
+    source: str  # hf://org/name@<commit>
+    cache_dir: str
+    endpoint: str | None = None  # None: the node's HF_ENDPOINT, else huggingface.co
+
+
+@dataclass(frozen=True)
 class LaunchPlan:
     """Everything one replica's engine needs to start."""
 
@@ -60,6 +71,7 @@ class LaunchPlan:
     host: str = "127.0.0.1"  # the address it listens on: a cluster node's own (cluster/)
     node: str | None = None  # the Ray node it runs on; None: this machine
     api_key: str | None = None  # demanded on /v1 (vLLM --api-key); only sem and its gateway know it
+    fetch: HubFetch | None = None  # an hf:// model: a cluster node caches it first (`model` there)
 
 
 def _flag(key: str, value: EngineArg) -> list[str]:

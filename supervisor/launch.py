@@ -11,14 +11,15 @@ import itertools
 import random
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from supervisor.config import ModelSpec
+from supervisor.config import ModelSpec, Source
 from supervisor.engine import (
     Adopt,
     EngineCommand,
     EngineHandle,
+    HubFetch,
     LaunchPlan,
     Spawn,
     free_port,
@@ -50,6 +51,7 @@ class EngineSettings:
     parent_env: Mapping[str, str]
     spawn: Spawn = spawn_engine  # a Ray cluster's node agents: supervisor/cluster/
     adopt: Adopt | None = None  # a cluster's engines after a restart (None: this machine's pids)
+    hub_endpoint: str | None = None  # where hf:// models come from (cluster nodes fetch there too)
 
 
 def gpu_ids(placement: Placement | None, devices: Mapping[str, Device]) -> tuple[int, ...]:
@@ -78,6 +80,7 @@ def launch_plan(
     devices: Mapping[str, Device],
     port: int,
     state_dir: Path,
+    hub_endpoint: str | None = None,
 ) -> LaunchPlan:
     """What one replica's engine is started with, on these devices (pure but for a cluster
     engine's fresh key)."""
@@ -104,7 +107,19 @@ def launch_plan(
         # Every engine demands a secret of its own on /v1 that only the gateway knows, so no
         # other process (on this machine, or a cluster node's network) can bypass the gateway.
         api_key=secrets.token_urlsafe(24),
+        fetch=hub_fetch(spec.source, model_ref, hub_endpoint),
     )
+
+
+def hub_fetch(source: str, model_ref: str, endpoint: str | None) -> HubFetch | None:
+    """For an hf:// model, what a cluster node needs to cache it as this machine did: the
+    commit is the snapshot folder's name, the cache folder three levels up
+    (<cache>/models--org--name/snapshots/<commit>, the Hugging Face cache's layout)."""
+    if not source.startswith("hf://"):
+        return None
+    snapshot = Path(model_ref)
+    pinned = replace(Source.parse(source), revision=snapshot.name)
+    return HubFetch(str(pinned), str(snapshot.parents[2]), endpoint)
 
 
 class ReplicaFactory:
@@ -153,6 +168,7 @@ class ReplicaFactory:
                 replica_id=replica_id, spec=spec, model_ref=model_ref, need=need,
                 placement=placement, devices={d.id: d for d in self._devices()},
                 port=free_port(), state_dir=settings.state_dir,
+                hub_endpoint=settings.hub_endpoint,
             )  # fmt: skip
 
         async def launch(plan: LaunchPlan) -> EngineHandle:

@@ -6,7 +6,7 @@ import asyncio
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,7 @@ from supervisor.replica import ReplicaTiming
 from supervisor.resources import Inventory, StaticInventory
 from supervisor.restart import RestartPolicy
 from supervisor.scheduler import SchedulerSettings
+from tests.hubrepos import GATED, Hub, build_test_hub
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -100,3 +101,15 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 20, what: s
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         await asyncio.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+    """The loopback hub (tests/hub_server.py), one per session: building its repos takes a
+    second."""
+    root = build_test_hub(tmp_path_factory.mktemp("hub"))
+    server = Hub(root, gated=[GATED]).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -2,7 +2,9 @@
 
 It measures the node's devices (NVML, else what the node declared, else the CPU) and starts each
 engine exactly as a single box does (`supervisor.engine.spawn_engine`: same command line, same
-environment, its own process group), owns it, stops it and serves its log tail. Detached, it
+environment, its own process group), owns it, stops it and serves its log tail. Before an hf://
+model's engine starts, it caches the model on its node (`cache`: sem's own downloader, into the
+node's Hugging Face cache folder), polled by the supervisor for progress. Detached, it
 outlives the supervisor that created it: a restarted supervisor finds it by name and re-adopts
 its engines. It dies with its node, and so, on a lost machine, do the engines.
 
@@ -14,12 +16,23 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-from supervisor.cluster import NODE_ENV
+from supervisor.cache import CacheSettings, ModelCache
+from supervisor.cache_job import Job
+from supervisor.cluster import CACHE_ENV, NODE_ENV
 from supervisor.cluster.nodes import NodeInfo, declared_devices
-from supervisor.engine import EngineCommand, EngineProcess, LaunchPlan, spawn_engine, start_time
+from supervisor.engine import (
+    EngineCommand,
+    EngineProcess,
+    HubFetch,
+    LaunchPlan,
+    spawn_engine,
+    start_time,
+)
 from supervisor.resources import Device, detect
+from supervisor.source import Source
 from supervisor.start_failure import log_tail
 
 
@@ -30,6 +43,8 @@ class NodeAgent:
         self._node = node
         self._engines: dict[str, EngineProcess] = {}
         self._keys: dict[str, str | None] = {}  # replica id -> its engine's api key
+        self._caches: dict[Path, ModelCache] = {}  # by cache folder
+        self._fetching: dict[str, Job] = {}  # hf:// source -> its download, until seen ended
 
     async def devices(self) -> list[Device]:
         """What this node has now: declared GPUs if it declared their memory, else NVML or
@@ -38,6 +53,36 @@ class NodeAgent:
             return declared
         inventory = await asyncio.to_thread(detect, "auto", "auto")
         return await asyncio.to_thread(inventory.devices)
+
+    async def cache(self, fetch: HubFetch) -> dict[str, Any]:
+        """Cache an hf:// model on this node, or join the download already on it; where it
+        stands now: `state` (a download job's: checking, downloading, done, failed), `path`
+        once done, `error`, bytes `done` of `total`. The folder is the node's SEM_CACHE_DIR,
+        else the supervisor's own path."""
+        job = self._fetching.get(fetch.source)
+        if job is None:
+            folder = Path(os.environ.get(CACHE_ENV) or fetch.cache_dir)
+            cache = self._caches.get(folder)
+            if cache is None:
+                settings = CacheSettings(cache_dir=folder, endpoint=fetch.endpoint)
+                cache = self._caches[folder] = ModelCache(settings)
+            located = await cache.prepare(Source.parse(fetch.source))
+            if isinstance(located, Path):
+                return {"state": "done", "path": str(located), "error": None, "done": 0, "total": 0}
+            job = self._fetching[fetch.source] = located
+        if job.ended.is_set():
+            del self._fetching[fetch.source]  # a later call looks again (a failure is retried)
+        return {
+            "state": job.state.value, "path": None if job.path is None else str(job.path),
+            "error": None if job.error is None else str(job.error),
+            "done": job.progress.done, "total": job.progress.total,
+        }  # fmt: skip
+
+    async def close_caches(self) -> None:
+        """Stop the downloads (partial files stay to resume) and their threads."""
+        caches, self._caches, self._fetching = self._caches, {}, {}
+        for cache in caches.values():
+            await cache.aclose()
 
     async def start(self, command: EngineCommand, plan: LaunchPlan, instance: str) -> int:
         """Start a replica's engine on this node; its pid. A previous engine of the same

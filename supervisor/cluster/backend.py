@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,9 @@ from supervisor.cluster import NAMESPACE, agent_name
 from supervisor.cluster.agent import NodeAgent
 from supervisor.cluster.handle import RayEngine
 from supervisor.cluster.nodes import NodeInfo, alive_nodes, on_node
-from supervisor.engine import EngineCommand, LaunchPlan
+from supervisor.engine import EngineCommand, HubFetch, LaunchPlan
 from supervisor.resources import Device
+from supervisor.units import human
 
 log = logging.getLogger("sem.cluster")
 
@@ -37,6 +40,10 @@ NodesChanged = Callable[[set[str], set[str]], None]  # (joined, lost) node ids
 
 class NodeLost(ConnectionError):
     """The node a replica was placed on is gone: its engine cannot start there."""
+
+
+class NotCachedOnNode(OSError):
+    """The node could not cache the replica's hf:// model: its engine cannot start there."""
 
 
 class RayCluster:
@@ -98,11 +105,38 @@ class RayCluster:
         if node is None:
             raise NodeLost(f"node {plan.node} is not in the cluster")
         agent = self.agent(node)
+        if plan.fetch is not None:
+            plan = await self._cached_on(node, agent, plan, plan.fetch)
         try:
             pid = int(await agent.start.remote(command, plan, instance))
         except RayError as exc:
             raise NodeLost(f"node {node.short}: {type(exc).__name__}") from exc
         return RayEngine(plan.port, plan.log_path, pid, plan.replica_id, agent, plan.api_key)
+
+    async def _cached_on(
+        self, node: NodeInfo, agent: Any, plan: LaunchPlan, fetch: HubFetch
+    ) -> LaunchPlan:
+        """`plan` with `--model` in the node's own cache: its agent caches the hf:// model
+        there first (at once if the node has it), polled every second, progress logged every
+        5 s."""
+        logged = started = time.monotonic()
+        while True:
+            try:
+                status = await agent.cache.remote(fetch)
+            except RayError as exc:
+                raise NodeLost(f"node {node.short}: {type(exc).__name__}") from exc
+            if status["state"] == "done":
+                return replace(plan, model=status["path"])
+            if status["state"] in ("failed", "cancelled"):
+                raise NotCachedOnNode(
+                    f"{fetch.source} could not be cached on node {node.short}: {status['error']}"
+                )
+            if time.monotonic() - logged >= 5:
+                logged = time.monotonic()
+                log.info("%s: caching %s on node %s (%.0fs): %s, %s of %s", plan.replica_id,
+                         fetch.source, node.short, logged - started, status["state"],
+                         human(status["done"]), human(status["total"]))  # fmt: skip
+            await asyncio.sleep(1.0)
 
     async def adopt(self) -> dict[str, RayEngine]:
         """The live engines the agents of alive nodes own, by replica id: what a restarted

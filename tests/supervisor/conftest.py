@@ -1,18 +1,15 @@
-"""The loopback hub the cache tests share (one per session: building its repos takes a second),
-and an admin API client over a manager with a model cache."""
+"""An admin API client over a manager with a model cache (the loopback hub: tests/conftest.py)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
-import pytest
 
 from supervisor.api import create_app
 from supervisor.cache import ModelCache
 from supervisor.manager import Manager
-from tests.hubrepos import GATED, Hub, build_test_hub
 
 
 @asynccontextmanager
@@ -25,13 +22,3 @@ async def cache_admin(manager: Manager, cache: ModelCache) -> AsyncIterator[http
         yield client
     await manager.shutdown(drain_timeout=1)
     await cache.aclose()
-
-
-@pytest.fixture(scope="session")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
-    root = build_test_hub(tmp_path_factory.mktemp("hub"))
-    server = Hub(root, gated=[GATED]).start()
-    try:
-        yield server
-    finally:
-        server.stop()
