@@ -228,6 +228,7 @@ async def _serve(
         parent_env=dict(os.environ),
         spawn=spawn_engine if cluster is None else cluster.spawn,
         adopt=None if cluster is None else cluster.adopt,
+        prepare=None if cluster is None else cluster.prepare,
         hub_endpoint=cache.client.endpoint,
     )
     events = EventLog()

@@ -287,6 +287,9 @@ class RemoteEngine(EngineHandle, Protocol):
 
 # After a supervisor restart: the engines a cluster's nodes still run, by replica id.
 Adopt = Callable[[], Awaitable[Mapping[str, RemoteEngine]]]
+# Before a spawn: make the model available where the engine will run (a cluster node caches an
+# hf:// model); the plan as the engine starts from it. Cancelled safely: nothing is spawned yet.
+Prepare = Callable[[LaunchPlan], Awaitable[LaunchPlan]]
 
 
 def free_port() -> int:

@@ -21,6 +21,7 @@ from supervisor.engine import (
     EngineHandle,
     HubFetch,
     LaunchPlan,
+    Prepare,
     Spawn,
     free_port,
     spawn_engine,
@@ -51,6 +52,7 @@ class EngineSettings:
     parent_env: Mapping[str, str]
     spawn: Spawn = spawn_engine  # a Ray cluster's node agents: supervisor/cluster/
     adopt: Adopt | None = None  # a cluster's engines after a restart (None: this machine's pids)
+    prepare: Prepare | None = None  # before each spawn: a cluster node caches the model
     hub_endpoint: str | None = None  # where hf:// models come from (cluster nodes fetch there too)
 
 
@@ -183,6 +185,7 @@ class ReplicaFactory:
             model=spec.name,
             make_plan=make_plan,
             launch=launch,
+            prepare=settings.prepare,
             probe=self._probe,
             events=self._events,
             on_change=on_change,

@@ -14,9 +14,9 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
-from supervisor.engine import EngineHandle, LaunchPlan
+from supervisor.engine import EngineHandle, LaunchPlan, Prepare
 from supervisor.events import EventKind, EventLog
 from supervisor.gateway_view import GatewayView
 from supervisor.liveness import ProgressTracker, Signal, gateway_stall
@@ -27,6 +27,7 @@ from supervisor.start_failure import FailureKind, StartFailure, classify, log_ta
 from supervisor.states import ACTIVE_STATES, ReplicaState, can_transition
 
 log = logging.getLogger("sem.replica")
+T = TypeVar("T")
 
 Launch = Callable[[LaunchPlan], Awaitable[EngineHandle]]
 PlanFactory = Callable[[Placement | None], LaunchPlan]
@@ -71,10 +72,12 @@ class Replica:
         gateway: GatewayView | None = None,
         start_turn: StartTurn | None = None,
         rng: random.Random | None = None,
+        prepare: Prepare | None = None,
     ) -> None:
         self.id = replica_id
         self.model = model
         self._make_plan = make_plan
+        self._prepare = prepare  # None: the engine starts from the plan as made
         self._launch = launch
         self._probe = probe
         self._events = events
@@ -214,32 +217,48 @@ class Replica:
     async def _lifecycle(self, adopted: EngineHandle | None) -> None:
         while True:
             if adopted is not None:  # PENDING -> STARTING, with the engine already running
-                self.process, adopted = adopted, None
+                self.process = process = adopted
+                adopted = None
                 self._transition(
                     ReplicaState.STARTING,
-                    f"re-adopted engine pid {self.process.pid} on port {self.process.port}",
+                    f"re-adopted engine pid {process.pid} on port {process.port}",
                 )
             else:
                 self.plan = self._make_plan(self.placement)
                 # PENDING/RESTARTING -> STARTING
                 self._transition(ReplicaState.STARTING, f"spawning engine on port {self.plan.port}")
-                try:
-                    self.process = await self._launch(self.plan)
-                except OSError as exc:
-                    # Cannot even exec the engine: retrying will not help.
-                    await self._failed(f"cannot start engine: {exc}")
+                if (spawned := await self._spawn(self.plan)) is None:
                     return
-            outcome, detail = await self._until_ready(self.process)
-            if outcome == _Outcome.EXITED and await self._start_failed(self.process):
+                process = spawned
+            outcome, detail = await self._until_ready(process)
+            if outcome == _Outcome.EXITED and await self._start_failed(process):
                 return
             if outcome == _Outcome.READY:
                 self._transition(ReplicaState.READY, detail)  # STARTING -> READY
-                outcome, detail = await self._watch(self.process)
+                outcome, detail = await self._watch(process)
             if outcome == _Outcome.STOP:
-                await self._drain_and_stop(self.process)
+                await self._drain_and_stop(process)
                 return
-            if not await self._backoff(detail, self.process):
+            if not await self._backoff(detail, process):
                 return
+
+    async def _spawn(self, plan: LaunchPlan) -> EngineHandle | None:
+        """Prepare the engine's start (a removal does not wait for it: a cluster node may be
+        caching the model) and spawn it; None if the replica was removed meanwhile or cannot
+        start at all (then failed)."""
+        try:
+            if self._prepare is not None:
+                prepared = await self._until_stopped_or(self._prepare(plan))
+                if prepared is None:
+                    self._transition(ReplicaState.STOPPED, "removed before its engine started")
+                    return None
+                self.plan = plan = prepared
+            self.process = await self._launch(plan)
+        except OSError as exc:
+            # Cannot exec the engine, or cache its model on its node: retrying will not help.
+            await self._failed(f"cannot start engine: {exc}")
+            return None
+        return self.process
 
     async def _start_failed(self, process: EngineHandle) -> bool:
         """A start failure the backoff cannot cure (start_failure.py): bad configuration ->
@@ -295,8 +314,8 @@ class Replica:
             return False
         return True
 
-    async def _until_stopped_or(self, turn: Awaitable[None]) -> None:
-        """Wait for `turn`, or a stop request (then `turn` is cancelled)."""
+    async def _until_stopped_or(self, turn: Awaitable[T]) -> T | None:
+        """`turn`'s result, or None on a stop request (then `turn` is cancelled)."""
         waiting = asyncio.ensure_future(turn)
         stopping = asyncio.ensure_future(self._stop_requested.wait())
         try:
@@ -304,8 +323,9 @@ class Replica:
         finally:
             for fut in (waiting, stopping):
                 fut.cancel()
-        if waiting.done() and not waiting.cancelled() and (error := waiting.exception()):
-            raise error
+        if waiting.done() and not waiting.cancelled():
+            return waiting.result()  # or its error
+        return None
 
     async def _wait_for(self, process: EngineHandle, timeout: float) -> str | None:
         """Wait up to `timeout` s for the engine to exit or a stop request; None if neither."""

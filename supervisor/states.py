@@ -7,6 +7,7 @@ A leaf module (imports nothing of sem). Every replica state change goes through
     starting/ready --crash or failed health--> restarting --backoff--> starting
     starting/ready/restarting --too many crashes--> failed --removal--> stopped
     starting --out of memory at start--> pending (placed again);  --bad config--> failed
+    starting --removed before its engine spawned (a node still caching its model)--> stopped
 
 A model has a phase of its own, changed only by `ModelEntry.transition` (models.py), which checks
 `can_enter` and records an event:
@@ -44,6 +45,7 @@ _TRANSITIONS: dict[ReplicaState, frozenset[ReplicaState]] = {
             ReplicaState.RESTARTING,
             ReplicaState.FAILED,
             ReplicaState.DRAINING,
+            ReplicaState.STOPPED,
         }
     ),
     ReplicaState.READY: frozenset(

@@ -19,6 +19,9 @@ from typing import Any
 
 import httpx
 
+from supervisor.cache import CacheSettings, ModelCache
+from supervisor.source import Source
+
 REPO = Path(__file__).resolve().parent.parent
 UNWANTED = ["pytorch_model.bin", "consolidated.pth", "model-q4.gguf",
             "original/consolidated.00.pth", "README.md"]  # fmt: skip
@@ -125,3 +128,13 @@ def build_test_hub(root: Path) -> Path:
     tiny_llama(root / TINY)
     tiny_llama(root / GATED)
     return root
+
+
+async def cached_here(hub: Hub, folder: Path) -> Path:
+    """TINY in a cache folder, as the supervisor's sizing leaves it; its snapshot folder."""
+    cache = ModelCache(CacheSettings(cache_dir=folder, endpoint=hub.url))
+    try:
+        located = await cache.prepare(Source.parse(f"hf://{TINY}"))
+        return located if isinstance(located, Path) else await located.wait()
+    finally:
+        await cache.aclose()

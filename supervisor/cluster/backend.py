@@ -2,7 +2,8 @@
 
 `RayCluster` is the seam the manager already has, twice over: an `Inventory` (`devices()`, every
 alive node's devices as its agent measures them, with the node on each) and a spawner
-(`spawn(command, plan, instance, env)`, the engine started by the agent of `plan.node`). It
+(`spawn(command, plan, instance, env)`, the engine started by the agent of `plan.node`, after
+`prepare(plan)` had that agent cache an hf:// model on its node). It
 watches the nodes (`ray.nodes()` every `poll_interval`, 1 s) and reports those that join and
 leave; `adopt()` finds the engines the agents still own after a supervisor restart.
 
@@ -100,18 +101,26 @@ class RayCluster:
     ) -> RayEngine:
         """Start the engine on `plan.node` through its agent. The node's own environment is
         the parent of the engine's, as a supervisor on that node would give it."""
-        nodes = {n.node_id: n for n in await asyncio.to_thread(self.nodes)}
-        node = nodes.get(plan.node or "")
-        if node is None:
-            raise NodeLost(f"node {plan.node} is not in the cluster")
-        agent = self.agent(node)
-        if plan.fetch is not None:
-            plan = await self._cached_on(node, agent, plan, plan.fetch)
+        node, agent = await self._node_agent(plan)
         try:
             pid = int(await agent.start.remote(command, plan, instance))
         except RayError as exc:
             raise NodeLost(f"node {node.short}: {type(exc).__name__}") from exc
         return RayEngine(plan.port, plan.log_path, pid, plan.replica_id, agent, plan.api_key)
+
+    async def prepare(self, plan: LaunchPlan) -> LaunchPlan:
+        """Before a spawn (EngineSettings.prepare): an hf:// model cached on the plan's node."""
+        if plan.fetch is None:
+            return plan
+        node, agent = await self._node_agent(plan)
+        return await self._cached_on(node, agent, plan, plan.fetch)
+
+    async def _node_agent(self, plan: LaunchPlan) -> tuple[NodeInfo, Any]:
+        nodes = {n.node_id: n for n in await asyncio.to_thread(self.nodes)}
+        node = nodes.get(plan.node or "")
+        if node is None:
+            raise NodeLost(f"node {plan.node} is not in the cluster")
+        return node, self.agent(node)
 
     async def _cached_on(
         self, node: NodeInfo, agent: Any, plan: LaunchPlan, fetch: HubFetch

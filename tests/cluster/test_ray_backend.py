@@ -7,6 +7,7 @@ import asyncio
 import sys
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -21,7 +22,7 @@ from gateway.routes import RouteWatcher
 from supervisor.cluster import NODE_ENV
 from supervisor.cluster.backend import RayCluster
 from supervisor.config import ModelSpec
-from supervisor.engine import EngineCommand, LaunchPlan, free_port
+from supervisor.engine import EngineCommand, HubFetch, LaunchPlan, free_port
 from supervisor.events import EventLog
 from supervisor.manager import EngineSettings, Manager, SchedulerSettings
 from supervisor.probe import EngineProbe
@@ -31,6 +32,7 @@ from supervisor.units import GiB
 from tests.cluster.local_ray import LocalRay, cluster_yaml
 from tests.conftest import FAST_POLICY, FAST_TIMING, fake_engine_command, wait_until
 from tests.e2e.helpers import SemRun
+from tests.hubrepos import TINY, Hub, cached_here
 
 pytestmark = pytest.mark.ray
 
@@ -80,6 +82,28 @@ async def test_engine_runs_on_its_node_through_its_agent(
     assert "fake engine ready" in await engine.log()
     assert await engine.stop(grace=2) is False  # it exited on SIGTERM
     assert await engine.wait() == -1 and not psutil.pid_exists(engine.pid)
+
+
+async def test_an_hf_model_is_cached_on_its_node_before_its_engine_starts(
+    local_ray: LocalRay, ray_cluster: RayCluster, hub: Hub, tmp_path: Path
+):
+    """The node's cache folder (here one the supervisor never wrote) gets the model from the
+    hub, and the engine starts from it there."""
+    here = await cached_here(hub, tmp_path / "supervisor-cache")
+    node_cache = tmp_path / "node-cache"
+    fetch = HubFetch(f"hf://{TINY}@{here.name}", str(node_cache), hub.url)
+    plan = replace(launch_plan(ray_cluster, local_ray.node_ids["a"], here, tmp_path), fetch=fetch)
+    plan = await ray_cluster.prepare(plan)
+    engine = await ray_cluster.spawn(fake_engine_command(), plan, uuid.uuid4().hex, {})
+    try:
+        await wait_until_async(lambda: healthy(f"http://{plan.host}:{plan.port}"),
+                               what="the engine's /health")  # fmt: skip
+        argv = psutil.Process(engine.pid).cmdline()
+        model = Path(argv[argv.index("--model") + 1])
+        assert model.is_relative_to(node_cache) and model.name == here.name, argv
+        assert (model / "config.json").read_bytes() == (here / "config.json").read_bytes()
+    finally:
+        await engine.stop(grace=2)
 
 
 async def test_a_restarted_supervisor_re_adopts_engines_through_their_agents(
@@ -132,7 +156,7 @@ def cluster_manager(
     settings = EngineSettings(
         command=command or fake_engine_command(), state_dir=tmp_path,
         instance=instance or uuid.uuid4().hex, parent_env={}, spawn=cluster.spawn,
-        adopt=cluster.adopt,
+        adopt=cluster.adopt, prepare=cluster.prepare,
     )  # fmt: skip
     return Manager(
         settings=settings, inventory=cluster, probe=probe, events=EventLog(), store=store,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-from supervisor.engine import LaunchPlan
+from supervisor.engine import LaunchPlan, Prepare
 from supervisor.events import Event, EventKind, EventLog
 from supervisor.gateway_view import GatewayView
 from supervisor.liveness import Counters
@@ -124,9 +124,11 @@ class Rig:
         policy: RestartPolicy,
         timing: ReplicaTiming,
         gateway: GatewayView | None = None,
+        prepare: Prepare | None = None,
     ) -> None:
         """`gateway`: the gateway's side (its reports, its long-polls of the route table, which
-        every state change publishes anew), else none."""
+        every state change publishes anew), else none; `prepare`: before each spawn (a cluster
+        node caching the model), else none."""
         self.launcher = FakeLauncher()
         self.probe = FakeProbe()
         self.events = EventLog()
@@ -140,6 +142,7 @@ class Rig:
             replica_id="m-0", model="m", make_plan=self._make_plan, launch=self.launcher,
             probe=cast(EngineProbe, self.probe), events=self.events,
             on_change=self._on_change, policy=policy, timing=timing, gateway=gateway,
+            prepare=prepare,
         )  # fmt: skip
         self.gateway = gateway
 

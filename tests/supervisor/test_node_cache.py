@@ -10,24 +10,12 @@ from typing import Any
 
 import pytest
 
-from supervisor.cache import CacheSettings, ModelCache
 from supervisor.cluster import CACHE_ENV
 from supervisor.cluster.agent import NodeAgent
 from supervisor.cluster.nodes import NodeInfo
 from supervisor.engine import HubFetch
 from supervisor.launch import hub_fetch
-from supervisor.source import Source
-from tests.hubrepos import TINY, Hub
-
-
-async def cached_here(hub: Hub, folder: Path) -> Path:
-    """The supervisor's side: TINY in its own cache, as sizing leaves it."""
-    cache = ModelCache(CacheSettings(cache_dir=folder, endpoint=hub.url))
-    try:
-        located = await cache.prepare(Source.parse(f"hf://{TINY}"))
-        return located if isinstance(located, Path) else await located.wait()
-    finally:
-        await cache.aclose()
+from tests.hubrepos import TINY, Hub, cached_here
 
 
 async def until_ended(agent: NodeAgent, fetch: HubFetch) -> dict[str, Any]:

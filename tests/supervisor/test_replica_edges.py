@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from supervisor.engine import LaunchPlan, Prepare
 from supervisor.placement import Placement
 from supervisor.replica import ReplicaTiming
 from supervisor.restart import RestartPolicy
@@ -45,8 +46,12 @@ def covers(old: ReplicaState, new: ReplicaState) -> Callable[[TestFn], TestFn]:
 async def make_rig(tmp_path: Path) -> AsyncIterator[Callable[..., Rig]]:
     rigs: list[Rig] = []
 
-    def factory(policy: RestartPolicy = POLICY, timing: ReplicaTiming = TIMING) -> Rig:
-        rigs.append(Rig(tmp_path, policy, timing))
+    def factory(
+        policy: RestartPolicy = POLICY,
+        timing: ReplicaTiming = TIMING,
+        prepare: Prepare | None = None,
+    ) -> Rig:
+        rigs.append(Rig(tmp_path, policy, timing, prepare=prepare))
         return rigs[-1]
 
     yield factory
@@ -180,6 +185,41 @@ async def test_starting_to_failed_when_the_engine_cannot_be_executed(make_rig):
     await rig.reach(S.FAILED)
     rig.assert_edge(S.STARTING, S.FAILED, "cannot start engine: [Errno 2]", since)
     assert rig.replica.restarts == 0, "retrying cannot help: no backoff"
+
+
+@covers(S.STARTING, S.STOPPED)
+async def test_starting_to_stopped_when_removed_while_its_model_is_being_cached(make_rig):
+    """A cluster node caching a large model: a removal does not wait for the download."""
+    caching = asyncio.Event()
+
+    async def slow_cache(plan: LaunchPlan) -> LaunchPlan:
+        caching.set()
+        await asyncio.sleep(3600)
+        return plan
+
+    rig = make_rig(prepare=slow_cache)
+    rig.start()
+    await asyncio.wait_for(caching.wait(), STEP)
+    since = time.time()
+    await asyncio.wait_for(rig.replica.stop(drain_timeout=60), STEP)
+    rig.assert_edge(S.STARTING, S.STOPPED, "removed before its engine started", since)
+    assert rig.launcher.engines == [], "no engine was spawned"
+
+
+@covers(S.STARTING, S.FAILED)
+async def test_starting_to_failed_when_its_model_cannot_be_cached_on_its_node(make_rig):
+    async def failing_cache(plan: LaunchPlan) -> LaunchPlan:
+        raise NotCachedOnNodeStandIn("hf://o/m@abc could not be cached on node n1: 404")
+
+    rig = make_rig(prepare=failing_cache)
+    since = time.time()
+    rig.start()
+    await rig.reach(S.FAILED)
+    rig.assert_edge(S.STARTING, S.FAILED, "cannot start engine: hf://o/m@abc could not", since)
+
+
+class NotCachedOnNodeStandIn(OSError):
+    """supervisor.cluster.backend.NotCachedOnNode, without importing Ray."""
 
 
 async def exit_while_starting(
