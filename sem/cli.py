@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="where each replica of CONFIG would go; starts nothing")
     p.add_argument("config", type=Path)
-    p.add_argument("--inventory", help="e.g. 2x24GiB, 24GiB,16GiB or cpu:8GiB (default: detect)")
+    p.add_argument("--inventory", help="e.g. 2x24GiB, 24GiB,16GiB, cpu:8GiB, or nodes:"
+                   " 'a=2x24GiB; b=2x24GiB' (default: detect)")  # fmt: skip
     p.add_argument(
         "--state-dir",
         type=Path,

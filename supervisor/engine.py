@@ -17,7 +17,7 @@ from typing import Protocol
 import psutil
 
 from supervisor.config import EngineArg
-from supervisor.procgroup import INSTANCE_ENV, stop_group
+from supervisor.procgroup import INSTANCE_ENV, stop_group, tethered
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 
@@ -258,14 +258,23 @@ def replica_marker(pid: int) -> str | None:
 
 
 async def spawn_engine(
-    command: EngineCommand, plan: LaunchPlan, instance: str, parent_env: Mapping[str, str]
+    command: EngineCommand,
+    plan: LaunchPlan,
+    instance: str,
+    parent_env: Mapping[str, str],
+    tether: bool = False,
 ) -> EngineProcess:
+    """Start the engine in its own session; with `tether`, it gets SIGTERM when this process
+    dies (procgroup.tethered: a cluster node agent's engines)."""
+    argv = engine_argv(command, plan)
+    if tether:
+        argv = tethered(argv, command.python)
     plan.log_path.parent.mkdir(parents=True, exist_ok=True)
     with plan.log_path.open("ab") as log_file:
         log_file.write(f"\n=== sem: starting {plan.replica_id} on port {plan.port}\n".encode())
         log_file.flush()
         proc = await asyncio.create_subprocess_exec(
-            *engine_argv(command, plan),
+            *argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=log_file,
             stderr=asyncio.subprocess.STDOUT,
@@ -292,8 +301,8 @@ Adopt = Callable[[], Awaitable[Mapping[str, RemoteEngine]]]
 Prepare = Callable[[LaunchPlan], Awaitable[LaunchPlan]]
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on now (the engine binds it moments later)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on now at `host` (the engine binds it moments later)."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])

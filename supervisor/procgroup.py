@@ -15,6 +15,26 @@ import psutil
 
 INSTANCE_ENV = "SEM_INSTANCE"  # set on every process of one `sem run`, engines included
 
+# Run before a command (`python -c TETHER <parent pid> <argv...>`): it asks Linux to send it
+# SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG, which survives the exec), makes sure the
+# parent is not gone already, then becomes the command. Plain Python and ctypes: it runs in the
+# engine's own interpreter. No preexec_fn: that is unsafe in a process with threads (Ray's).
+TETHER = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(143)  # the parent died before the prctl\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def tethered(argv: list[str], python: str) -> list[str]:
+    """`argv`, run so that it gets SIGTERM when this process dies (an engine then shuts down
+    as a whole: vLLM stops its EngineCore and workers on SIGTERM). For a cluster node's engines,
+    which die with their node agent; not on one box, where engines outlive a supervisor crash
+    to be re-adopted."""
+    return [python, "-c", TETHER, str(os.getpid()), *argv]
+
 
 def group_members(pgid: int) -> list[int]:
     """Live (non-zombie) pids whose process group is `pgid`."""

@@ -226,7 +226,8 @@ class Replica:
             else:
                 self.plan = self._make_plan(self.placement)
                 # PENDING/RESTARTING -> STARTING
-                self._transition(ReplicaState.STARTING, f"spawning engine on port {self.plan.port}")
+                where = "on its node" if self._prepare else f"on port {self.plan.port}"
+                self._transition(ReplicaState.STARTING, f"spawning engine {where}")
                 if (spawned := await self._spawn(self.plan)) is None:
                     return
                 process = spawned

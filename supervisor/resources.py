@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 import psutil
@@ -56,7 +56,10 @@ class StaticInventory:
 
     @classmethod
     def parse(cls, text: str) -> StaticInventory:
-        """'2x24GiB', '24GiB,16GiB' (GPUs) or 'cpu:8GiB'."""
+        """'2x24GiB', '24GiB,16GiB' (GPUs) or 'cpu:8GiB'; several nodes of a cluster as
+        'NAME=DEVICES; ...', e.g. 'a=2x24GiB; b=2x24GiB' (ids `a/0`, as a cluster names them)."""
+        if "=" in text:
+            return cls._nodes(text)
         text = text.strip()
         if text.startswith("cpu:"):
             budget = parse_size(text[4:])
@@ -69,6 +72,27 @@ class StaticInventory:
             count = int(match.group(1) or 1)
             sizes += [parse_size(match.group(2))] * count
         return cls([Device(str(i), "gpu", f"GPU {i}", size, size) for i, size in enumerate(sizes)])
+
+    @classmethod
+    def _nodes(cls, text: str) -> StaticInventory:
+        devices: list[Device] = []
+        names: set[str] = set()
+        for part in (p for p in text.split(";") if p.strip()):
+            name, equals, spec = (x.strip() for x in part.partition("="))
+            if not equals or not re.fullmatch(r"[\w.-]+", name):
+                raise ValueError(f"{part.strip()!r} is not NAME=DEVICES (a node and its devices)")
+            if name in names:
+                raise ValueError(f"node {name!r} is listed twice")
+            names.add(name)
+            try:
+                local = cls.parse(spec).devices()
+            except ValueError as exc:
+                raise ValueError(f"node {name}: {exc}") from None
+            devices += [
+                replace(d, id=f"{name}/{d.id}", name=f"{d.name} on {name}", node=name)
+                for d in local
+            ]  # fmt: skip
+        return cls(devices)
 
 
 class CpuInventory:

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from supervisor.engine import EngineCommand
@@ -30,6 +31,14 @@ FAST_TIMING = ReplicaTiming(
     stop_grace=2, drain_poll=0.05,
 )  # fmt: skip
 FAST_POLICY = RestartPolicy(backoff_base=0.1, backoff_cap=0.4, max_failures=3, window=60)
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (exited, not yet reaped by its parent)."""
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
 
 
 def fake_engine_command(**env: str) -> EngineCommand:

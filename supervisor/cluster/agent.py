@@ -2,11 +2,12 @@
 
 It measures the node's devices (NVML, else what the node declared, else the CPU) and starts each
 engine exactly as a single box does (`supervisor.engine.spawn_engine`: same command line, same
-environment, its own process group), owns it, stops it and serves its log tail. Before an hf://
+environment, its own process group, but tethered: it gets SIGTERM when the agent dies), owns it,
+stops it and serves its log tail. Before an hf://
 model's engine starts, it caches the model on its node (`cache`: sem's own downloader, into the
 node's Hugging Face cache folder), polled by the supervisor for progress. Detached, it
 outlives the supervisor that created it: a restarted supervisor finds it by name and re-adopts
-its engines. It dies with its node, and so, on a lost machine, do the engines.
+its engines. It dies with its node (or its raylet), and so do the engines.
 
 Ray runs it as an async actor: a call that waits for an engine's exit does not hold up the rest.
 """
@@ -28,6 +29,7 @@ from supervisor.engine import (
     EngineProcess,
     HubFetch,
     LaunchPlan,
+    free_port,
     spawn_engine,
     start_time,
 )
@@ -78,6 +80,10 @@ class NodeAgent:
             "done": job.progress.done, "total": job.progress.total,
         }  # fmt: skip
 
+    async def free_port(self, host: str) -> int:
+        """A port free on this node at `host`, for the next engine to listen on."""
+        return free_port(host)
+
     async def close_caches(self) -> None:
         """Stop the downloads (partial files stay to resume) and their threads."""
         caches, self._caches, self._fetching = self._caches, {}, {}
@@ -90,7 +96,8 @@ class NodeAgent:
         if plan.replica_id in self._engines:
             await self.stop(plan.replica_id, grace=5.0)
         marked = replace(plan, env={**plan.env, NODE_ENV: self._node.node_id})
-        engine = await spawn_engine(command, marked, instance, dict(os.environ))
+        # Tethered: the engine dies with this agent (with its node, or `ray stop` on it).
+        engine = await spawn_engine(command, marked, instance, dict(os.environ), tether=True)
         self._engines[plan.replica_id] = engine
         self._keys[plan.replica_id] = plan.api_key
         return engine.pid

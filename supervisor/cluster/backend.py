@@ -109,10 +109,15 @@ class RayCluster:
         return RayEngine(plan.port, plan.log_path, pid, plan.replica_id, agent, plan.api_key)
 
     async def prepare(self, plan: LaunchPlan) -> LaunchPlan:
-        """Before a spawn (EngineSettings.prepare): an hf:// model cached on the plan's node."""
+        """Before a spawn (EngineSettings.prepare): a port free on the plan's node (the one the
+        supervisor picked is free on its own machine only), and an hf:// model cached there."""
+        node, agent = await self._node_agent(plan)
+        try:
+            plan = replace(plan, port=int(await agent.free_port.remote(plan.host)))
+        except RayError as exc:
+            raise NodeLost(f"node {node.short}: {type(exc).__name__}") from exc
         if plan.fetch is None:
             return plan
-        node, agent = await self._node_agent(plan)
         return await self._cached_on(node, agent, plan, plan.fetch)
 
     async def _node_agent(self, plan: LaunchPlan) -> tuple[NodeInfo, Any]:

@@ -121,12 +121,17 @@ class LocalRay:
 
     def kill(self, name: str) -> None:
         """The node is lost: SIGKILL its processes and its engines (they die with a machine)."""
+        self.kill_ray(name)
+        kill_marked(NODE_ENV, self.node_ids[name])
+
+    def kill_ray(self, name: str) -> None:
+        """SIGKILL the node's Ray processes (raylet, agents), the machine staying up: its
+        engines are left to die with their agent."""
         doomed = self._processes(self._groups[name])
         self._killed += doomed
         for process in doomed:
             with contextlib.suppress(psutil.Error):
                 process.kill()
-        kill_marked(NODE_ENV, self.node_ids[name])
 
     def leftovers(self) -> list[int]:
         pids = [p.pid for p in self._killed if alive(p)]

@@ -30,7 +30,7 @@ from supervisor.states import ReplicaState
 from supervisor.store import Store
 from supervisor.units import GiB
 from tests.cluster.local_ray import LocalRay, cluster_yaml
-from tests.conftest import FAST_POLICY, FAST_TIMING, fake_engine_command, wait_until
+from tests.conftest import FAST_POLICY, FAST_TIMING, fake_engine_command, running, wait_until
 from tests.e2e.helpers import SemRun
 from tests.hubrepos import TINY, Hub, cached_here
 
@@ -104,6 +104,23 @@ async def test_an_hf_model_is_cached_on_its_node_before_its_engine_starts(
         assert (model / "config.json").read_bytes() == (here / "config.json").read_bytes()
     finally:
         await engine.stop(grace=2)
+
+
+async def test_an_engine_dies_with_its_nodes_ray_processes_and_gets_a_port_free_there(
+    local_ray: LocalRay, ray_cluster: RayCluster, model_dir: Path, tmp_path: Path
+):
+    """`ray stop` on a node, or its raylet killed, the machine staying up: its engines go too
+    (tethered to their agent), nothing is left holding the node's memory."""
+    await asyncio.to_thread(local_ray.start, ["doomed"])
+    plan = launch_plan(ray_cluster, local_ray.node_ids["doomed"], model_dir, tmp_path)
+    prepared = await ray_cluster.prepare(replace(plan, port=1))  # 1: taken, and not its to pick
+    assert prepared.port != 1
+    engine = await ray_cluster.spawn(fake_engine_command(), prepared, uuid.uuid4().hex, {})
+    await wait_until_async(lambda: healthy(f"http://{prepared.host}:{prepared.port}"),
+                           what="the engine's /health")  # fmt: skip
+    await asyncio.to_thread(local_ray.kill_ray, "doomed")
+    await wait_until(lambda: not running(engine.pid), timeout=20,
+                     what="the engine gone with its agent")  # fmt: skip
 
 
 async def test_a_restarted_supervisor_re_adopts_engines_through_their_agents(
