@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import json
 import os
 import sys
@@ -15,7 +17,7 @@ import httpx
 from contract import defaults
 from sem import cachecmd, keyscmd
 from sem.chaos import command as chaoscmd
-from sem.launcher import RunOptions, run
+from sem.launcher import RunOptions, gateway_argv, run, supervisor_argv
 
 if TYPE_CHECKING:
     from supervisor.store import Store
@@ -48,7 +50,27 @@ def admin_request(args: argparse.Namespace, method: str, path: str, **kwargs: An
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    return asyncio.run(run(run_options(args)))
+    opts = run_options(args)
+    check_daemon_options(opts)
+    return asyncio.run(run(opts))
+
+
+def check_daemon_options(opts: RunOptions) -> None:
+    """Each daemon's command line, parsed by its own parser before anything starts: a wrong
+    --gateway-option or --supervisor-option is said now, not by a child that exits at once."""
+    from gateway.daemon import parse_args as gateway_args
+    from supervisor.daemon import parse_args as supervisor_args
+
+    for flag, parse, argv in (
+        ("--supervisor-option", supervisor_args, supervisor_argv(opts)[3:]),
+        ("--gateway-option", gateway_args, gateway_argv(opts, listen_fd=0)[3:]),
+    ):
+        try:
+            with contextlib.redirect_stderr(io.StringIO()) as said:
+                parse(argv)
+        except SystemExit:
+            error = said.getvalue().strip().splitlines()[-1:] or ["rejected"]
+            raise CliError(f"{flag}: {error[0]}") from None
 
 
 def run_options(args: argparse.Namespace) -> RunOptions:
@@ -65,6 +87,8 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         queue_timeout=args.queue_timeout,
         replay_timeout=args.replay_timeout,
         cluster_address=args.cluster_address,
+        supervisor_options=tuple(args.supervisor_option),
+        gateway_options=tuple(args.gateway_option),
     )
 
 
@@ -222,6 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="a Ray cluster's head (host:port, or auto): place models on its nodes (overrides"
         " models.yaml's cluster.address; docs/cluster.md)",
     )
+    p.add_argument(
+        "--gateway-option", action="append", default=[], metavar="NAME=VALUE",
+        help="one more `python -m gateway` option, e.g. max-body=16777216 (repeatable;"
+        " `python -m gateway --help` lists them)",
+    )  # fmt: skip
+    p.add_argument(
+        "--supervisor-option", action="append", default=[], metavar="NAME=VALUE",
+        help="one more `python -m supervisor` option, e.g. stall-after=30 (repeatable)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("ps", help="models and replicas with their states")

@@ -48,6 +48,9 @@ class RunOptions:
     queue_timeout: float = defaults.QUEUE_TIMEOUT  # the gateway's wait for a ready replica
     replay_timeout: float = defaults.REPLAY_TIMEOUT  # its wait for a restarted engine on a retry
     cluster_address: str | None = None  # a Ray cluster's head (the supervisor's --cluster-address)
+    # More options of each daemon, as NAME=VALUE (or a bare NAME for a flag): `--max-body=...`.
+    supervisor_options: tuple[str, ...] = ()
+    gateway_options: tuple[str, ...] = ()
 
     @property
     def gateway_url(self) -> str:
@@ -76,7 +79,7 @@ def supervisor_argv(opts: RunOptions) -> list[str]:
         argv += ["--engine-module", opts.engine_module]
     if opts.cluster_address:
         argv += ["--cluster-address", opts.cluster_address]
-    return argv
+    return argv + option_args(opts.supervisor_options)
 
 
 def gateway_argv(opts: RunOptions, listen_fd: int) -> list[str]:
@@ -88,7 +91,17 @@ def gateway_argv(opts: RunOptions, listen_fd: int) -> list[str]:
         "--supervisor", opts.supervisor_url,
         "--queue-timeout", f"{opts.queue_timeout:g}",
         "--replay-timeout", f"{opts.replay_timeout:g}",
+        *option_args(opts.gateway_options),
     ]  # fmt: skip
+
+
+def option_args(options: tuple[str, ...]) -> list[str]:
+    """`name=value` -> `--name value`; a bare `name` (a flag) -> `--name`."""
+    out = []
+    for option in options:
+        name, equals, value = option.partition("=")
+        out += [f"--{name.strip().lstrip('-')}", *([value] if equals else [])]
+    return out
 
 
 def gateway_socket(opts: RunOptions) -> socket.socket:
