@@ -207,6 +207,10 @@ class ClusterConfig(BaseModel):
 
     backend: Literal["ray"] = "ray"
     address: str = Field(default="auto", description="the head's host:port, or auto (RAY_ADDRESS)")
+    engines_on_head: bool = Field(
+        default=True,
+        description="false: no replica on the head node (its loss, Ray's GCS, stops the cluster)",
+    )
 
 
 class SemConfig(BaseModel):

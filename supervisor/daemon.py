@@ -121,7 +121,8 @@ async def join_cluster(args: argparse.Namespace, config: SemConfig) -> RayCluste
         return None
     from supervisor.cluster.backend import RayCluster
 
-    cluster = RayCluster(address)
+    on_head = config.cluster.engines_on_head if config.cluster else True
+    cluster = RayCluster(address, engines_on_head=on_head)
     await asyncio.to_thread(cluster.connect)
     log.info("Ray cluster at %s: %d node(s)", address, len(cluster.nodes()))
     return cluster

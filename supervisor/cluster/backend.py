@@ -49,9 +49,14 @@ class NotCachedOnNode(OSError):
 
 class RayCluster:
     def __init__(
-        self, address: str, poll_interval: float = 1.0, call_timeout: float = 10.0
+        self,
+        address: str,
+        poll_interval: float = 1.0,
+        call_timeout: float = 10.0,
+        engines_on_head: bool = True,
     ) -> None:
         self.address = address
+        self.engines_on_head = engines_on_head  # False: the head's devices are not offered
         self.poll_interval = poll_interval
         self.call_timeout = call_timeout
         self._agents: dict[str, Any] = {}  # node id -> ActorHandle
@@ -82,9 +87,10 @@ class RayCluster:
     # -- Inventory ---------------------------------------------------------------------------
 
     def devices(self) -> list[Device]:
-        """Every alive node's devices, measured by its agent; a node that does not answer
-        within `call_timeout` is left out of this round."""
-        nodes = self.nodes()
+        """Every alive node's devices, measured by its agent (the head's only with
+        `engines_on_head`); a node that does not answer within `call_timeout` is left out of
+        this round."""
+        nodes = [n for n in self.nodes() if self.engines_on_head or not n.head]
         refs = [(node, self.agent(node).devices.remote()) for node in nodes]
         found: list[Device] = []
         for node, ref in refs:

@@ -18,11 +18,15 @@ class NodeInfo:
     host: str
     gpus: int  # declared (`ray start --num-gpus`)
     gpu_memory: int | None  # bytes per GPU, declared as the `sem_gpu_gib` resource; None: NVML
+    head: bool = False  # the head node: it runs Ray's GCS, which the cluster cannot lose
 
     @property
     def short(self) -> str:
         """A readable prefix for device ids and labels."""
         return self.node_id[:8]
+
+
+HEAD_RESOURCE = "node:__internal_head__"  # Ray's mark of the head node in its resources
 
 
 def alive_nodes(raw: list[dict[str, Any]]) -> list[NodeInfo]:
@@ -39,6 +43,7 @@ def alive_nodes(raw: list[dict[str, Any]]) -> list[NodeInfo]:
                 host=str(node["NodeManagerAddress"]),
                 gpus=int(resources.get("GPU", 0)),
                 gpu_memory=int(float(gib) * GiB) if gib else None,
+                head=HEAD_RESOURCE in resources,
             )
         )
     return sorted(found, key=lambda n: n.node_id)

@@ -66,6 +66,16 @@ def test_inventory_lists_every_nodes_declared_gpus(local_ray: LocalRay, ray_clus
     assert len({d.id for d in devices}) == 4  # ids are cluster-wide
 
 
+def test_a_cluster_that_keeps_engines_off_its_head_offers_none_of_its_devices(
+    local_ray: LocalRay, ray_cluster: RayCluster
+):
+    head = local_ray.node_ids["head"]
+    assert {n.node_id: n.head for n in ray_cluster.nodes()}[head] is True
+    assert sum(n.head for n in ray_cluster.nodes()) == 1
+    devices = RayCluster(local_ray.address, engines_on_head=False).devices()
+    assert devices and all(d.node != head for d in devices)
+
+
 async def test_engine_runs_on_its_node_through_its_agent(
     local_ray: LocalRay, ray_cluster: RayCluster, model_dir: Path, tmp_path: Path
 ):
@@ -193,6 +203,11 @@ def ready_nodes(manager: Manager) -> dict[str, str]:
 async def test_a_model_on_two_nodes_loses_one_under_load_with_no_failed_request(
     local_ray: LocalRay, ray_cluster: RayCluster, model_dir: Path, tmp_path: Path
 ):
+    """With engines kept off the head (Ray's GCS, which the cluster cannot lose), the two
+    replicas go to two worker nodes; either one may go."""
+    if "b" not in local_ray.node_ids:
+        await asyncio.to_thread(local_ray.start, ["b"])
+    ray_cluster.engines_on_head = False
     probe = EngineProbe(timeout=2)
     command = fake_engine_command(FAKE_TOKEN_DELAY="0.01")
     manager = cluster_manager(ray_cluster, tmp_path, Store(None), probe, command=command)
@@ -211,9 +226,8 @@ async def test_a_model_on_two_nodes_loses_one_under_load_with_no_failed_request(
         await wait_until(lambda: len(ready_nodes(manager)) == 2, timeout=60, what="2 ready")
         nodes = set(ready_nodes(manager).values())
         assert len(nodes) == 2, "two replicas of one model go to two nodes"
-        head = local_ray.node_ids["head"]
-        victim = next(name for name, node in local_ray.node_ids.items()
-                      if node in nodes and node != head)  # fmt: skip
+        assert local_ray.node_ids["head"] not in nodes
+        victim = next(name for name, node in local_ray.node_ids.items() if node in nodes)
 
         results: list[int] = []
         stop = asyncio.Event()
@@ -240,6 +254,7 @@ async def test_a_model_on_two_nodes_loses_one_under_load_with_no_failed_request(
         await asyncio.gather(*loaders)
         assert results.count(200) == len(results), f"failed: {[s for s in results if s != 200]}"
     finally:
+        ray_cluster.engines_on_head = True
         await ray_cluster.stop_watching()
         await manager.shutdown(drain_timeout=1)
         follow.cancel()

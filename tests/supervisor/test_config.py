@@ -107,3 +107,9 @@ def test_autoscale_timings_parse_with_their_defaults_and_a_bad_one_is_located():
     assert parse_config("").autoscale.settings() == ScaleSettings()
     with pytest.raises(ConfigError, match=r"m.yaml:2: autoscale.cooldown: .*must be a positive"):
         parse_config("autoscale:\n  cooldown: 0s\n", "m.yaml")
+
+
+def test_a_cluster_may_keep_engines_off_its_head():
+    assert parse_config("cluster: {address: h:6379}\n").cluster.engines_on_head is True  # type: ignore[union-attr]
+    off = parse_config("cluster: {address: h:6379, engines_on_head: false}\n").cluster
+    assert off is not None and off.engines_on_head is False
