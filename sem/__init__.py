@@ -1,1 +1,2 @@
-"""sem: Serving Engine Manager. This package holds the CLI and the leaf types both wings share."""
+"""sem: Serving Engine Manager. This package is the `sem` command line; it imports both wings
+(supervisor/, gateway/), which share only contract/ and never import it."""
