@@ -108,20 +108,14 @@ class RayCluster:
         """Start the engine on `plan.node` through its agent. The node's own environment is
         the parent of the engine's, as a supervisor on that node would give it."""
         node, agent = await self._node_agent(plan)
-        try:
-            pid = int(await agent.start.remote(command, plan, instance))
-        except RayError as exc:
-            raise NodeLost(f"node {node.short}: {type(exc).__name__}") from exc
+        pid = int(await _on(node, agent.start.remote(command, plan, instance)))
         return RayEngine(plan.port, plan.log_path, pid, plan.replica_id, agent, plan.api_key)
 
     async def prepare(self, plan: LaunchPlan) -> LaunchPlan:
         """Before a spawn (EngineSettings.prepare): a port free on the plan's node (the one the
         supervisor picked is free on its own machine only), and an hf:// model cached there."""
         node, agent = await self._node_agent(plan)
-        try:
-            plan = replace(plan, port=int(await agent.free_port.remote(plan.host)))
-        except RayError as exc:
-            raise NodeLost(f"node {node.short}: {type(exc).__name__}") from exc
+        plan = replace(plan, port=int(await _on(node, agent.free_port.remote(plan.host))))
         if plan.fetch is None:
             return plan
         return await self._cached_on(node, agent, plan, plan.fetch)
@@ -141,10 +135,7 @@ class RayCluster:
         5 s."""
         logged = started = time.monotonic()
         while True:
-            try:
-                status = await agent.cache.remote(fetch)
-            except RayError as exc:
-                raise NodeLost(f"node {node.short}: {type(exc).__name__}") from exc
+            status = await _on(node, agent.cache.remote(fetch))
             if status["state"] == "done":
                 return replace(plan, model=status["path"])
             if status["state"] in ("failed", "cancelled"):
@@ -210,3 +201,11 @@ class RayCluster:
         await self.stop_watching()
         self._agents.clear()  # handles of this connection only
         await asyncio.to_thread(ray.shutdown)
+
+
+async def _on(node: NodeInfo, call: Any) -> Any:
+    """The result of a call to `node`'s agent (an ObjectRef); NodeLost if the agent is gone."""
+    try:
+        return await call
+    except RayError as exc:
+        raise NodeLost(f"node {node.short}: {type(exc).__name__}") from exc
