@@ -22,10 +22,14 @@ from tests.conftest import ManagerFactory
 def test_report_round_trips_through_its_wire_form():
     report = GatewayReport(
         time=12.5,
-        models={"m": ModelDemand(queued=2, in_flight=1, last_request=11.0)},
+        models={"m": ModelDemand(queued=2, in_flight=1, last_request=11.0, oldest_wait=3.5)},
         replicas={"m-0": ReplicaLoad(in_flight=1, stalled_for=0.4), "m-1": ReplicaLoad()},
+        queue_timeout=90.0,
     )
     assert GatewayReport.from_json(report.to_json()) == report
+    older = report.to_json()  # from a gateway of the first wave: no wait, no bound
+    del older["queue_timeout"], older["models"]["m"]["oldest_wait"]
+    assert GatewayReport.from_json(older).queue_timeout is None
 
 
 async def test_a_request_for_a_model_without_ready_replica_is_reported_at_once():
@@ -52,8 +56,10 @@ async def test_a_request_for_a_model_without_ready_replica_is_reported_at_once()
                 t.cancel()
             await asyncio.gather(task, waiting, return_exceptions=True)
     assert auth == "Bearer t0k"
-    demand = GatewayReport.from_json(body).models["m"]
+    report = GatewayReport.from_json(body)
+    demand = report.models["m"]
     assert demand.queued == 1 and demand.in_flight == 0 and demand.last_request > 0
+    assert 0 <= demand.oldest_wait < 5 and report.queue_timeout == 5  # what a swap is weighed by
 
 
 async def test_the_supervisor_takes_a_report_only_with_its_token(make_manager: ManagerFactory):
