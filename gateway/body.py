@@ -113,12 +113,6 @@ def too_large(limits: Limits) -> BodyTooLarge:
 
 async def read_body(request: web.Request, limits: Limits) -> bytes:
     """The whole body, each read within `body_timeout`, at most `max_body` bytes."""
-    content = request.content
-    if content.is_eof():  # the usual case: it all came with the headers; nothing to wait for
-        whole = await content.read()
-        if len(whole) > limits.max_body:
-            raise too_large(limits)
-        return whole
     chunks: list[bytes] = []
     size = 0
     while True:
