@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.cache import CacheSettings, ModelCache
-from supervisor.cache_job import Job
+from supervisor.cache_job import Job, JobState
 from supervisor.cluster import CACHE_ENV, NODE_ENV
 from supervisor.cluster.nodes import NodeInfo, declared_devices
 from supervisor.engine import (
@@ -70,15 +70,11 @@ class NodeAgent:
                 cache = self._caches[folder] = ModelCache(settings)
             located = await cache.prepare(Source.parse(fetch.source))
             if isinstance(located, Path):
-                return {"state": "done", "path": str(located), "error": None, "done": 0, "total": 0}
+                return _status(JobState.DONE.value, located)
             job = self._fetching[fetch.source] = located
         if job.ended.is_set():
             del self._fetching[fetch.source]  # a later call looks again (a failure is retried)
-        return {
-            "state": job.state.value, "path": None if job.path is None else str(job.path),
-            "error": None if job.error is None else str(job.error),
-            "done": job.progress.done, "total": job.progress.total,
-        }  # fmt: skip
+        return _status(job.state.value, job.path, job.error, job.progress.done, job.progress.total)
 
     async def free_port(self, host: str) -> int:
         """A port free on this node at `host`, for the next engine to listen on."""
@@ -127,3 +123,13 @@ class NodeAgent:
         """The last lines of the engine's log, which is on this node's disk."""
         engine = self._engines.get(replica_id)
         return "" if engine is None else await asyncio.to_thread(log_tail, engine, lines)
+
+
+def _status(
+    state: str, path: Path | None, error: object = None, done: int = 0, total: int = 0
+) -> dict[str, Any]:
+    """`cache`'s answer, plain data for the trip back to the supervisor."""
+    return {
+        "state": state, "path": None if path is None else str(path),
+        "error": None if error is None else str(error), "done": done, "total": total,
+    }  # fmt: skip
