@@ -11,6 +11,7 @@ gateway.upstream; their failures come out of here as the gateway's typed errors.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -223,6 +224,40 @@ def in_band_error(out: bytes) -> tuple[int, str] | None:
     return None
 
 
+def _has_done(out: bytes) -> bool:
+    return b"[DONE]" in out
+
+
+class ClientSocket:
+    """A prepared streaming answer's socket, written directly (HTTP/1.1 chunks framed here, as
+    aiohttp's writer would): one `transport.write` per engine read, with no coroutine and no
+    wake-up. Used only while the client keeps up; otherwise the answer's own (draining) writer
+    takes over."""
+
+    __slots__ = ("_transport",)
+    HIGH_WATER = 64 * 1024  # bytes unsent to the client: past this, aiohttp's writer and its drain
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+
+    @classmethod
+    def of(cls, request: web.Request, response: web.StreamResponse) -> ClientSocket | None:
+        """None unless the answer goes out in chunks (HTTP/1.1, uncompressed)."""
+        transport = request.transport
+        chunked = response.headers.get("Transfer-Encoding") == "chunked"
+        if transport is None or not chunked or "Content-Encoding" in response.headers:
+            return None
+        return cls(transport)
+
+    def ready(self) -> bool:
+        transport = self._transport
+        return not transport.is_closing() and transport.get_write_buffer_size() < self.HIGH_WATER
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self._transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+
+
 class StreamRelay:
     """One client stream, across engine attempts: the first attempt sends the request as it
     came; after an engine failure mid-stream the next attempt sends the continuation (see
@@ -306,25 +341,38 @@ class StreamRelay:
             tally = StreamTally()
             held = b""  # the stream's end, held back until the engine closes it
             hold_finish = self.choices == 1  # n > 1: choices finish one by one; hold [DONE] only
+            ends = ends_stream if hold_finish else _has_done
+            log, strip = self.log, self.strip
+            plain = splice is None and self.convert is None
+            client = ClientSocket.of(self.request, self.response) if plain else None
+
+            def take(chunk: bytes) -> bytes:
+                """Every engine read, in the engine connection's callback: the hot path writes
+                its complete events to the client's socket at once (less unasked usage) and
+                leaves nothing; the rest (an end, an error, a slow client, a resume's splice,
+                /generate) is left to the loop below, in order."""
+                watch.beat()
+                out = log.complete(chunk)
+                if not out:
+                    return b""
+                tally.feed(out)
+                if (client is not None and not held and not upstream.pending and client.ready()
+                        and b'"error"' not in out and not ends(out)):  # fmt: skip
+                    client.write(strip(out))
+                    obs.first_token()
+                    return b""
+                return out
+
+            upstream.pipe(take)
             try:
-                plain = splice is None and self.convert is None
-                response, strip, log = self.response, self.strip, self.log
-                async for chunk in upstream:
-                    watch.beat()
-                    out = log.complete(chunk)
-                    if not out:
-                        continue
-                    tally.feed(out)
+                async for out in upstream:
                     if b'"error"' in out and (error := in_band_error(out)) is not None:
                         cut, message = error
                         log.unsend(cut)
                         await self._write(held + out[:cut], splice, obs)  # what came before
                         raise UpstreamError(f"engine {replica.id} failed mid-stream: {message}")
-                    if held or (ends_stream(out) if hold_finish else b"[DONE]" in out):
+                    if held or ends(out):
                         held += out
-                    elif plain:  # the hot path: bytes as they came (less unasked usage)
-                        await response.write(strip(out))
-                        obs.first_token()
                     else:
                         await self._write(out, splice, obs)
                 if (cut_reason := self._judge(held, watch)) is not None:

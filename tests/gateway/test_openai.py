@@ -76,6 +76,63 @@ async def test_stream_chunks_arrive_as_the_engine_sends_them(rig):
     assert texts == [" first", " last"]
 
 
+async def test_what_one_engine_read_brings_reaches_the_client_in_one_write(rig):
+    """Three events the engine sent at once go out as one HTTP chunk (one write, not three),
+    whole and in order; the next read, its own chunk."""
+    second_read = asyncio.Event()
+    together = b"".join(completion_chunk(t) for t in (" a", " b", " c"))
+
+    async def in_one_read(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(together)
+        await second_read.wait()
+        await response.write(completion_chunk(" d") + b"data: [DONE]\n\n")
+        return response
+
+    engine = web.Application()
+    engine.router.add_post("/v1/completions", in_one_read)
+    gateway = await rig.gateway(RouteTable(1, {"m": ready_model("m", await rig.engine(engine))}))
+    body = {"model": "m", "prompt": "a", "max_tokens": 4, "stream": True}
+    response = await gateway.post("/v1/completions", json=body)
+    http_chunks, piece = [], b""
+    async with asyncio.timeout(5):
+        async for data, end_of_chunk in response.content.iter_chunks():
+            piece += data
+            if end_of_chunk:
+                http_chunks.append(piece)
+                piece = b""
+                second_read.set()
+    assert http_chunks[0] == together
+    assert b"".join(http_chunks) == together + completion_chunk(" d") + b"data: [DONE]\n\n"
+
+
+async def test_a_client_that_reads_slowly_gets_every_byte_in_order(rig):
+    """Past 64 KiB unsent to a client, the relay stops writing straight to its socket and
+    waits for it to drain (reading from the engine pauses past 256 KiB): nothing is lost,
+    duplicated or reordered across the switch, and back."""
+    count = 4000
+    events = [completion_chunk(f" {i:05d}" + "x" * 2000) for i in range(count)]
+
+    async def fast(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in events:
+            await response.write(event)
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    engine = web.Application()
+    engine.router.add_post("/v1/completions", fast)
+    gateway = await rig.gateway(RouteTable(1, {"m": ready_model("m", await rig.engine(engine))}))
+    body = {"model": "m", "prompt": "a", "max_tokens": count, "stream": True}
+    response = await gateway.post("/v1/completions", json=body)
+    received = await response.content.readexactly(1000)
+    await asyncio.sleep(0.5)  # the engine has sent everything; the client read 1 KB of ~8 MB
+    received += await response.content.read()
+    assert received == b"".join(events) + b"data: [DONE]\n\n"
+
+
 async def test_chat_stream_with_usage(gateway):
     api = sdk(gateway)
     stream = await api.chat.completions.create(
