@@ -63,6 +63,10 @@ class Admission:
     def queued(self, model: str) -> int:
         return sum(1 for w in self._queues.get(model, ()) if not w.future.done())
 
+    def _waiting(self, model: str) -> bool:
+        """Some request for `model` waits (`queued` > 0, without counting them all)."""
+        return any(not w.future.done() for w in self._queues.get(model, ()))
+
     def oldest_wait(self, model: str) -> float:
         """Seconds the longest-queued request for `model` has waited (0: none queued): what the
         supervisor weighs a swap against (elastic_policy)."""
@@ -97,7 +101,7 @@ class Admission:
         if (gone := self._gone(model)) is not None:
             raise gone
         self.last_request[model] = time.time()
-        if not self.queued(model) and (replica := self._free_replica(model)) is not None:
+        if not self._waiting(model) and (replica := self._free_replica(model)) is not None:
             self._take(replica)
             return replica
         if self.on_unserved is not None and not self._has_ready(model):

@@ -51,15 +51,25 @@ class FirstByteClock:
     cap: float = FIRST_BYTE_CAP
     factor: float = FIRST_BYTE_FACTOR
     _seen: dict[str, deque[float]] = field(default_factory=dict)
+    _base: dict[str, float] = field(default_factory=dict)  # the first attempt's, while fresh
+    _added: int = 0
 
     def seen(self, model: str, seconds: float) -> None:
-        self._seen.setdefault(model, deque(maxlen=FIRST_BYTE_SAMPLES)).append(seconds)
+        samples = self._seen.setdefault(model, deque(maxlen=FIRST_BYTE_SAMPLES))
+        samples.append(seconds)
+        self._added += 1
+        # A p99 of 200 moves little with one sample: sorted again every 10th once the window
+        # is full (a sort per request was a few % of a stream's CPU).
+        if len(samples) < FIRST_BYTE_SAMPLES or self._added % 10 == 0:
+            self._base.pop(model, None)
 
     def deadline(self, model: str, attempt: int = 1) -> float:
         """Seconds the `attempt`-th try of a request gets for its first byte."""
-        recent = sorted(self._seen.get(model, ()))
-        p99 = recent[min(len(recent) - 1, len(recent) * 99 // 100)] if recent else 0.0
-        base = min(self.cap, max(self.floor, self.factor * p99))
+        base = self._base.get(model)
+        if base is None:
+            recent = sorted(self._seen.get(model, ()))
+            p99 = recent[min(len(recent) - 1, len(recent) * 99 // 100)] if recent else 0.0
+            base = self._base[model] = min(self.cap, max(self.floor, self.factor * p99))
         return float(base * 2.0 ** (attempt - 1))
 
 

@@ -38,9 +38,9 @@ from gateway.sse import events, sse
 from gateway.upstream import EngineDisconnected, Exchange, UpstreamPool
 from gateway.usage import (
     ENGINE_STREAM_OPTIONS,
-    StreamTally,
     UsageFilter,
     completion_tokens,
+    stream_tokens,
     with_engine_usage,
 )
 
@@ -338,7 +338,6 @@ class StreamRelay:
             if self.response is None:
                 self.response = web.StreamResponse(headers=SSE_HEADERS)
                 await self.response.prepare(self.request)
-            tally = StreamTally()
             held = b""  # the stream's end, held back until the engine closes it
             hold_finish = self.choices == 1  # n > 1: choices finish one by one; hold [DONE] only
             ends = ends_stream if hold_finish else _has_done
@@ -355,7 +354,6 @@ class StreamRelay:
                 out = log.complete(chunk)
                 if not out:
                     return b""
-                tally.feed(out)
                 if (client is not None and not held and not upstream.pending and client.ready()
                         and b'"error"' not in out and not ends(out)):  # fmt: skip
                     client.write(strip(out))
@@ -383,7 +381,7 @@ class StreamRelay:
                 await self.response.write_eof()
             except ConnectionResetError:  # the client went away (before its handler noticed)
                 obs.outcome = "client_gone"
-            obs.tokens += tally.tokens()
+            obs.tokens += stream_tokens(log.parts)
             return self.response
 
     def _judge(self, held: bytes, watch: Attempt) -> str | None:

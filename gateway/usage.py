@@ -17,31 +17,16 @@ def completion_tokens(body: bytes) -> int | None:
     return int(found[-1]) if found else None
 
 
-class StreamTally:
-    """Counts the events of a relayed server-sent event stream, chunk by chunk, in C: an event
-    ends with a blank line, and JSON data cannot hold a raw newline. At the end, tokens are the
-    usage chunk's count if the engine sent one, else one per event (vLLM: one token per chunk)."""
-
-    __slots__ = ("_ended_line", "_last", "_previous", "events")
-
-    def __init__(self) -> None:
-        self.events = 0
-        self._ended_line = False
-        self._previous = self._last = b""
-
-    def feed(self, chunk: bytes) -> None:
-        self.events += chunk.count(b"\n\n")
-        if self._ended_line and chunk[:1] == b"\n":  # a blank line split between two reads
-            self.events += 1
-        self._ended_line = chunk[-1:] == b"\n"
-        self._previous, self._last = self._last, chunk
-
-    def tokens(self) -> int:
-        tail = self._previous + self._last
-        usage = completion_tokens(tail)
-        if usage is not None:
-            return usage
-        return self.events - (b"data: [DONE]" in tail)
+def stream_tokens(events: list[bytes]) -> int:
+    """Tokens of a relayed stream, from its complete events (pieces as relayed, in order): the
+    last usage's count if the engine sent one, else one per event (vLLM: one token per chunk).
+    Counted once at the end, in C: an event ends with a blank line, and JSON data cannot hold
+    a raw newline."""
+    tail = b"".join(events[-2:])
+    usage = completion_tokens(tail)
+    if usage is not None:
+        return usage
+    return sum(piece.count(b"\n\n") for piece in events) - (b"data: [DONE]" in tail)
 
 
 # What the gateway asks of every engine stream: usage in every chunk (vLLM's

@@ -11,7 +11,7 @@ from unittest.mock import Mock
 import pytest
 
 from gateway.upstream import EngineDisconnected, UpstreamPool, _Connection
-from gateway.usage import StreamTally, completion_tokens
+from gateway.usage import completion_tokens, stream_tokens
 
 # One connection's life: reads the requests from `reader`, answers on `writer`.
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -236,13 +236,10 @@ async def test_stream_pieces_arrive_as_sent_and_leaving_early_closes_the_connect
         assert pool.idle_count(engine.url) == 0
 
 
-def test_stream_tally_counts_events_and_prefers_usage():
-    tally = StreamTally()
-    for chunk in [b'data: {"a": 1}\n\ndata: {"b": "x\\n"}\n', b"\n", b"data: [DONE]\n\n"]:
-        tally.feed(chunk)
-    assert tally.events == 3 and tally.tokens() == 2
+def test_stream_tokens_count_events_and_prefer_usage():
+    events = [b'data: {"a": 1}\n\ndata: {"b": "x\\n"}\n\n', b"data: [DONE]\n\n"]
+    assert stream_tokens(events) == 2
     usage = b'data: {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 7}}\n\n'
-    tally.feed(usage)
-    tally.feed(b"data: [DONE]\n\n")
-    assert tally.tokens() == 7
+    assert stream_tokens([*events[:1], usage, b"data: [DONE]\n\n"]) == 7
+    assert stream_tokens([]) == 0
     assert completion_tokens(b'{"text": "\\"usage\\": {\\"completion_tokens\\": 9}"}') is None
