@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 from aiohttp import web
@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from contract import defaults
 from gateway.admission import Admission
 from gateway.body import read_object
-from gateway.errors import GatewayError, InvalidField, InvalidRequest, error_response
+from gateway.errors import InvalidField
 from gateway.frontdoor import FrontDoor, middleware_for
 from gateway.generate import (
     ENGINE_PATH,
@@ -44,8 +44,6 @@ from gateway.state import ADMISSION, DOOR, JOURNEYS, KEYS, METRICS, RETRY, UPSTR
 from gateway.upstream import UpstreamPool
 
 REQUEST_ID = "X-Request-Id"  # the client's name for a request, used in the logs
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def priority_of(request: web.Request) -> int:
@@ -150,18 +148,6 @@ async def health(request: web.Request) -> web.Response:
     )
 
 
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except GatewayError as exc:
-        return error_response(exc)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return error_response(InvalidRequest(exc.reason, status=exc.status))
-
-
 def create_app(
     watcher: RouteWatcher,
     admission: Admission | None = None,
@@ -174,9 +160,7 @@ def create_app(
     and its front door (gateway.frontdoor: serve it with `app[DOOR].listen`). API keys
     (gateway.keys) are checked when the route table has some, or always with `require_keys`."""
     door = FrontDoor(limits or Limits())
-    app = web.Application(
-        middlewares=[errors_middleware, middleware_for(door)], client_max_size=door.limits.max_body
-    )
+    app = web.Application(middlewares=[middleware_for(door)], client_max_size=door.limits.max_body)
     app[DOOR] = door
     app[WATCHER] = watcher
     app[RETRY] = retry or RetryBudget()

@@ -37,6 +37,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway.body import BodyBudget, declared_size
+from gateway.errors import GatewayError, InvalidRequest, error_response
 from gateway.limits import Limits
 
 log = logging.getLogger("sem.gateway")
@@ -211,16 +212,25 @@ class _DoorCollector(Collector):
 
 
 def middleware_for(door: FrontDoor) -> Middleware:
-    """The app middleware that ends a connection's header timer and holds each request body's
-    share of the memory budget for the whole request."""
+    """The app's one middleware: it ends a connection's header timer, holds each request
+    body's share of the memory budget for the whole request, and answers every error in the
+    gateway's one shape (gateway.errors). One layer, not one per job: each costs a coroutine
+    per request."""
 
     @web.middleware
     async def front_door(request: web.Request, handler: Handler) -> web.StreamResponse:
-        door.request_started(request.protocol)
-        size = declared_size(request, door.limits) if request.body_exists else 0
-        if not size:
-            return await handler(request)
-        async with door.bodies.hold(size, door.limits.body_timeout):
-            return await handler(request)
+        try:
+            door.request_started(request.protocol)
+            size = declared_size(request, door.limits) if request.body_exists else 0
+            if not size:
+                return await handler(request)
+            async with door.bodies.hold(size, door.limits.body_timeout):
+                return await handler(request)
+        except GatewayError as exc:
+            return error_response(exc)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return error_response(InvalidRequest(exc.reason, status=exc.status))
 
     return front_door
