@@ -113,17 +113,22 @@ def too_large(limits: Limits) -> BodyTooLarge:
 
 async def read_body(request: web.Request, limits: Limits) -> bytes:
     """The whole body, each read within `body_timeout`, at most `max_body` bytes."""
+    content = request.content
     chunks: list[bytes] = []
     size = 0
     while True:
-        try:
-            async with asyncio.timeout(limits.body_timeout):
-                chunk = await request.content.readany()
-        except TimeoutError:
-            raise BodyTimeout(
-                f"no byte of the request body came for {limits.body_timeout:g}s (--body-timeout)",
-                param="body",
-            ) from None
+        if content.is_eof():  # all of it came (the usual case): what readany gives, no timer
+            chunk = content.read_nowait()
+        else:
+            try:
+                async with asyncio.timeout(limits.body_timeout):
+                    chunk = await content.readany()
+            except TimeoutError:
+                raise BodyTimeout(
+                    f"no byte of the request body came for {limits.body_timeout:g}s"
+                    " (--body-timeout)",
+                    param="body",
+                ) from None
         if not chunk:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
         size += len(chunk)

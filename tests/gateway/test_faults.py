@@ -5,6 +5,7 @@ chunks. Stand-in engines in-process; the gateway's clocks shortened so each test
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from dataclasses import replace
@@ -12,7 +13,7 @@ from dataclasses import replace
 from aiohttp.test_utils import TestClient
 
 from contract.routes import RouteTable
-from gateway.progress import FirstByteClock
+from gateway.progress import FirstByteClock, Guard
 from gateway.retry import RetryBudget
 from gateway.state import JOURNEYS, UPSTREAM
 from gateway.usage import ENGINE_STREAM_OPTIONS, UsageFilter, with_engine_usage
@@ -183,6 +184,12 @@ def test_the_first_byte_deadline_is_learned_floored_capped_and_doubles_per_attem
         clock.seen("m", 100.0)
     assert clock.deadline("m") == 60.0, "capped"
     assert clock.deadline("other") == 5.0, "per model"
+    for _ in range(200):  # a full window of fast answers
+        clock.seen("w", 0.1)
+    assert clock.deadline("w") == 5.0
+    for _ in range(10):  # within 10 samples the deadline follows (not sorted per request)
+        clock.seen("w", 100.0)
+    assert clock.deadline("w") == 60.0
 
 
 def test_usage_is_asked_of_the_engine_and_stripped_byte_level_in_vllms_form():
@@ -203,3 +210,25 @@ def test_usage_is_asked_of_the_engine_and_stripped_byte_level_in_vllms_form():
     assert with_final(counted + final) == chunk + final
     everything = {"stream_options": {"include_usage": True, "continuous_usage_stats": True}}
     assert UsageFilter(everything)(counted + final) == counted + final
+
+
+async def test_an_abandoned_attempt_is_a_timeout_and_a_client_that_left_stays_a_cancellation():
+    async def work(guard: Guard, started: asyncio.Event) -> None:
+        async with guard:
+            started.set()
+            await asyncio.sleep(10)
+
+    async def run(also_cancel: bool) -> BaseException | None:
+        guard, started = Guard(), asyncio.Event()
+        task = asyncio.create_task(work(guard, started))
+        await started.wait()
+        guard.fire()  # what a stall or a first-byte deadline does, from a callback
+        if also_cancel:
+            task.cancel()  # the client left meanwhile
+        with contextlib.suppress(BaseException):
+            await task
+        return task.exception() if not task.cancelled() else asyncio.CancelledError()
+
+    assert isinstance(await run(also_cancel=False), TimeoutError)
+    assert isinstance(await run(also_cancel=True), asyncio.CancelledError)
+    Guard().fire()  # never entered (or already left): nothing to cancel
