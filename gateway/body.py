@@ -164,12 +164,16 @@ def _finite(text: str) -> float:
     return value
 
 
+# One decoder (json.loads with hooks builds a new one per call).
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
+
+
 def parse_object(raw: bytes, max_depth: int) -> dict[str, Any]:
     """`raw` as a JSON object; anything else is a 400 saying why."""
     if too_deep(raw, max_depth):
         raise BadRequest(f"body: JSON nested deeper than {max_depth} levels")
     try:
-        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+        body = _DECODER.decode(raw.decode(json.detect_encoding(raw)))
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError too
         raise BadRequest(f"body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):

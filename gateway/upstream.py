@@ -365,7 +365,7 @@ class UpstreamPool:
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle  # per engine
         self._idle: dict[str, deque[_Connection]] = {}
-        self._targets: dict[str, _Target] = {}
+        self._targets: dict[tuple[str | None, str], _Target] = {}
         self._open: set[_Connection] = set()  # every connection not closed yet, idle or busy
         self._closed = False
 
@@ -374,9 +374,9 @@ class UpstreamPool:
         return Exchange(self, base_url, path, body, api_key)
 
     def target(self, base_url: str, api_key: str | None = None) -> _Target:
-        target = self._targets.get(f"{api_key} {base_url}")
+        target = self._targets.get((api_key, base_url))
         if target is None:
-            target = self._targets[f"{api_key} {base_url}"] = _Target(base_url, api_key)
+            target = self._targets[api_key, base_url] = _Target(base_url, api_key)
         return target
 
     def idle(self, key: str) -> _Connection | None:
