@@ -7,6 +7,7 @@ figures and the ratio to direct, plus the gateway's own CPU time per request or 
 steadiest figure on a noisy machine).
 
     .venv/bin/python bench/gateway_overhead.py [--duration 10] [--scenarios ns1,ns64,s256,s1000]
+                                               [--gateway-from OTHER_CHECKOUT]
 
 Run ../shared/bench/run.sh to compare with peers (nginx, vllm-router, LiteLLM) side by side.
 """
@@ -193,6 +194,11 @@ async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--scenarios", default="ns1,ns64,s256,s1000")
+    parser.add_argument(
+        "--gateway-from", type=Path, default=REPO, metavar="CHECKOUT",
+        help="run the gateway of another checkout of sem (an older commit, to compare; same"
+        " load and engine), with this Python",
+    )  # fmt: skip
     args = parser.parse_args()
     pin = (os.cpu_count() or 1) >= 2
     if pin:
@@ -208,7 +214,7 @@ async def main() -> int:
     gateway = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "--port", str(gateway_port),
         "--route", f"fake=http://127.0.0.1:{engine_port}",
-        cwd=REPO, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        cwd=args.gateway_from, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
         await asyncio.to_thread(wait_port, gateway_port)
