@@ -377,8 +377,10 @@ class StreamRelay:
                     self.log.drop_ending(held)  # the client never saw the fake end
                     await self._write(unfinished(held), splice, obs)
                     raise UpstreamError(f"engine {replica.id} {cut_reason}")
-                await self._write(held, splice, obs)
-                await self.response.write_eof()
+                last = self._outgoing(held, splice)
+                await self.response.write_eof(last)  # its last events and its end: one write
+                if last:
+                    obs.first_token()
             except ConnectionResetError:  # the client went away (before its handler noticed)
                 obs.outcome = "client_gone"
             obs.tokens += stream_tokens(log.parts)
@@ -397,25 +399,27 @@ class StreamRelay:
         )  # fmt: skip
         return ending.cut()
 
-    async def _write(self, out: bytes, splice: Splice | None, obs: Observation) -> None:
-        """Complete engine events to the client: unasked usage stripped, spliced into the
-        stream (a continuation), converted (/generate), written."""
+    def _outgoing(self, out: bytes, splice: Splice | None) -> bytes:
+        """Complete engine events as the client gets them: unasked usage stripped, spliced into
+        the stream (a continuation), converted (/generate)."""
         out = self.strip(out)
         if splice is not None and out:
             out = b"".join(e for d in events(out) if (e := splice.event(d)))
         if self.convert is not None and out:
             out = self.convert(out)
-        if out:
+        return out
+
+    async def _write(self, out: bytes, splice: Splice | None, obs: Observation) -> None:
+        """Complete engine events to the client (`_outgoing`), written."""
+        if out := self._outgoing(out, splice):
             assert self.response is not None
             await self.response.write(out)
             obs.first_token()
 
     async def finish(self, tail: bytes) -> web.StreamResponse:
-        """End the client's stream with `tail` (already in the client's format)."""
+        """End the client's stream with `tail` (already in the client's format), in one write."""
         assert self.response is not None
-        if tail:
-            await self.response.write(self.convert(tail) if self.convert else tail)
-        await self.response.write_eof()
+        await self.response.write_eof(self.convert(tail) if self.convert and tail else tail)
         return self.response
 
     async def give_up(self, error: GatewayError) -> web.StreamResponse:
