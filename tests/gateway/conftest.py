@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
 
 import aiohttp
+import openai
 import pytest
 import uvloop
 from aiohttp import web
@@ -72,6 +73,27 @@ class Rig:
             await client.close()
         for server in self._servers:
             await server.close()
+
+
+SdkFactory = Callable[..., openai.AsyncOpenAI]
+
+
+@pytest.fixture
+async def sdk() -> AsyncIterator[SdkFactory]:
+    """`sdk(gateway, key="unused", **options)`: an OpenAI SDK client of a test gateway, closed
+    at the end of the test. A client left to the garbage collector closes its sockets later,
+    from a test whose loop has ended, by file descriptor numbers that newer connections may
+    have been given meanwhile: a request of a later test then waits forever."""
+    made: list[openai.AsyncOpenAI] = []
+
+    def make(client: TestClient, key: str = "unused", **options: object) -> openai.AsyncOpenAI:
+        api = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=key, **options)  # type: ignore[arg-type]
+        made.append(api)
+        return api
+
+    yield make
+    for api in made:
+        await api.close()
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable
 
 import aiohttp
 import openai
@@ -16,7 +17,7 @@ from contract.routes import KeyRoute, RouteTable, key_hash
 from gateway.keys import Bucket
 from gateway.routes import RouteWatcher
 from tests.fake_engine import FakeEngine
-from tests.gateway.conftest import Rig, ready_model
+from tests.gateway.conftest import Rig, SdkFactory, ready_model
 
 KEY = "sem-the-first-key"
 
@@ -30,8 +31,14 @@ async def serve(rig: Rig, *keys: KeyRoute, require: bool = False) -> TestClient:
     return await rig.gateway(RouteTable(1, models, keys), require_keys=require)
 
 
-def sdk(client: TestClient, key: str = KEY) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=key, max_retries=0)
+@pytest.fixture
+def sdk(sdk: SdkFactory) -> Callable[..., openai.AsyncOpenAI]:
+    """The SDK with this module's key by default, and no retries (a refusal is the answer)."""
+
+    def make(client: TestClient, key: str = KEY) -> openai.AsyncOpenAI:
+        return sdk(client, key, max_retries=0)
+
+    return make
 
 
 async def complete(api: openai.AsyncOpenAI, model: str = "m", max_tokens: int = 2) -> str:
@@ -39,7 +46,7 @@ async def complete(api: openai.AsyncOpenAI, model: str = "m", max_tokens: int = 
     return answer.choices[0].text
 
 
-async def test_the_sdk_api_key_is_the_key(rig):
+async def test_the_sdk_api_key_is_the_key(rig, sdk):
     gateway = await serve(rig, key_route())
     assert await complete(sdk(gateway)) == " b a"
     with pytest.raises(openai.AuthenticationError) as refused:
@@ -50,7 +57,7 @@ async def test_the_sdk_api_key_is_the_key(rig):
     assert (await response.json())["error"]["type"] == "invalid_api_key"
 
 
-async def test_keys_off_until_one_exists_or_required(rig):
+async def test_keys_off_until_one_exists_or_required(rig, sdk):
     open_door = await serve(rig)
     assert await complete(sdk(open_door, "anything")) == " b a"
     required = await serve(rig, require=True)
@@ -58,7 +65,7 @@ async def test_keys_off_until_one_exists_or_required(rig):
         await complete(sdk(required))
 
 
-async def test_a_key_may_use_only_its_models(rig):
+async def test_a_key_may_use_only_its_models(rig, sdk):
     gateway = await serve(rig, key_route(models=("m",)))
     assert await complete(sdk(gateway)) == " b a"
     with pytest.raises(openai.PermissionDeniedError) as refused:
@@ -68,7 +75,7 @@ async def test_a_key_may_use_only_its_models(rig):
     assert [m.id for m in listed.data] == ["m"]
 
 
-async def test_requests_per_minute_gives_429_with_retry_after(rig):
+async def test_requests_per_minute_gives_429_with_retry_after(rig, sdk):
     gateway = await serve(rig, key_route(requests_per_minute=2))
     api = sdk(gateway)
     await complete(api)
@@ -79,7 +86,7 @@ async def test_requests_per_minute_gives_429_with_retry_after(rig):
     assert 1 <= int(refused.value.response.headers["Retry-After"]) <= 30
 
 
-async def test_a_key_over_its_tokens_is_refused_until_it_refills(rig):
+async def test_a_key_over_its_tokens_is_refused_until_it_refills(rig, sdk):
     gateway = await serve(rig, key_route(tokens_per_minute=3))
     api = sdk(gateway)
     await complete(api, max_tokens=3)  # the bucket had 3: now empty
@@ -88,7 +95,7 @@ async def test_a_key_over_its_tokens_is_refused_until_it_refills(rig):
     assert "tokens per minute" in refused.value.message
 
 
-async def test_usage_per_key_in_the_metrics(rig):
+async def test_usage_per_key_in_the_metrics(rig, sdk):
     gateway = await serve(rig, key_route())
     api = sdk(gateway)
     await complete(api, max_tokens=2)
@@ -98,7 +105,7 @@ async def test_usage_per_key_in_the_metrics(rig):
     assert 'sem_gateway_key_tokens_total{key="k1"} 5.0' in text
 
 
-async def test_open_routes_stay_open_and_a_revoked_key_is_refused(rig):
+async def test_open_routes_stay_open_and_a_revoked_key_is_refused(rig, sdk):
     gateway = await serve(rig, key_route(), require=True)
     for path in ("/health", "/metrics", "/openapi.json", "/docs"):
         assert (await gateway.get(path)).status == 200, path

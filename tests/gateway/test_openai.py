@@ -30,11 +30,7 @@ async def gateway(rig: Rig, fake: FakeEngine) -> TestClient:
     return await rig.gateway(RouteTable(1, {"m": ready_model("m", await rig.engine(fake))}))
 
 
-def sdk(client: TestClient) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="unused")
-
-
-async def test_completion_and_chat_through_the_sdk(gateway):
+async def test_completion_and_chat_through_the_sdk(gateway, sdk):
     api = sdk(gateway)
     completion = await api.completions.create(model="m", prompt="a b", max_tokens=3)
     assert completion.choices[0].text == " b a b"
@@ -51,7 +47,7 @@ def completion_chunk(text: str) -> bytes:
     return f"data: {json.dumps(chunk)}\n\n".encode()
 
 
-async def test_stream_chunks_arrive_as_the_engine_sends_them(rig):
+async def test_stream_chunks_arrive_as_the_engine_sends_them(rig, sdk):
     """Streamed, not buffered: the engine sends its last chunk only once the client has the
     first, so a gateway that held chunks back would never finish."""
     client_has_first = asyncio.Event()
@@ -133,7 +129,7 @@ async def test_a_client_that_reads_slowly_gets_every_byte_in_order(rig):
     assert received == b"".join(events) + b"data: [DONE]\n\n"
 
 
-async def test_chat_stream_with_usage(gateway):
+async def test_chat_stream_with_usage(gateway, sdk):
     api = sdk(gateway)
     stream = await api.chat.completions.create(
         model="m", messages=[{"role": "user", "content": "p q"}], max_tokens=3, stream=True,
@@ -149,7 +145,7 @@ async def test_chat_stream_with_usage(gateway):
     assert usage is not None and usage.completion_tokens == 3
 
 
-async def test_unknown_model_is_an_openai_404(gateway):
+async def test_unknown_model_is_an_openai_404(gateway, sdk):
     with pytest.raises(openai.NotFoundError) as err:
         await sdk(gateway).completions.create(model="nope", prompt="x", max_tokens=1)
     assert "not served here" in str(err.value)
@@ -171,7 +167,7 @@ async def test_generate_stream_sends_text_deltas_then_done(gateway):
     assert not any("usage" in d for d in deltas[:-1])  # the count comes once, at the end
 
 
-async def test_models_list_through_the_sdk(gateway):
+async def test_models_list_through_the_sdk(gateway, sdk):
     models = await sdk(gateway).models.list()
     assert [m.id for m in models.data] == ["m"]
 
@@ -193,7 +189,7 @@ async def test_a_client_that_disconnects_cancels_its_engine_request(gateway, fak
     await wait_until(lambda: gateway.app[ADMISSION].outstanding.get("m-0") == 0, timeout=2)
 
 
-async def test_metrics_count_requests_tokens_queue_and_time_to_first_token(gateway):
+async def test_metrics_count_requests_tokens_queue_and_time_to_first_token(gateway, sdk):
     api = sdk(gateway)
     await api.completions.create(model="m", prompt="a b", max_tokens=2)
     async for _ in await api.completions.create(model="m", prompt="a", max_tokens=3, stream=True):
