@@ -47,22 +47,35 @@ def completion_chunk(text: str) -> bytes:
     return f"data: {json.dumps(chunk)}\n\n".encode()
 
 
+def two_writes(first: bytes, gate: asyncio.Event, then: bytes) -> web.Application:
+    """A stand-in engine whose stream is `first`, then `then` once `gate` is set."""
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(first)
+        await gate.wait()
+        await response.write(then)
+        return response
+
+    engine = web.Application()
+    engine.router.add_post("/v1/completions", stream)
+    return engine
+
+
+async def over(rig: Rig, engine: web.Application) -> TestClient:
+    """A gateway whose model m is served by `engine`."""
+    return await rig.gateway(RouteTable(1, {"m": ready_model("m", await rig.engine(engine))}))
+
+
 async def test_stream_chunks_arrive_as_the_engine_sends_them(rig, sdk):
     """Streamed, not buffered: the engine sends its last chunk only once the client has the
     first, so a gateway that held chunks back would never finish."""
     client_has_first = asyncio.Event()
 
-    async def held_back(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(completion_chunk(" first"))
-        await client_has_first.wait()
-        await response.write(completion_chunk(" last") + b"data: [DONE]\n\n")
-        return response
-
-    engine = web.Application()
-    engine.router.add_post("/v1/completions", held_back)
-    gateway = await rig.gateway(RouteTable(1, {"m": ready_model("m", await rig.engine(engine))}))
+    engine = two_writes(completion_chunk(" first"), client_has_first,
+                        completion_chunk(" last") + b"data: [DONE]\n\n")  # fmt: skip
+    gateway = await over(rig, engine)
     stream = await sdk(gateway).completions.create(model="m", prompt="a", max_tokens=2, stream=True)
     texts = []
     async with asyncio.timeout(5):  # buffered, the first chunk would wait for the last: forever
@@ -78,17 +91,8 @@ async def test_what_one_engine_read_brings_reaches_the_client_in_one_write(rig):
     second_read = asyncio.Event()
     together = b"".join(completion_chunk(t) for t in (" a", " b", " c"))
 
-    async def in_one_read(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(together)
-        await second_read.wait()
-        await response.write(completion_chunk(" d") + b"data: [DONE]\n\n")
-        return response
-
-    engine = web.Application()
-    engine.router.add_post("/v1/completions", in_one_read)
-    gateway = await rig.gateway(RouteTable(1, {"m": ready_model("m", await rig.engine(engine))}))
+    engine = two_writes(together, second_read, completion_chunk(" d") + b"data: [DONE]\n\n")
+    gateway = await over(rig, engine)
     body = {"model": "m", "prompt": "a", "max_tokens": 4, "stream": True}
     response = await gateway.post("/v1/completions", json=body)
     http_chunks, piece = [], b""
@@ -120,7 +124,7 @@ async def test_a_client_that_reads_slowly_gets_every_byte_in_order(rig):
 
     engine = web.Application()
     engine.router.add_post("/v1/completions", fast)
-    gateway = await rig.gateway(RouteTable(1, {"m": ready_model("m", await rig.engine(engine))}))
+    gateway = await over(rig, engine)
     body = {"model": "m", "prompt": "a", "max_tokens": count, "stream": True}
     response = await gateway.post("/v1/completions", json=body)
     received = await response.content.readexactly(1000)
