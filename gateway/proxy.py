@@ -366,7 +366,7 @@ class StreamRelay:
                 async for out in upstream:
                     if b'"error"' in out and (error := in_band_error(out)) is not None:
                         cut, message = error
-                        log.unsend(cut)
+                        log.unsend(len(out) - cut)  # `out`: the log's last bytes
                         await self._write(held + out[:cut], splice, obs)  # what came before
                         raise UpstreamError(f"engine {replica.id} failed mid-stream: {message}")
                     if held or ends(out):

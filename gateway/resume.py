@@ -65,9 +65,14 @@ class StreamLog:
             size += len(self.parts.pop())
         self.parts.append(unfinished(held))
 
-    def unsend(self, keep: int) -> None:
-        """Only the first `keep` bytes of the last piece went to the client."""
-        self.parts[-1] = self.parts[-1][:keep]
+    def unsend(self, size: int) -> None:
+        """The last `size` bytes logged never went to the client (they may span pieces: the
+        relay logs each read as it comes, and hands the task what it cannot write, joined)."""
+        while size > 0 and self.parts:
+            last = self.parts.pop()
+            if len(last) > size:
+                self.parts.append(last[:-size])
+            size -= len(last)
 
 
 def chunk_text(chunk: dict[str, Any]) -> str:

@@ -31,6 +31,15 @@ def test_the_log_forwards_whole_events_only_and_keeps_them():
     assert log.sent == first
 
 
+def test_what_never_reached_the_client_leaves_the_log_even_across_reads():
+    log = StreamLog()
+    for read in (b"data: 1\n\n", b'data: 2\n\ndata: {"error": {}}\n\n', b"data: [DONE]\n\n"):
+        log.complete(read)
+    unsent = b'data: {"error": {}}\n\ndata: [DONE]\n\n'  # two reads, handed over joined
+    log.unsend(len(unsent))
+    assert log.sent == b"data: 1\n\ndata: 2\n\n"
+
+
 def test_partial_reads_back_text_tokens_and_identity():
     raw = sse(completion_chunk(" one")) + sse(completion_chunk(" two"))
     partial = Partial.of(raw)
