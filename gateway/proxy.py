@@ -383,6 +383,9 @@ class StreamRelay:
                     obs.first_token()
             except ConnectionResetError:  # the client went away (before its handler noticed)
                 obs.outcome = "client_gone"
+            except BaseException:  # abandoned, cancelled, failed: what `take` logged and left
+                log.unsend(upstream.unread)  # to this loop never reached the client: a resume
+                raise  # sends it again
             obs.tokens += stream_tokens(log.parts)
             return self.response
 

@@ -254,6 +254,11 @@ class Exchange:
         """Body is waiting for the caller's `async for` (the sink left it, or there is none)."""
         return bool(self._chunks)
 
+    @property
+    def unread(self) -> int:
+        """Bytes of body waiting for the caller (what it leaves behind if it stops now)."""
+        return sum(len(chunk) for chunk in self._chunks)
+
     def __aiter__(self) -> Exchange:
         return self
 

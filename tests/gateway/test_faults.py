@@ -9,7 +9,9 @@ import contextlib
 import json
 import time
 from dataclasses import replace
+from typing import Any
 
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from contract.routes import RouteTable
@@ -232,3 +234,60 @@ async def test_an_abandoned_attempt_is_a_timeout_and_a_client_that_left_stays_a_
     assert isinstance(await run(also_cancel=False), TimeoutError)
     assert isinstance(await run(also_cancel=True), asyncio.CancelledError)
     Guard().fire()  # never entered (or already left): nothing to cancel
+
+
+def big_engine(sent: list[int], forever: bool) -> web.Application:
+    """Completions of 8 KB events `|NNNNN xxx...`, numbered on from the prompt's count of `|`
+    (a resume's prompt carries the text so far); `forever`: the stream never ends."""
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        start = str(body["prompt"]).count("|")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(start, start + int(body["max_tokens"])):
+            chunk = {"id": "big", "created": 1, "choices": [{"index": 0, "text": f"|{i:05d}"
+                     + "x" * 8000, "finish_reason": None}]}  # fmt: skip
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            sent[0] += 1
+        if forever:
+            await asyncio.Event().wait()
+        last = {"id": "big", "created": 1, "choices": [{"index": 0, "text": "",
+                "finish_reason": "length"}]}  # fmt: skip
+        await response.write(f"data: {json.dumps(last)}\n\ndata: [DONE]\n\n".encode())
+        return response
+
+    engine = web.Application(client_max_size=256 * 2**20)  # a resume's prompt: the text so far
+    engine.router.add_post("/v1/completions", stream)
+    return engine
+
+
+async def test_an_attempt_abandoned_while_its_client_is_behind_resumes_with_every_event_once(rig):
+    """A slow client: the relay has logged events it could not write yet (the client's socket
+    is full) when the attempt is abandoned. The resume must send those again: the client gets
+    every event exactly once, in order."""
+    total, sent_a, sent_b = 4000, [0], [0]
+    urls = [await rig.engine(big_engine(sent_a, forever=True)),
+            await rig.engine(big_engine(sent_b, forever=False))]  # fmt: skip
+    client = await rig.gateway(table(1, urls), retry=RetryBudget(**vars(FAST)))
+    body = {"model": "m", "prompt": "go", "max_tokens": total, "stream": True}
+    response = await client.post("/v1/completions", json=body)
+    received = await response.content.readexactly(1000)
+    steady, last = 0, -1
+    while steady < 5:  # until engine A is held back by the client (socket buffers all full)
+        await asyncio.sleep(0.1)
+        steady, last = (steady + 1, last) if sent_a[0] == last else (0, sent_a[0])
+    assert sent_a[0] < total, "engine A must be blocked mid-stream"
+    for attempt in list(client.app[JOURNEYS].progress._replicas["m-0"].attempts):
+        attempt.abandon("abandoned by the test")
+    received += await response.content.read()
+    events = json_events(received)
+    assert all("choices" in e for e in events), [e for e in events if "choices" not in e]
+    texts = [e["choices"][0]["text"] for e in events]
+    assert [t[:6] for t in texts if t] == [f"|{i:05d}" for i in range(total)]
+    assert sent_b[0] > 0, "the rest came from engine B"
+
+
+def json_events(raw: bytes) -> list[dict[str, Any]]:
+    return [json.loads(e[6:]) for e in raw.decode().split("\n\n")
+            if e.startswith("data: {")]  # fmt: skip
