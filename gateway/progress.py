@@ -128,8 +128,8 @@ class Attempt:
     (`with progress.watch(...) as attempt`), and `guard` (an asyncio.timeout) around the work
     so that `abandon` can cancel it."""
 
-    __slots__ = ("_board", "_first", "_guard", "_replica", "_route", "_timer", "model", "reason",
-                 "started", "stream")  # fmt: skip
+    __slots__ = ("_board", "_counted", "_first", "_guard", "_held", "_replica", "_route",
+                 "_timer", "model", "reason", "started", "stream")  # fmt: skip
 
     def __init__(
         self, board: Progress, route: ReplicaRoute, replica: _Replica, model: str, stream: bool
@@ -141,6 +141,8 @@ class Attempt:
         self.stream = stream
         self.started = time.monotonic()
         self._first = False
+        self._held = False  # the gateway stopped reading its answer: its client is behind
+        self._counted = False  # counted in its replica's `producing`
         self.reason: str | None = None  # set when abandoned
         self._guard = Guard()
         self._timer: asyncio.TimerHandle | None = None
@@ -170,8 +172,26 @@ class Attempt:
             replica.stalled_since = None
         if self.stream:
             self._board.clock.seen(self.model, replica.last - self.started)
-            replica.producing += 1
+            self._count(not self._held)
             self._board.arm(replica)
+
+    def held_back(self, held: bool) -> None:
+        """The gateway stopped (True) or went on (False) reading this attempt's answer because
+        its client is behind: meanwhile the engine's silence is not a stall, and a replica whose
+        every producing stream is held is not judged at all."""
+        self._held = held
+        if not (self._first and self.stream):
+            return
+        self._count(not held)
+        if not held:
+            replica = self._replica
+            replica.last = time.monotonic()  # the silence while held was the gateway's
+            self._board.arm(replica)
+
+    def _count(self, producing: bool) -> None:
+        if producing != self._counted:
+            self._counted = producing
+            self._replica.producing += 1 if producing else -1
 
     def abandon(self, reason: str) -> None:
         """Give this attempt up: its work is cancelled (raising TimeoutError from `guard`; an
@@ -187,10 +207,8 @@ class Attempt:
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        replica = self._replica
-        replica.attempts.discard(self)
-        if self._first and self.stream:
-            replica.producing -= 1
+        self._replica.attempts.discard(self)
+        self._count(False)
 
     def __enter__(self) -> Attempt:
         return self

@@ -361,6 +361,7 @@ class StreamRelay:
                     return b""
                 return out
 
+            upstream.on_hold = watch.held_back
             upstream.pipe(take)
             try:
                 async for out in upstream:

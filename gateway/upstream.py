@@ -129,11 +129,15 @@ class _Connection(asyncio.Protocol):
         if not self.reading_paused and self.transport is not None and not self.closed:
             self.reading_paused = True
             self.transport.pause_reading()
+            if self.exchange is not None and self.exchange.on_hold is not None:
+                self.exchange.on_hold(True)
 
     def resume(self) -> None:
         if self.reading_paused and self.transport is not None and not self.closed:
             self.reading_paused = False
             self.transport.resume_reading()
+            if self.exchange is not None and self.exchange.on_hold is not None:
+                self.exchange.on_hold(False)
 
     def close(self) -> None:
         self.closed = True
@@ -167,6 +171,9 @@ class Exchange:
         self._chunks: list[bytes] = []
         self._gathered: list[bytes] = []  # body pieces of the current socket read, for the sink
         self._sink: Sink | None = None
+        # Told True when reading from the engine stops because the caller is behind, False when
+        # it goes on: the engine's silence meanwhile is the gateway's doing (gateway.progress).
+        self.on_hold: Callable[[bool], None] | None = None
         self._buffered = 0
         self._high_water: float = _HIGH_WATER
         self._done = False

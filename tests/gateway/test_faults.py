@@ -26,7 +26,7 @@ from tests.gateway.test_failover import FAST, read_stream, stream_text, table
 STALL_AFTER = 0.5
 
 
-async def over(rig: Rig, *engines: FakeEngine) -> TestClient:
+async def over(rig: Rig, *engines: FakeEngine | web.Application) -> TestClient:
     urls = [await rig.engine(e) for e in engines]
     budget = RetryBudget(**vars(FAST) | {"stall_after": STALL_AFTER, "suspect_for": 30.0})
     return await rig.gateway(table(1, urls), retry=budget)
@@ -262,23 +262,23 @@ def big_engine(sent: list[int], forever: bool) -> web.Application:
     return engine
 
 
-async def test_an_attempt_abandoned_while_its_client_is_behind_resumes_with_every_event_once(rig):
-    """A slow client: the relay has logged events it could not write yet (the client's socket
-    is full) when the attempt is abandoned. The resume must send those again: the client gets
-    every event exactly once, in order."""
+async def test_a_client_behind_is_no_stall_and_an_abandoned_attempt_resumes_every_event_once(rig):
+    """A client far behind: the gateway stops reading its stream, and the engine's silence then
+    is the gateway's doing: no stall (no suspect, no abandoned attempts, no report). The relay has
+    logged events it could not write yet (the client's socket is full); when the attempt is
+    abandoned anyway, the resume sends those again: every event once, in order. (32 MB: the
+    socket buffers on the way hold megabytes.)"""
     total, sent_a, sent_b = 4000, [0], [0]
-    urls = [await rig.engine(big_engine(sent_a, forever=True)),
-            await rig.engine(big_engine(sent_b, forever=False))]  # fmt: skip
-    client = await rig.gateway(table(1, urls), retry=RetryBudget(**vars(FAST)))
+    client = await over(rig, big_engine(sent_a, forever=True), big_engine(sent_b, forever=False))
+    progress = client.app[JOURNEYS].progress
     body = {"model": "m", "prompt": "go", "max_tokens": total, "stream": True}
     response = await client.post("/v1/completions", json=body)
     received = await response.content.readexactly(1000)
-    steady, last = 0, -1
-    while steady < 5:  # until engine A is held back by the client (socket buffers all full)
-        await asyncio.sleep(0.1)
-        steady, last = (steady + 1, last) if sent_a[0] == last else (0, sent_a[0])
-    assert sent_a[0] < total, "engine A must be blocked mid-stream"
-    for attempt in list(client.app[JOURNEYS].progress._replicas["m-0"].attempts):
+    await held_back(sent_a)  # every socket buffer on the way is full
+    assert sent_a[0] < total, "engine A must be held back mid-stream"
+    await asyncio.sleep(3 * STALL_AFTER)
+    assert not progress.stalled("m-0") and "m-0" not in progress.stalls()
+    for attempt in list(progress._replicas["m-0"].attempts):
         attempt.abandon("abandoned by the test")
     received += await response.content.read()
     events = json_events(received)
@@ -291,3 +291,11 @@ async def test_an_attempt_abandoned_while_its_client_is_behind_resumes_with_ever
 def json_events(raw: bytes) -> list[dict[str, Any]]:
     return [json.loads(e[6:]) for e in raw.decode().split("\n\n")
             if e.startswith("data: {")]  # fmt: skip
+
+
+async def held_back(sent: list[int]) -> None:
+    """Until an engine's count of events sent stops moving (its client is behind)."""
+    steady, last = 0, -1
+    while steady < 5:
+        await asyncio.sleep(0.1)
+        steady, last = (steady + 1, last) if sent[0] == last else (0, sent[0])
