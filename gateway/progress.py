@@ -18,8 +18,8 @@ receives is a `beat` (a clock read and two stores: the hot path). Two rules foll
   Non-stream answers come whole at the end: they have no first-byte deadline (a stall still
   abandons them).
 
-An abandoned attempt is cancelled through its `asyncio.timeout` (`guard`): the engine connection
-is closed, which makes vLLM abort the generation.
+An abandoned attempt is cancelled through its `guard` (`Guard`, asyncio.timeout's contract): the
+engine connection is closed, which makes vLLM abort the generation.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ class _Replica:
 
 class Attempt:
     """One attempt on one replica, watched: `beat` on every piece received, `close` at the end
-    (`with progress.watch(...) as attempt`), and `guard` (an asyncio.timeout) around the work
+    (`with progress.watch(...) as attempt`), and `guard` (a `Guard`) around the work
     so that `abandon` can cancel it."""
 
     __slots__ = ("_board", "_counted", "_first", "_guard", "_held", "_replica", "_route",
