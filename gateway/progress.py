@@ -51,15 +51,15 @@ class FirstByteClock:
     factor: float = FIRST_BYTE_FACTOR
     _seen: dict[str, deque[float]] = field(default_factory=dict)
     _base: dict[str, float] = field(default_factory=dict)  # the first attempt's, while fresh
-    _added: int = 0
+    _added: dict[str, int] = field(default_factory=dict)  # samples seen, per model
 
     def seen(self, model: str, seconds: float) -> None:
         samples = self._seen.setdefault(model, deque(maxlen=FIRST_BYTE_SAMPLES))
         samples.append(seconds)
-        self._added += 1
-        # A p99 of 200 moves little with one sample: sorted again every 10th once the window
-        # is full (a sort per request was a few % of a stream's CPU).
-        if len(samples) < FIRST_BYTE_SAMPLES or self._added % 10 == 0:
+        added = self._added[model] = self._added.get(model, 0) + 1
+        # A p99 of 200 moves little with one sample: sorted again every 10th of the model's
+        # once the window is full (a sort per request was a few % of a stream's CPU).
+        if len(samples) < FIRST_BYTE_SAMPLES or added % 10 == 0:
             self._base.pop(model, None)
 
     def deadline(self, model: str, attempt: int = 1) -> float:

@@ -186,12 +186,14 @@ def test_the_first_byte_deadline_is_learned_floored_capped_and_doubles_per_attem
         clock.seen("m", 100.0)
     assert clock.deadline("m") == 60.0, "capped"
     assert clock.deadline("other") == 5.0, "per model"
-    for _ in range(200):  # a full window of fast answers
+    for _ in range(200):  # full windows of fast answers, two models taking turns
         clock.seen("w", 0.1)
-    assert clock.deadline("w") == 5.0
-    for _ in range(10):  # within 10 samples the deadline follows (not sorted per request)
+        clock.seen("v", 0.1)
+    assert clock.deadline("w") == clock.deadline("v") == 5.0
+    for _ in range(10):  # within 10 samples each deadline follows (not sorted per request)
         clock.seen("w", 100.0)
-    assert clock.deadline("w") == 60.0
+        clock.seen("v", 100.0)
+    assert clock.deadline("w") == clock.deadline("v") == 60.0
 
 
 def test_usage_is_asked_of_the_engine_and_stripped_byte_level_in_vllms_form():
