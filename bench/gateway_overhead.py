@@ -150,16 +150,52 @@ SCENARIOS = {
 }
 
 
-def cpu_seconds(proc: psutil.Process) -> float:
-    times = proc.cpu_times()
-    return times.user + times.system
+class CpuMeter:
+    """The CPU a process tree used since the meter was made, user and system apart, and what
+    else its core did meanwhile. The split matters on a virtual machine: time stolen by the
+    hypervisor lands in the kernel's share of whatever ran (system time grows with steal,
+    sometimes 5x between two runs of the same server here), while user time is the part the
+    process's own code decides; compare servers by user time when steal is high."""
+
+    def __init__(self, procs: list[psutil.Process], core: int | None) -> None:
+        self._procs, self._core = procs, core
+        self._start = self._read()
+
+    def _read(self) -> tuple[float, float, float, float]:
+        user = system = 0.0
+        for proc in self._procs:
+            times = proc.cpu_times()
+            user, system = user + times.user, system + times.system
+        if self._core is None:
+            return user, system, 0.0, 0.0
+        core = psutil.cpu_times(percpu=True)[self._core]
+        busy = sum(core) - core.idle - getattr(core, "iowait", 0.0)
+        return user, system, getattr(core, "steal", 0.0), busy
+
+    def since(self) -> CpuUse:
+        now = self._read()
+        user, system, steal, busy = (b - a for a, b in zip(self._start, now, strict=True))
+        return CpuUse(user, system, steal, busy - user - system - steal)
 
 
-def core_busy_seconds(core: int) -> float:
-    """CPU time spent on one core by everything (the gateway's core is shared with whatever else
-    runs on the machine: what the gateway did not use of it was taken by others)."""
-    times = psutil.cpu_times(percpu=True)[core]
-    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+@dataclass
+class CpuUse:
+    """Seconds: the tree's user and system time; the core's steal and other processes."""
+
+    user: float
+    system: float
+    steal: float
+    others: float
+
+    @property
+    def used(self) -> float:
+        return self.user + self.system
+
+    def per(self, count: int, unit: float) -> str:
+        """Per request (unit 1e6: us) or stream (1e3: ms), total and the split."""
+        n, fmt = max(1, count), ".0f" if unit >= 1e6 else ".2f"
+        return (f"{self.used / n * unit:{fmt}} (user {self.user / n * unit:{fmt}},"
+                f" system {self.system / n * unit:{fmt}})")  # fmt: skip
 
 
 def describe(r: Result) -> str:
@@ -172,22 +208,24 @@ def describe(r: Result) -> str:
 
 
 def report(name: str, concurrency: int, stream: bool, direct: Result, through: Result,
-           cpu_used: float, others: float | None) -> None:  # fmt: skip
+           cpu: CpuUse, pinned: bool) -> None:  # fmt: skip
     kind = "stream of 64 chunks 5 ms apart" if stream else "non-stream"
     print(f"\n[{name}] c={concurrency} {kind}")
     print(f"  direct   {describe(direct)}")
     print(f"  gateway  {describe(through)}")
     ratio = (through.done / through.elapsed) / (direct.done / direct.elapsed)
-    per = cpu_used / max(1, through.done)
     if stream:
         added = through.pct(through.ttfts, 50) - direct.pct(direct.ttfts, 50)
-        extra, unit = f"added TTFT p50 {added:+.1f} ms", f"{per * 1000:.2f} ms per stream"
+        extra = f"added TTFT p50 {added:+.1f} ms"
+        unit = f"{cpu.per(through.done, 1e3)} ms per stream"
     else:
         added = through.pct(through.latencies, 50) - direct.pct(direct.latencies, 50)
-        extra, unit = f"added p50 {added:+.3f} ms", f"{per * 1e6:.0f} us per request"
+        extra, unit = f"added p50 {added:+.3f} ms", f"{cpu.per(through.done, 1e6)} us per request"
     print(f"  ratio to direct {ratio:.2f}, {extra}; gateway CPU {unit}", flush=True)
-    if others is not None:  # a ratio is only meaningful when the gateway had its core
-        print(f"  other processes used {others:.0%} of the gateway's core meanwhile", flush=True)
+    if pinned:  # a ratio is only meaningful when the gateway had its core
+        elapsed = max(through.elapsed, 1e-9)
+        print(f"  other processes used {cpu.others / elapsed:.0%} of the gateway's core meanwhile,"
+              f" the hypervisor stole {cpu.steal / elapsed:.0%}", flush=True)  # fmt: skip
 
 
 async def main() -> int:
@@ -229,11 +267,9 @@ async def main() -> int:
             duration = max(args.duration, 30) if stream else args.duration
             await load(gateway_url, min(concurrency, 8), stream, 1.0, 50)  # warm up
             direct = await load(direct_url, concurrency, stream, duration, total)
-            before, core_before = cpu_seconds(gw), core_busy_seconds(1) if pin else 0.0
+            meter = CpuMeter([gw], 1 if pin else None)
             through = await load(gateway_url, concurrency, stream, duration, total)
-            used = cpu_seconds(gw) - before
-            others = (core_busy_seconds(1) - core_before - used) / through.elapsed if pin else None
-            report(name, concurrency, stream, direct, through, used, others)
+            report(name, concurrency, stream, direct, through, meter.since(), pin)
     finally:
         gateway.terminate()
         await gateway.wait()

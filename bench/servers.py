@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import statistics
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -100,6 +101,58 @@ class RsgiApp:
 rsgi_app = RsgiApp()
 
 
+# -- a raw asyncio protocol with httptools (the lightest Python server: the floor) ---------------
+
+
+class RawProtocol(asyncio.Protocol):
+    """HTTP/1.1 on a plain asyncio protocol, parsed by httptools (llhttp, in C): no request or
+    response objects, one `transport.write` per answer (a stream: one per chunk). What any
+    server written in Python pays at least; keep-alive only, no limits, no pipelining."""
+
+    def __init__(self) -> None:
+        import httptools
+
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.body: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as aiohttp does
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        body, self.body = b"".join(self.body), []
+        assert self.transport is not None
+        if not wants_stream(body):
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%b" % (len(COMPLETION), COMPLETION)
+            )
+            return
+        asyncio.get_running_loop().create_task(self.stream(self.transport))
+
+    async def stream(self, transport: asyncio.Transport) -> None:
+        transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+        for _ in range(CHUNKS):
+            transport.write(b"%x\r\n%b\r\n" % (len(CHUNK), CHUNK))
+            await asyncio.sleep(CHUNK_GAP)
+        transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(DONE), DONE))
+
+
+async def serve_raw(port: int) -> None:
+    loop = asyncio.get_running_loop()
+    await loop.create_server(RawProtocol, "127.0.0.1", port, backlog=4096)
+    await asyncio.Event().wait()  # until terminated
+
+
 # -- aiohttp (web and low-level) and uvicorn, served from this process ---------------------------
 
 
@@ -142,6 +195,9 @@ def serve(kind: str, port: int) -> None:
             lifespan="off", log_level="warning", access_log=False, backlog=4096,
         )  # fmt: skip
         return
+    if kind == "raw-httptools":
+        uvloop.run(serve_raw(port))
+        return
     uvloop.run(serve_aiohttp(port, lowlevel=kind == "aiohttp-lowlevel"))
 
 
@@ -161,44 +217,47 @@ def server_argv(kind: str, port: int, granian: str | None) -> list[str] | None:
             "--backlog", "4096", f"bench.servers:{interface}_app"]  # fmt: skip
 
 
-KINDS = ["aiohttp-web", "aiohttp-lowlevel", "uvicorn-httptools", "granian-asgi", "granian-rsgi"]
+KINDS = ["aiohttp-web", "aiohttp-lowlevel", "uvicorn-httptools", "granian-asgi", "granian-rsgi",
+         "raw-httptools"]  # fmt: skip
 SCENARIOS = {"ns64": (64, False), "s256": (256, True)}
 
 
-Row = tuple[float, float, float, float]  # CPU per request or stream, p50 ms, req/s, others' share
+# CPU per request or stream (user, system), p50 ms, req/s, others' and the hypervisor's share
+Row = tuple[float, float, float, float, float, float]
 
 
 async def run_one(pid: int, port: int, stream: bool, concurrency: int, duration: float) -> Row:
     """One load run against one server; its process tree's CPU per request (or stream)."""
     import psutil
 
-    from bench.gateway_overhead import core_busy_seconds, load
+    from bench.gateway_overhead import CpuMeter, load
 
     tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     await load(url, 8, stream, 0.5, 50)  # warm up
-    cpu_before = sum(sum(p.cpu_times()[:2]) for p in tree)
-    core_before = core_busy_seconds(1)
+    meter = CpuMeter(tree, 1)
     limit = (30.0, 1024) if stream else (duration, 10**9)
     got = await load(url, concurrency, stream, *limit)
-    used = sum(sum(p.cpu_times()[:2]) for p in tree) - cpu_before
-    others = (core_busy_seconds(1) - core_before - used) / got.elapsed
+    cpu, n = meter.since(), max(1, got.done)
     if got.errors:
         print(f"  {got.errors} errors of {got.done + got.errors}")
-    return used / max(1, got.done), got.pct(got.latencies, 50), got.done / got.elapsed, others
+    return (cpu.user / n, cpu.system / n, got.pct(got.latencies, 50), got.done / got.elapsed,
+            cpu.others / got.elapsed, cpu.steal / got.elapsed)  # fmt: skip
 
 
 def cpu_per(seconds: float, stream: bool) -> str:
-    return f"{seconds * 1000:.2f} ms/stream" if stream else f"{seconds * 1e6:.0f} us/request"
+    return f"{seconds * 1000:.2f} ms" if stream else f"{seconds * 1e6:.0f} us"
 
 
 def print_table(rows: dict[tuple[str, str], list[Row]]) -> None:
-    print("\n| server | scenario | CPU per request/stream | p50 ms | req/s | others on CPU 1 |")
-    print("|---|---|---|---|---|---|")
+    print("\n| server | scenario | CPU per request/stream: user + system | p50 ms | req/s |"
+          " others / steal on CPU 1 |\n|---|---|---|---|---|---|")  # fmt: skip
     for (kind, name), got in rows.items():
-        per, p50, rps, others = (statistics.median(r[i] for r in got) for i in range(4))
-        cpu = cpu_per(per, SCENARIOS[name][1])
-        print(f"| {kind} | {name} | {cpu} | {p50:.1f} | {rps:.0f} | {others:.0%} |")
+        user, system, p50, rps, others, steal = (statistics.median(r[i] for r in got)
+                                                 for i in range(6))  # fmt: skip
+        stream = SCENARIOS[name][1]
+        cpu = f"{cpu_per(user, stream)} + {cpu_per(system, stream)}"
+        print(f"| {kind} | {name} | {cpu} | {p50:.1f} | {rps:.0f} | {others:.0%} / {steal:.0%} |")
 
 
 async def compare(args: argparse.Namespace) -> int:
@@ -231,11 +290,9 @@ async def compare(args: argparse.Namespace) -> int:
                     concurrency, stream = SCENARIOS[name]
                     row = await run_one(proc.pid, port, stream, concurrency, args.duration)
                     rows.setdefault((kind, name), []).append(row)
-                    unit = (
-                        f"{row[0] * 1000:.2f} ms/stream" if stream else f"{row[0] * 1e6:.0f} us/req"
-                    )
-                    print(f"rep {rep} {kind:18} {name:5} CPU {unit:14} p50 {row[1]:8.2f} ms "
-                          f"{row[2]:8.1f} req/s  others took {row[3]:.0%} of CPU 1",
+                    cpu = f"{cpu_per(row[0], stream)} + {cpu_per(row[1], stream)}"
+                    print(f"rep {rep} {kind:18} {name:5} CPU {cpu:18} p50 {row[2]:8.2f} ms "
+                          f"{row[3]:8.1f} req/s  others {row[4]:.0%}, steal {row[5]:.0%} of CPU 1",
                           flush=True)  # fmt: skip
     finally:
         for proc, _ in procs.values():
