@@ -237,6 +237,11 @@ async def main() -> int:
         help="run the gateway of another checkout of sem (an older commit, to compare; same"
         " load and engine), with this Python",
     )  # fmt: skip
+    parser.add_argument(
+        "--proxy", choices=["gateway", "floor"], default="gateway",
+        help="floor: bench/proxy_floor.py in the gateway's place (a raw protocol in front of"
+        " sem's engine client and nothing else: what any Python proxy costs at least)",
+    )  # fmt: skip
     args = parser.parse_args()
     pin = (os.cpu_count() or 1) >= 2
     if pin:
@@ -249,10 +254,15 @@ async def main() -> int:
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", engine_port, backlog=4096).start()
 
+    engine = f"http://127.0.0.1:{engine_port}"
+    argv = (
+        ["-m", "gateway", "--port", str(gateway_port), "--route", f"fake={engine}"]
+        if args.proxy == "gateway"
+        else [str(REPO / "bench" / "proxy_floor.py"), str(gateway_port), engine]
+    )
     gateway = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "--port", str(gateway_port),
-        "--route", f"fake=http://127.0.0.1:{engine_port}",
-        cwd=args.gateway_from, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        sys.executable, *argv, cwd=args.gateway_from,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
         await asyncio.to_thread(wait_port, gateway_port)
