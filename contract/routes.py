@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 
@@ -44,8 +45,10 @@ class ModelRoute:
     # for an unloaded model would wait, so the gateway can say so at once (Retry-After).
     load_seconds: float | None = None
 
-    @property
+    @cached_property
     def ready_replicas(self) -> tuple[ReplicaRoute, ...]:
+        """Computed once per table (a table is never changed, only replaced): the gateway asks
+        on every request."""
         return tuple(r for r in self.replicas if r.ready)
 
 

@@ -234,10 +234,16 @@ class Admission:
         route = self._watcher.table.models.get(model)
         if route is None:
             return None
-        free = [r for r in route.ready_replicas if self.outstanding.get(r.id, 0) < r.max_num_seqs]
-        if self._suspects:
-            free = [r for r in free if not self._is_suspect(r.url)]
-        return min(free, key=lambda r: self.outstanding.get(r.id, 0), default=None)
+        best, least = None, 0  # the least loaded, the first of equals: one pass, no lists
+        outstanding, suspects = self.outstanding, self._suspects
+        for replica in route.ready_replicas:
+            load = outstanding.get(replica.id, 0)
+            if load >= replica.max_num_seqs or (best is not None and load >= least):
+                continue
+            if suspects and self._is_suspect(replica.url):
+                continue
+            best, least = replica, load
+        return best
 
     def _is_suspect(self, url: str | None) -> bool:
         until = self._suspects.get(url or "")

@@ -22,8 +22,6 @@ import json
 import math
 import re
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 from aiohttp import web
@@ -47,16 +45,13 @@ class BodyBudget:
         self.held = 0
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
 
-    @asynccontextmanager
-    async def hold(self, size: int, timeout: float) -> AsyncIterator[None]:
-        """`size` bytes (at most the whole budget) for the time of the block."""
-        size = min(size, self.capacity)
-        await self._take(size, timeout)
-        try:
-            yield
-        finally:
-            self.held -= size
-            self._grant()
+    def hold(self, size: int, timeout: float) -> _Held:
+        """`size` bytes (at most the whole budget) for the time of an `async with` block."""
+        return _Held(self, min(size, self.capacity), timeout)
+
+    def _give_back(self, size: int) -> None:
+        self.held -= size
+        self._grant()
 
     async def _take(self, size: int, timeout: float) -> None:
         if not self._waiters and self.held + size <= self.capacity:
@@ -97,6 +92,22 @@ class BodyBudget:
                 continue
             self.held += size
             waiter.set_result(None)
+
+
+class _Held:
+    """BodyBudget.hold's block: a class, not @asynccontextmanager, whose generator and wrapper
+    cost more than the hold itself (it is on every request with a body)."""
+
+    __slots__ = ("_budget", "_size", "_timeout")
+
+    def __init__(self, budget: BodyBudget, size: int, timeout: float) -> None:
+        self._budget, self._size, self._timeout = budget, size, timeout
+
+    async def __aenter__(self) -> None:
+        await self._budget._take(self._size, self._timeout)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._budget._give_back(self._size)
 
 
 def declared_size(request: web.Request, limits: Limits) -> int:
