@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Awaitable
-from typing import Any
+from collections.abc import Mapping
 
 from aiohttp import web
 from pydantic import ValidationError
 
 from contract import defaults
 from gateway.admission import Admission
-from gateway.body import read_object
+from gateway.body import parse_body, read_body
 from gateway.errors import InvalidField
 from gateway.frontdoor import FrontDoor, middleware_for
 from gateway.generate import (
@@ -37,29 +36,27 @@ from gateway.limits import Limits
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.openai_requests import REQUESTS
 from gateway.openapi import add_routes
-from gateway.proxy import JsonRelay, Relay, StreamRelay
+from gateway.proxy import AnswerOn, JsonRelay, Opener, Relay, StreamRelay
 from gateway.retry import RetryBudget
 from gateway.routes import RouteWatcher
 from gateway.state import ADMISSION, DOOR, JOURNEYS, KEYS, METRICS, RETRY, UPSTREAM, WATCHER
 from gateway.upstream import UpstreamPool
 
-REQUEST_ID = "X-Request-Id"  # the client's name for a request, used in the logs
+REQUEST_ID = "x-request-id"  # the client's name for a request, used in the logs
+# Request headers, looked up by lower-case name (aiohttp's are case-insensitive; the front
+# door's own server gives them lower-cased).
+Headers = Mapping[str, str]
 
 
-def priority_of(request: web.Request) -> int:
+def priority_of(headers: Headers) -> int:
     """The `X-Priority` header: an integer, higher is served first (default 0)."""
-    raw = request.headers.get("X-Priority", "0")
+    raw = headers.get("x-priority", "0")
     try:
         return int(raw)
     except ValueError:
         raise InvalidField(
             f"X-Priority: expected an integer, got {raw!r}", param="X-Priority"
         ) from None
-
-
-def read_json_object(request: web.Request) -> Awaitable[tuple[dict[str, Any], bytes]]:
-    """The body parsed and as it came, within the front door's limits (see gateway.body)."""
-    return read_object(request, request.app[DOOR].limits)
 
 
 def validation_error(exc: ValidationError) -> InvalidField:
@@ -71,9 +68,25 @@ def validation_error(exc: ValidationError) -> InvalidField:
     return InvalidField(problems, param=field)
 
 
+# -- the hot routes: served by aiohttp's server (these handlers) or by the front door's own
+# -- (gateway.fastpath), both through the answers below ------------------------------------
+
+
 async def generate(request: web.Request) -> web.StreamResponse:
+    raw = await read_body(request, request.app[DOOR].limits)
+    return await generate_answer(request.app, request.headers, raw, AnswerOn(request))
+
+
+async def openai_route(request: web.Request) -> web.StreamResponse:
+    raw = await read_body(request, request.app[DOOR].limits)
+    return await openai_answer(request.app, request.path, request.headers, raw, AnswerOn(request))
+
+
+async def generate_answer(
+    app: web.Application, headers: Headers, raw: bytes, opener: Opener
+) -> web.StreamResponse:
     """/generate (see gateway.generate): validated, then sent as a completion request."""
-    body, _ = await read_json_object(request)
+    body = await parse_body(raw, app[DOOR].limits)
     try:
         req = GenerateRequest.model_validate(body)
     except ValidationError as exc:
@@ -82,46 +95,47 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if req.stream:
         engine_body["stream_options"] = STREAM_OPTIONS
     payload = json.dumps(engine_body).encode()
-    pool = request.app[UPSTREAM]
+    pool = app[UPSTREAM]
     relay: Relay
     if req.stream:
         relay = StreamRelay(
-            pool, request, ENGINE_PATH, engine_body, payload, convert=generate_events
+            pool, opener, ENGINE_PATH, engine_body, payload, convert=generate_events
         )
     else:
         relay = JsonRelay(pool, ENGINE_PATH, payload, reshape=GenerateAnswer(req.model))
-    return await hand_over(request, relay, req.model, payload)
+    return await hand_over(app, headers, "/generate", relay, req.model, payload)
 
 
-async def openai_route(request: web.Request) -> web.StreamResponse:
+async def openai_answer(
+    app: web.Application, path: str, headers: Headers, raw: bytes, opener: Opener
+) -> web.StreamResponse:
     """/v1/completions and /v1/chat/completions: the fields sem reads validated (see
     gateway.openai_requests), routed by `model`, the body passed through as it came."""
-    body, raw = await read_json_object(request)
+    body = await parse_body(raw, app[DOOR].limits)
     try:
-        REQUESTS[request.path].model_validate(body)
+        REQUESTS[path].model_validate(body)
     except ValidationError as exc:
         raise validation_error(exc) from None
-    pool = request.app[UPSTREAM]
+    pool = app[UPSTREAM]
     relay: Relay
     if body.get("stream") is True:
-        relay = StreamRelay(pool, request, request.path, body, raw)
+        relay = StreamRelay(pool, opener, path, body, raw)
     else:
-        relay = JsonRelay(pool, request.path, raw)
-    return await hand_over(request, relay, body["model"], raw)
+        relay = JsonRelay(pool, path, raw)
+    return await hand_over(app, headers, path, relay, body["model"], raw)
 
 
 async def hand_over(
-    request: web.Request, relay: Relay, model: str, body: bytes
+    app: web.Application, headers: Headers, path: str, relay: Relay, model: str, body: bytes
 ) -> web.StreamResponse:
     """The request's journey (gateway.journey), with what it needs from the HTTP request, once
     its API key lets it (gateway.keys: 401, 403 or 429 if not)."""
-    keys = request.app[KEYS]
-    key_id = keys.admit(request.headers.get("Authorization"), model)
+    keys = app[KEYS]
+    key_id = keys.admit(headers.get("authorization"), model)
     charge = None if key_id is None else functools.partial(keys.charge, key_id)
-    return await request.app[JOURNEYS].run(
-        relay, model, request.path, body, priority_of(request), request.headers.get(REQUEST_ID),
-        charge,
-    )  # fmt: skip
+    return await app[JOURNEYS].run(
+        relay, model, path, body, priority_of(headers), headers.get(REQUEST_ID), charge
+    )
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -178,8 +192,19 @@ def create_app(
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     add_routes(app)
+    door.fast_routes = {
+        b"/generate": functools.partial(generate_answer, app),
+        b"/v1/completions": functools.partial(openai_answer, app, "/v1/completions"),
+        b"/v1/chat/completions": functools.partial(openai_answer, app, "/v1/chat/completions"),
+    }
+    app.on_shutdown.append(drain_fast_path)
     app.on_cleanup.append(close_upstream)
     return app
+
+
+async def drain_fast_path(app: web.Application) -> None:
+    """Requests the front door serves itself finish before the engine connections close."""
+    await app[DOOR].drain(app[DOOR].shutdown_timeout)
 
 
 async def close_upstream(app: web.Application) -> None:

@@ -192,9 +192,8 @@ def parse_object(raw: bytes, max_depth: int) -> dict[str, Any]:
     return body
 
 
-async def read_object(request: web.Request, limits: Limits) -> tuple[dict[str, Any], bytes]:
-    """The body parsed (to route and validate it) and as the bytes that came (to forward)."""
-    raw = await read_body(request, limits)
+async def parse_body(raw: bytes, limits: Limits) -> dict[str, Any]:
+    """`raw` parsed (to route and validate it); a large body in a thread (see above)."""
     if len(raw) > THREAD_PARSE:
-        return await asyncio.to_thread(parse_object, raw, limits.max_json_depth), raw
-    return parse_object(raw, limits.max_json_depth), raw
+        return await asyncio.to_thread(parse_object, raw, limits.max_json_depth)
+    return parse_object(raw, limits.max_json_depth)

@@ -130,6 +130,7 @@ async def serve(args: argparse.Namespace) -> int:
         watcher, admission, upstream_timeout=args.upstream_timeout, retry=retry,
         limits=limits_of(args), require_keys=args.require_keys,
     )  # fmt: skip
+    app[DOOR].shutdown_timeout = args.shutdown_timeout
     reporter = Reporter(args.supervisor, control, admission, args.admin_token,
                         args.report_interval, stalls=app[JOURNEYS].progress.stalls,
                         usage=app[KEYS].usage)  # fmt: skip

@@ -38,6 +38,7 @@ from prometheus_client.registry import Collector
 
 from gateway.body import BodyBudget, declared_size
 from gateway.errors import GatewayError, InvalidRequest, error_response
+from gateway.fastpath import RawAnswer, Route
 from gateway.limits import Limits
 
 log = logging.getLogger("sem.gateway")
@@ -64,6 +65,12 @@ class FrontDoor:
         self.open = 0
         self.closed = dict.fromkeys(Closed, 0)
         self._connections: dict[RequestHandler, Connection] = {}
+        # The hot routes the front door serves itself (gateway.fastpath), by path; set by the
+        # app. Empty: every request goes to aiohttp's server.
+        self.fast_routes: dict[bytes, Route] = {}
+        self.serving: set[asyncio.Task[None]] = set()  # fast-path requests in flight
+        self.shutdown_timeout = 10.0  # s the fast path's requests get to finish when stopping
+        self.stopping = False
         self._refused_since_log = 0
         self._last_refusal_log = 0.0
 
@@ -84,6 +91,20 @@ class FrontDoor:
         return await loop.create_server(
             self.protocols(runner.server), host, port, backlog=4096, reuse_address=True
         )
+
+    async def drain(self, timeout: float) -> None:
+        """Stopping: close the fast path's idle connections, let its requests in flight finish
+        within `timeout` s, then cancel the rest (aiohttp's server does the same for its own)."""
+        self.stopping = True
+        for conn in list(self._connections.values()):
+            if conn.fast is not None:
+                conn.fast.close_if_idle()
+        if self.serving:
+            _, late = await asyncio.wait(set(self.serving), timeout=timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
 
     def admit(self, conn: Connection) -> bool:
         if self.open >= self.cap:
@@ -116,13 +137,18 @@ class FrontDoor:
 
 
 class Connection(asyncio.Protocol):
-    """One client connection: aiohttp's handler, forwarded every event, and two timers."""
+    """One client connection, and two timers: served by the front door's fast path
+    (gateway.fastpath) while its requests are plain, then by aiohttp's handler, forwarded
+    every event."""
 
-    __slots__ = ("_door", "_header_timer", "_transport", "_write_timer", "admitted", "handler")
+    __slots__ = (
+        "_door", "_header_timer", "_transport", "_write_timer", "admitted", "fast", "handler",
+    )  # fmt: skip
 
     def __init__(self, door: FrontDoor, handler: RequestHandler) -> None:
         self._door = door
         self.handler = handler
+        self.fast: RawAnswer | None = None  # None: aiohttp's handler has the connection
         self.admitted = False
         self._transport: asyncio.Transport | None = None
         self._header_timer: asyncio.TimerHandle | None = None
@@ -138,23 +164,48 @@ class Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         timeout = self._door.limits.header_timeout
         self._header_timer = loop.call_later(timeout, self._close, Closed.HEADERS)
-        self.handler.connection_made(transport)
+        if self._door.fast_routes:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:  # as aiohttp's handler does: answers go out at once
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.fast = RawAnswer(self, self._door, transport)
+        else:
+            self.handler.connection_made(transport)
+
+    def hand_over(self, data: bytes) -> None:
+        """aiohttp's handler takes the connection from here, `data` (what was read since the
+        current request began) first."""
+        assert self._transport is not None
+        self.fast = None
+        self.handler.connection_made(self._transport)
+        if data:
+            self.handler.data_received(data)
 
     def data_received(self, data: bytes) -> None:
-        self.handler.data_received(data)
+        if self.fast is not None:
+            self.fast.feed(data)
+        else:
+            self.handler.data_received(data)
 
     def eof_received(self) -> None:
-        self.handler.eof_received()
+        if self.fast is None:
+            self.handler.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.admitted:
             return
         self._cancel_timers()
         self._door.gone(self)
-        self.handler.connection_lost(exc)
+        if self.fast is not None:
+            self.fast.lost()
+        else:
+            self.handler.connection_lost(exc)
 
     def pause_writing(self) -> None:
-        self.handler.pause_writing()
+        if self.fast is not None:
+            self.fast.pause()
+        else:
+            self.handler.pause_writing()
         timeout = self._door.limits.client_write_timeout
         loop = asyncio.get_running_loop()
         self._write_timer = loop.call_later(timeout, self._close, Closed.NOT_READING)
@@ -163,7 +214,10 @@ class Connection(asyncio.Protocol):
         if self._write_timer is not None:
             self._write_timer.cancel()
             self._write_timer = None
-        self.handler.resume_writing()
+        if self.fast is not None:
+            self.fast.resume()
+        else:
+            self.handler.resume_writing()
 
     def headers_complete(self) -> None:
         if self._header_timer is not None:

@@ -228,6 +228,29 @@ def _has_done(out: bytes) -> bool:
     return b"[DONE]" in out
 
 
+class Opener(Protocol):
+    """Starts a stream's answer to its client: aiohttp's response (`AnswerOn`) or the front
+    door's own (gateway.fastpath)."""
+
+    async def open(self) -> tuple[web.StreamResponse, ClientSocket | None]:
+        """The answer, its status and headers sent; and its socket when the relay may write to
+        it directly (see ClientSocket)."""
+
+
+class AnswerOn:
+    """A stream's answer through aiohttp's server, to `request`'s client."""
+
+    __slots__ = ("request",)
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+
+    async def open(self) -> tuple[web.StreamResponse, ClientSocket | None]:
+        response = web.StreamResponse(headers=SSE_HEADERS)
+        await response.prepare(self.request)
+        return response, ClientSocket.of(self.request, response)
+
+
 class ClientSocket:
     """A prepared streaming answer's socket, written directly (HTTP/1.1 chunks framed here, as
     aiohttp's writer would): one `transport.write` per engine read, with no coroutine and no
@@ -277,14 +300,15 @@ class StreamRelay:
     def __init__(
         self,
         pool: UpstreamPool,
-        request: web.Request,
+        opener: Opener,
         path: str,
         body: dict[str, Any],
         raw: bytes,
         convert: Callable[[bytes], bytes] | None = None,
     ) -> None:
         self.pool = pool
-        self.request = request
+        self.opener = opener
+        self.socket: ClientSocket | None = None
         self.path = path
         self.body = body
         self.raw = with_engine_usage(raw, body)
@@ -336,14 +360,13 @@ class StreamRelay:
             if upstream.status >= 400:
                 check_answer(upstream.status, await upstream.read(), replica)
             if self.response is None:
-                self.response = web.StreamResponse(headers=SSE_HEADERS)
-                await self.response.prepare(self.request)
+                self.response, self.socket = await self.opener.open()
             held = b""  # the stream's end, held back until the engine closes it
             hold_finish = self.choices == 1  # n > 1: choices finish one by one; hold [DONE] only
             ends = ends_stream if hold_finish else _has_done
             log, strip = self.log, self.strip
             plain = splice is None and self.convert is None
-            client = ClientSocket.of(self.request, self.response) if plain else None
+            client = self.socket if plain else None
 
             def take(chunk: bytes) -> bytes:
                 """Every engine read, in the engine connection's callback: the hot path writes

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
 
 import aiohttp
 import openai
@@ -12,6 +13,7 @@ import pytest
 import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from yarl import URL
 
 from contract import defaults
 from contract.routes import ModelRoute, ReplicaRoute, RouteTable
@@ -19,6 +21,7 @@ from gateway.admission import Admission
 from gateway.app import create_app
 from gateway.retry import RetryBudget
 from gateway.routes import RouteWatcher
+from gateway.state import DOOR
 from tests.fake_engine import FakeEngine, make_app
 
 LOOPS: Mapping[str, Callable[[], asyncio.AbstractEventLoop]] = {
@@ -33,6 +36,32 @@ def pytest_asyncio_loop_factories(
     if item.nodeid.startswith("tests/gateway/test_upstream.py"):
         return LOOPS
     return {"asyncio": asyncio.new_event_loop}
+
+
+class DoorServer(TestServer):
+    """The app served the way the daemon serves it: through its front door (gateway.frontdoor),
+    whose own server takes the hot routes (gateway.fastpath); a plain TestServer would give
+    every request to aiohttp's server."""
+
+    _listener: asyncio.Server | None = None
+
+    async def start_server(
+        self, loop: asyncio.AbstractEventLoop | None = None, **kwargs: Any
+    ) -> None:
+        if self.runner:
+            return
+        self.runner = await self._make_runner(handler_cancellation=True, **kwargs)
+        await self.runner.setup()
+        self._listener = await self.app[DOOR].listen(self.runner, "127.0.0.1", 0)
+        self.port = self._listener.sockets[0].getsockname()[1]
+        self.scheme = "http"
+        self._root = URL(f"http://127.0.0.1:{self.port}")
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        await super().close()
 
 
 class Rig:
@@ -63,7 +92,7 @@ class Rig:
         self.watcher.update(routes)
         admission = Admission(self.watcher, queue_timeout=queue_timeout)
         app = create_app(self.watcher, admission, retry=retry, require_keys=require_keys)
-        client = TestClient(TestServer(app, handler_cancellation=True))
+        client = TestClient(DoorServer(app))
         await client.start_server()
         self._clients.append(client)
         return client
