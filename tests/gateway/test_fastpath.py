@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -71,13 +73,23 @@ async def read_answer(reader: asyncio.StreamReader) -> Answer:
     return Answer(int(status_line.split()[1]), headers, body)
 
 
+@asynccontextmanager
+async def connected(rig: Rig) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A gateway over one stand-in engine, served through its front door, and a raw
+    connection to it (closed at the end)."""
+    url = await rig.engine(FakeEngine("m"))
+    async with served(rig, RouteTable(1, {"m": ready_model("m", url)}), Limits()) as gw:
+        reader, writer = await raw_connection(gw.port)
+        try:
+            yield reader, writer
+        finally:
+            writer.close()
+
+
 async def test_plain_requests_are_answered_by_the_front_door_the_rest_by_aiohttp(
     rig: Rig,
 ) -> None:
-    url = await rig.engine(FakeEngine("m"))
-    routes = RouteTable(1, {"m": ready_model("m", url)})
-    async with served(rig, routes, Limits()) as gw:
-        reader, writer = await raw_connection(gw.port)
+    async with connected(rig) as (reader, writer):
         for stream in (False, True, False):
             writer.write(post_head("/v1/completions", completion(4, stream=stream)))
             answer = await read_answer(reader)
@@ -89,18 +101,13 @@ async def test_plain_requests_are_answered_by_the_front_door_the_rest_by_aiohttp
         writer.write(post_head("/v1/completions", completion(3)))  # aiohttp's from now on
         later = await read_answer(reader)
         assert later.status == 200 and later.by_aiohttp and later.text() == " two one two"
-        writer.close()
 
 
 async def test_pipelined_requests_are_answered_in_order(rig: Rig) -> None:
-    url = await rig.engine(FakeEngine("m"))
-    routes = RouteTable(1, {"m": ready_model("m", url)})
-    async with served(rig, routes, Limits()) as gw:
-        reader, writer = await raw_connection(gw.port)
+    async with connected(rig) as (reader, writer):
         writer.write(b"".join(post_head("/v1/completions", completion(n)) for n in (1, 2, 3)))
         texts = [(await read_answer(reader)).text() for _ in range(3)]
         assert texts == [" two", " two one", " two one two"]
-        writer.close()
 
 
 async def test_bodies_in_pieces_chunked_or_expecting_continue_are_answered(rig: Rig) -> None:
@@ -133,10 +140,7 @@ async def test_bodies_in_pieces_chunked_or_expecting_continue_are_answered(rig: 
 
 
 async def test_errors_on_the_fast_path_have_the_gateway_shape(rig: Rig) -> None:
-    url = await rig.engine(FakeEngine("m"))
-    routes = RouteTable(1, {"m": ready_model("m", url)})
-    async with served(rig, routes, Limits()) as gw:
-        reader, writer = await raw_connection(gw.port)
+    async with connected(rig) as (reader, writer):
         for body, status in ((b"{not json", 400), (completion(2, model="nope"), 404)):
             writer.write(post_head("/v1/completions", body))
             answer = await read_answer(reader)
@@ -145,20 +149,6 @@ async def test_errors_on_the_fast_path_have_the_gateway_shape(rig: Rig) -> None:
             assert isinstance(error, dict) and error["message"]
         writer.write(post_head("/v1/completions", completion(1)))  # the connection goes on
         assert (await read_answer(reader)).text() == " two"
-        writer.close()
-
-
-async def test_an_idle_kept_alive_connection_is_closed_after_the_keepalive_timeout(
-    rig: Rig,
-) -> None:
-    url = await rig.engine(FakeEngine("m"))
-    routes = RouteTable(1, {"m": ready_model("m", url)})
-    async with served(rig, routes, Limits(keepalive_timeout=0.3)) as gw:
-        reader, writer = await raw_connection(gw.port)
-        writer.write(post_head("/v1/completions", completion(1)))
-        assert (await read_answer(reader)).status == 200
-        assert await closed_within(reader, 3) < 1.5
-        writer.close()
 
 
 async def test_a_stopping_gateway_lets_a_fast_path_stream_finish(rig: Rig) -> None:
