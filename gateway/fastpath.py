@@ -208,9 +208,12 @@ class RawAnswer:
                 response = error_response(exc)
             if not isinstance(response, RawStream):
                 transport.write(whole_answer(response))
-        except (asyncio.CancelledError, ConnectionResetError):
+        except asyncio.CancelledError:
             transport.abort()  # the client left, or the gateway is stopping: nothing to finish
             raise
+        except ConnectionResetError:  # the client left as its answer was written
+            transport.abort()
+            return
         except Exception:
             log.exception("request to %s failed", path.decode("latin-1"))
             transport.abort()  # a status may have gone out already: the connection ends here
