@@ -156,16 +156,9 @@ class RawAnswer:
         self._reading_paused = False  # the client sent more than PIPELINED ahead
         self._drained: asyncio.Future[None] | None = None
 
-    @property
-    def busy(self) -> bool:
-        return self._task is not None
-
     # -- reading -------------------------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
         self._buffer = self._buffer + data if self._buffer else data
         if self._task is None:
             self._next()
@@ -177,15 +170,16 @@ class RawAnswer:
         """Take the next request from the bytes read, if it is whole; else wait or hand over."""
         data = self._buffer
         end = data.find(b"\r\n\r\n") + 4
-        if end == 3:  # no complete head yet
-            if len(data) > MAX_HEAD:
-                self._conn.hand_over(data)
+        if end == 3:  # no complete head yet; the keep-alive timer goes on meanwhile, as
+            if len(data) > MAX_HEAD:  # aiohttp's: a trickled head does not hold a connection
+                self._hand_over(data)
             return
         plain = plain_request(data[:end], self._door.limits.max_body)
         route = None if plain is None else self._door.fast_routes.get(plain[0])
         if plain is None or route is None or len(data) < end + plain[2]:
-            self._conn.hand_over(data)  # not plain, or its body is still coming
+            self._hand_over(data)  # not plain, or its body is still coming
             return
+        self._stop_idle()
         _, headers, length = plain
         body, self._buffer = data[end : end + length], data[end + length :]
         self._conn.headers_complete()
@@ -194,6 +188,15 @@ class RawAnswer:
         self._task = task
         self._door.serving.add(task)
         task.add_done_callback(self._door.serving.discard)
+
+    def _hand_over(self, data: bytes) -> None:
+        self._stop_idle()
+        self._conn.hand_over(data)
+
+    def _stop_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
 
     async def _serve(
         self, path: bytes, route: Route, headers: Mapping[str, str], body: bytes
@@ -265,9 +268,7 @@ class RawAnswer:
 
     def lost(self) -> None:
         """The connection is gone: its request, if any, is cancelled."""
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        self._stop_idle()
         if self._drained is not None and not self._drained.done():
             self._drained.set_exception(ConnectionResetError("the client went away"))
         if self._task is not None:

@@ -98,7 +98,7 @@ async def closed_within(reader: asyncio.StreamReader, seconds: float) -> float:
         try:
             while await reader.read(65536):
                 pass
-        except ConnectionResetError:
+        except ConnectionError:  # reset, or a write of ours met the closed socket
             pass
     return time.monotonic() - start
 

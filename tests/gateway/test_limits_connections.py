@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from contract.routes import RouteTable
 from gateway.frontdoor import Closed
 from gateway.limits import Limits
@@ -104,9 +106,19 @@ async def test_a_trickled_body_is_a_408_within_the_body_timeout(rig: Rig) -> Non
         writer.close()  # or the gateway lingers, reading the rest of the body, for 10 s
 
 
+async def trickle_head(writer: asyncio.StreamWriter) -> None:
+    """A request head, a byte every 50 ms, never complete."""
+    for byte in b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nX-Slow: " + b"x" * 1000:
+        writer.write(bytes([byte]))
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("trickle", [False, True], ids=["idle", "trickling-next-head"])
 async def test_an_idle_kept_alive_connection_is_closed_after_the_keepalive_timeout(
-    rig: Rig,
+    rig: Rig, trickle: bool
 ) -> None:
+    """Idle, or sending its next request's head a byte at a time: partial headers do not
+    hold a kept-alive connection past the keep-alive timeout."""
     url = await rig.engine(FakeEngine("m"))
     routes = RouteTable(1, {"m": ready_model("m", url)})
     async with served(rig, routes, Limits(keepalive_timeout=0.5)) as gw:
@@ -115,5 +127,8 @@ async def test_an_idle_kept_alive_connection_is_closed_after_the_keepalive_timeo
         async with asyncio.timeout(3):
             head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200")
+        trickling = asyncio.create_task(trickle_head(writer)) if trickle else None
         assert await closed_within(reader, 3) < 0.5 + 1.5
+        if trickling is not None:
+            trickling.cancel()
         await wait_for(lambda: gw.door.open == 0, 2)
