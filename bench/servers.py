@@ -3,10 +3,12 @@
 The same handler (read a JSON body; answer a JSON body, or with `"stream": true` an SSE stream
 of 64 chunks 5 ms apart) on aiohttp's web server (what the gateway runs), aiohttp's low-level
 server (same protocol code, no router or middlewares), uvicorn with httptools on a raw ASGI app,
-and granian (Rust: hyper + tokio) with an ASGI and an RSGI app. Each server alone on CPU 1 (all
-its threads), the load generator (bench/gateway_overhead.py's) on CPU 0; servers interleaved in
-rotated order per rep. Prints CPU per request / per stream (the steadiest figure on a shared
-machine), p50, req/s, and how much of CPU 1 other processes took meanwhile.
+granian (Rust: hyper + tokio) with an ASGI and an RSGI app, and a raw asyncio protocol with
+httptools (no framework: the floor, and how the gateway's fast path is built). Each server
+alone on CPU 1 (all its threads), the load generator (bench/gateway_overhead.py's) on CPU 0;
+servers interleaved in rotated order per rep. Prints CPU per request / per stream, user and
+system apart (user time is the steadiest figure on a shared machine), p50, req/s, and how much
+of CPU 1 other processes and the hypervisor took meanwhile.
 
     .venv/bin/python bench/servers.py [--reps 3] [--duration 5] [--granian PATH]
 
