@@ -1,8 +1,9 @@
 """The front door: every client connection watched from accept to close, so that no client can
 hold a slot, a file descriptor or memory by being slow (see gateway.limits for the limits).
 
-Each connection is aiohttp's own protocol behind a thin `Connection` that forwards everything to
-it and watches three things aiohttp does not:
+Each connection is a thin `Connection`: the hot routes' plain requests are served by the front
+door's own server (gateway.fastpath) until one is not plain, and from then on aiohttp's protocol
+gets everything. Either way the connection watches three things aiohttp does not:
 
 - the cap on open connections (`max_connections`): one over it is closed at accept, with a log
   line (one per 10 s at most, with the count). Not a 503: answering needs the request's headers
