@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import sys
 from pathlib import Path
 
-import httptools
 import uvloop
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a file: sem's packages from this checkout
     sys.path.insert(0, str(REPO))
 
+from bench.servers import RawProtocol  # noqa: E402
 from gateway.upstream import UpstreamPool  # noqa: E402
 
 JSON_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
@@ -34,32 +33,16 @@ SSE_HEAD = (
 )
 
 
-class FloorProxy(asyncio.Protocol):
-    """One client connection; requests one at a time (no pipelining), keep-alive."""
+class FloorProxy(RawProtocol):
+    """bench/servers.py's raw protocol, its answer relayed from the engine: one client
+    connection, requests one at a time (no pipelining), keep-alive."""
 
     def __init__(self, pool: UpstreamPool, engine: str) -> None:
+        super().__init__()
         self.pool, self.engine = pool, engine
-        self.parser = httptools.HttpRequestParser(self)
-        self.transport: asyncio.Transport | None = None
-        self.url = b""
-        self.body: list[bytes] = []
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def data_received(self, data: bytes) -> None:
-        self.parser.feed_data(data)
-
-    def on_url(self, url: bytes) -> None:
-        self.url = url
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        raw, self.body = b"".join(self.body), []
-        asyncio.get_running_loop().create_task(self.relay(self.url.decode(), raw))
+    def answer(self, path: str, body: bytes) -> None:
+        asyncio.get_running_loop().create_task(self.relay(path, body))
 
     async def relay(self, path: str, raw: bytes) -> None:
         transport = self.transport

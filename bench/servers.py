@@ -116,6 +116,7 @@ class RawProtocol(asyncio.Protocol):
 
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
+        self.url = b""
         self.body: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -126,11 +127,18 @@ class RawProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.parser.feed_data(data)
 
+    def on_url(self, url: bytes) -> None:
+        self.url = url
+
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
 
     def on_message_complete(self) -> None:
         body, self.body = b"".join(self.body), []
+        self.answer(self.url.decode(), body)
+
+    def answer(self, path: str, body: bytes) -> None:
+        """The handler: the bench's fixed answers (bench/proxy_floor.py relays instead)."""
         assert self.transport is not None
         if not wants_stream(body):
             self.transport.write(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -22,6 +22,7 @@ from contract import defaults
 from gateway.admission import Admission
 from gateway.body import parse_body, read_body
 from gateway.errors import InvalidField
+from gateway.fastpath import Route
 from gateway.frontdoor import FrontDoor, middleware_for
 from gateway.generate import (
     ENGINE_PATH,
@@ -72,14 +73,15 @@ def validation_error(exc: ValidationError) -> InvalidField:
 # -- (gateway.fastpath), both through the answers below ------------------------------------
 
 
-async def generate(request: web.Request) -> web.StreamResponse:
-    raw = await read_body(request, request.app[DOOR].limits)
-    return await generate_answer(request.app, request.headers, raw, AnswerOn(request))
+def on_aiohttp(answer: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A hot route's answer as aiohttp's handler: the body read within the front door's limits
+    (gateway.body), a stream answered through aiohttp's response."""
 
+    async def handler(request: web.Request) -> web.StreamResponse:
+        raw = await read_body(request, request.app[DOOR].limits)
+        return await answer(request.headers, raw, AnswerOn(request))
 
-async def openai_route(request: web.Request) -> web.StreamResponse:
-    raw = await read_body(request, request.app[DOOR].limits)
-    return await openai_answer(request.app, request.path, request.headers, raw, AnswerOn(request))
+    return handler
 
 
 async def generate_answer(
@@ -185,18 +187,18 @@ def create_app(
     app[KEYS] = KeyGate(watcher, require=require_keys)
     app[KEYS].register(app[METRICS].registry)
     app[JOURNEYS] = Journeys(watcher, app[ADMISSION], app[RETRY], app[METRICS])
-    app.router.add_post("/generate", generate)
-    app.router.add_post("/v1/completions", openai_route)
-    app.router.add_post("/v1/chat/completions", openai_route)
+    hot: dict[str, Route] = {  # served by the front door's own server, else by aiohttp's
+        "/generate": functools.partial(generate_answer, app),
+        "/v1/completions": functools.partial(openai_answer, app, "/v1/completions"),
+        "/v1/chat/completions": functools.partial(openai_answer, app, "/v1/chat/completions"),
+    }
+    for path, answer in hot.items():
+        app.router.add_post(path, on_aiohttp(answer))
+    door.fast_routes = {path.encode(): answer for path, answer in hot.items()}
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     add_routes(app)
-    door.fast_routes = {
-        b"/generate": functools.partial(generate_answer, app),
-        b"/v1/completions": functools.partial(openai_answer, app, "/v1/completions"),
-        b"/v1/chat/completions": functools.partial(openai_answer, app, "/v1/chat/completions"),
-    }
     app.on_shutdown.append(drain_fast_path)
     app.on_cleanup.append(close_upstream)
     return app

@@ -31,15 +31,16 @@ import httptools
 from aiohttp import web
 
 from gateway.errors import GatewayError, error_response
-from gateway.proxy import ClientSocket
+from gateway.proxy import ClientSocket, Opener
 
 if TYPE_CHECKING:
     from gateway.frontdoor import Connection, FrontDoor
 
 log = logging.getLogger("sem.gateway")
 
-# A hot route's answer: (headers by lower-case name, body, how to open a stream) -> response.
-Route = Callable[[Mapping[str, str], bytes, "RawAnswer"], Awaitable[web.StreamResponse]]
+# A hot route's answer, on either server: (headers by lower-case name, body, how to open a
+# stream's answer) -> the answer.
+Route = Callable[[Mapping[str, str], bytes, Opener], Awaitable[web.StreamResponse]]
 
 MAX_HEAD = 16 * 1024  # bytes without a complete head: aiohttp's server takes it (and refuses it)
 PIPELINED = 64 * 1024  # bytes read ahead while a request is served: then reading pauses
