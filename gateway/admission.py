@@ -65,7 +65,8 @@ class Admission:
 
     def _waiting(self, model: str) -> bool:
         """Some request for `model` waits (`queued` > 0, without counting them all)."""
-        return any(not w.future.done() for w in self._queues.get(model, ()))
+        queue = self._queues.get(model)
+        return queue is not None and any(not w.future.done() for w in queue)
 
     def oldest_wait(self, model: str) -> float:
         """Seconds the longest-queued request for `model` has waited (0: none queued): what the
@@ -157,7 +158,8 @@ class Admission:
 
     def release(self, replica: ReplicaRoute) -> None:
         self.outstanding[replica.id] = max(0, self.outstanding.get(replica.id, 0) - 1)
-        self.dispatch()
+        if self._queues:  # a request may be waiting for this slot
+            self.dispatch()
 
     def _table_changed(self) -> None:
         if self._suspects:
@@ -165,7 +167,9 @@ class Admission:
         self.dispatch()
 
     def dispatch(self) -> None:
-        """Hand free slots to waiters, best first; fail the waiters of models that are gone."""
+        """Hand free slots to waiters, best first; fail the waiters of models that are gone. A
+        model's queue is dropped once empty, so that a release with no one waiting costs
+        nothing."""
         for model, queue in list(self._queues.items()):
             if (gone := self._gone(model)) is not None:
                 for waiter in queue:
@@ -183,6 +187,8 @@ class Admission:
                 waiter = heapq.heappop(queue)
                 self._take(replica)
                 waiter.future.set_result(replica)
+            if not queue:
+                del self._queues[model]
 
     # -- internals ---------------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ from gateway.limits import Limits
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.openai_requests import REQUESTS
 from gateway.openapi import add_routes
-from gateway.proxy import AnswerOn, JsonRelay, Opener, Relay, StreamRelay
+from gateway.proxy import Answer, AnswerOn, JsonRelay, Opener, Relay, StreamRelay, Whole
 from gateway.retry import RetryBudget
 from gateway.routes import RouteWatcher
 from gateway.state import ADMISSION, DOOR, JOURNEYS, KEYS, METRICS, RETRY, UPSTREAM, WATCHER
@@ -79,14 +79,15 @@ def on_aiohttp(answer: Route) -> Callable[[web.Request], Awaitable[web.StreamRes
 
     async def handler(request: web.Request) -> web.StreamResponse:
         raw = await read_body(request, request.app[DOOR].limits)
-        return await answer(request.headers, raw, AnswerOn(request))
+        answered = await answer(request.headers, raw, AnswerOn(request))
+        return answered.as_response() if isinstance(answered, Whole) else answered
 
     return handler
 
 
 async def generate_answer(
     app: web.Application, headers: Headers, raw: bytes, opener: Opener
-) -> web.StreamResponse:
+) -> Answer:
     """/generate (see gateway.generate): validated, then sent as a completion request."""
     body = await parse_body(raw, app[DOOR].limits)
     try:
@@ -110,7 +111,7 @@ async def generate_answer(
 
 async def openai_answer(
     app: web.Application, path: str, headers: Headers, raw: bytes, opener: Opener
-) -> web.StreamResponse:
+) -> Answer:
     """/v1/completions and /v1/chat/completions: the fields sem reads validated (see
     gateway.openai_requests), routed by `model`, the body passed through as it came."""
     body = await parse_body(raw, app[DOOR].limits)
@@ -129,7 +130,7 @@ async def openai_answer(
 
 async def hand_over(
     app: web.Application, headers: Headers, path: str, relay: Relay, model: str, body: bytes
-) -> web.StreamResponse:
+) -> Answer:
     """The request's journey (gateway.journey), with what it needs from the HTTP request, once
     its API key lets it (gateway.keys: 401, 403 or 429 if not)."""
     keys = app[KEYS]

@@ -31,7 +31,7 @@ import httptools
 from aiohttp import web
 
 from gateway.errors import GatewayError, error_response
-from gateway.proxy import ClientSocket, Opener
+from gateway.proxy import Answer, ClientSocket, Opener, Whole
 
 if TYPE_CHECKING:
     from gateway.frontdoor import Connection, FrontDoor
@@ -40,13 +40,16 @@ log = logging.getLogger("sem.gateway")
 
 # A hot route's answer, on either server: (headers by lower-case name, body, how to open a
 # stream's answer) -> the answer.
-Route = Callable[[Mapping[str, str], bytes, Opener], Awaitable[web.StreamResponse]]
+Route = Callable[[Mapping[str, str], bytes, Opener], Awaitable[Answer]]
 
 MAX_HEAD = 16 * 1024  # bytes without a complete head: aiohttp's server takes it (and refuses it)
 PIPELINED = 64 * 1024  # bytes read ahead while a request is served: then reading pauses
 _NOT_PLAIN = ("transfer-encoding", "expect", "upgrade")
 _LENGTH = "content-length"
 _SKIPPED = frozenset({"content-length", "transfer-encoding", "connection", "date"})
+_JSON_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\nDate: %s\r\n\r\n"
+)
 _SSE_HEAD = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
     b"Transfer-Encoding: chunked\r\nDate: %s\r\n\r\n"
@@ -107,7 +110,7 @@ def plain_request(head: bytes, max_body: int) -> tuple[bytes, dict[str, str], in
 
 
 def whole_answer(response: web.StreamResponse) -> bytes:
-    """A whole (non-stream) answer as the bytes of an HTTP/1.1 response."""
+    """aiohttp's whole (non-stream) response (an error's) as the bytes of an HTTP/1.1 one."""
     assert isinstance(response, web.Response)
     body = response.body
     assert isinstance(body, bytes), "the gateway's whole answers are bytes"
@@ -142,12 +145,19 @@ class RawAnswer:
     they are plain (see the module) and hands the connection to aiohttp's server otherwise."""
 
     __slots__ = (
-        "_buffer", "_conn", "_door", "_drained", "_idle", "_paused", "_reading_paused", "_task",
-        "_transport",
+        "_buffer", "_conn", "_door", "_drained", "_idle", "_loop", "_paused", "_reading_paused",
+        "_task", "_transport",
     )  # fmt: skip
 
-    def __init__(self, conn: Connection, door: FrontDoor, transport: asyncio.Transport) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        door: FrontDoor,
+        transport: asyncio.Transport,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         self._conn = conn
+        self._loop = loop  # the connection's (each get_running_loop is a system call on 3.11)
         self._door = door
         self._transport = transport
         self._buffer = b""  # read, not yet taken: the next request's bytes
@@ -185,7 +195,7 @@ class RawAnswer:
         body, self._buffer = data[end : end + length], data[end + length :]
         self._conn.headers_complete()
         serve = self._serve(plain[0], route, headers, body)
-        task = asyncio.get_running_loop().create_task(serve)
+        task = self._loop.create_task(serve)
         self._task = task
         self._door.serving.add(task)
         task.add_done_callback(self._door.serving.discard)
@@ -203,14 +213,17 @@ class RawAnswer:
         self, path: bytes, route: Route, headers: Mapping[str, str], body: bytes
     ) -> None:
         door, transport = self._door, self._transport
-        response: web.StreamResponse | None = None
+        response: Answer | None = None
         try:
             try:
                 async with door.bodies.hold(len(body), door.limits.body_timeout):
                     response = await route(headers, body, self)
             except GatewayError as exc:
                 response = error_response(exc)
-            if not isinstance(response, RawStream):
+            if isinstance(response, Whole):
+                answer = response.body
+                transport.write(_JSON_HEAD % (len(answer), _Date.now()) + answer)
+            elif not isinstance(response, RawStream):
                 transport.write(whole_answer(response))
         except asyncio.CancelledError:
             transport.abort()  # the client left, or the gateway is stopping: nothing to finish
@@ -236,7 +249,7 @@ class RawAnswer:
             self._next()
         else:
             timeout = door.limits.keepalive_timeout
-            self._idle = asyncio.get_running_loop().call_later(timeout, transport.close)
+            self._idle = self._loop.call_later(timeout, transport.close)
 
     # -- writing a stream (RawStream, and gateway.proxy through the Opener protocol) -----------
 
@@ -254,7 +267,7 @@ class RawAnswer:
         if out:
             transport.write(out)
         if self._paused:
-            self._drained = asyncio.get_running_loop().create_future()
+            self._drained = self._loop.create_future()
             await self._drained
 
     def pause(self) -> None:

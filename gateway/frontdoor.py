@@ -169,7 +169,7 @@ class Connection(asyncio.Protocol):
             sock = transport.get_extra_info("socket")
             if sock is not None:  # as aiohttp's handler does: answers go out at once
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.fast = RawAnswer(self, self._door, transport)
+            self.fast = RawAnswer(self, self._door, transport, loop)
         else:
             self.handler.connection_made(transport)
 

@@ -22,14 +22,12 @@ import time
 import uuid
 from collections.abc import Callable
 
-from aiohttp import web
-
 from contract.routes import ReplicaRoute
 from gateway.admission import Admission
 from gateway.errors import GatewayError, RequestQuarantined, UpstreamError, UpstreamTimeout
 from gateway.metrics import GatewayMetrics, Observation
 from gateway.progress import Progress
-from gateway.proxy import Relay
+from gateway.proxy import Answer, Relay
 from gateway.retry import RetryBudget
 from gateway.routes import RouteWatcher
 
@@ -75,7 +73,7 @@ class Journeys:
         priority: int,
         request_id: str | None,
         charge: Callable[[int], None] | None = None,
-    ) -> web.StreamResponse:
+    ) -> Answer:
         """`relay`'s answer to a request for `model` on `route` (`body`: the bytes it came with,
         which identify it for the quarantine). `request_id` names it in the logs (one is made up
         if it has none and the logs need one). `charge(tokens)` is called at the end with the
@@ -153,7 +151,7 @@ class Journeys:
         failures: int,
         exc: UpstreamError | UpstreamTimeout,
     ) -> None:
-        (obs.metrics.resumes if kind is Retry.RESUME else obs.metrics.replays).inc()
+        obs.metrics.retried(kind.value)
         log.warning(
             "request %s (%s): %s; %s (attempt %d of %d)", request_id, model,
             exc.message, kind.value, failures + 1, self._budget.max_attempts,

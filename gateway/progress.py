@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from contract import defaults
 from contract.routes import ReplicaRoute
+from gateway.loop import OnLoop
 
 log = logging.getLogger("sem.gateway")
 
@@ -77,25 +78,27 @@ class Abandoned(Exception):
 
 
 class Guard:
-    """`async with guard:` around an attempt's work, which `fire` cancels, the cancellation
-    coming out as TimeoutError: asyncio.timeout's contract (a cancellation from elsewhere, such
-    as a client that left, stays a cancellation), without its timer handle and state machine,
-    which cost a few % of a request's CPU for a deadline an attempt never sets."""
+    """`with guard:` around an attempt's work (in a task), which `fire` cancels, the
+    cancellation coming out as TimeoutError: asyncio.timeout's contract (a cancellation from
+    elsewhere, such as a client that left, stays a cancellation), without its timer handle and
+    state machine, which cost a few % of a request's CPU for a deadline an attempt never sets;
+    and a plain context manager, since entering and leaving it never waits."""
 
-    __slots__ = ("_cancelling", "_fired", "_task")
+    __slots__ = ("_cancelling", "_fired", "_loop", "_task")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
         self._task: asyncio.Task[object] | None = None
         self._cancelling = 0
         self._fired = False
 
-    async def __aenter__(self) -> None:
-        task = asyncio.current_task()
+    def __enter__(self) -> None:
+        task = asyncio.current_task(self._loop)
         assert task is not None, "a guard is entered in a task"
         self._task, self._cancelling = task, task.cancelling()
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: object) -> None:  # fmt: skip
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:  # fmt: skip
         task, self._task = self._task, None
         fired = self._fired and task is not None and task.uncancel() <= self._cancelling
         if fired and exc_type is asyncio.CancelledError:  # ours, not a client that left
@@ -144,7 +147,7 @@ class Attempt:
         self._held = False  # the gateway stopped reading its answer: its client is behind
         self._counted = False  # counted in its replica's `producing`
         self.reason: str | None = None  # set when abandoned
-        self._guard = Guard()
+        self._guard = Guard(board.loop)
         self._timer: asyncio.TimerHandle | None = None
 
     @property
@@ -152,7 +155,7 @@ class Attempt:
         return self._guard
 
     def first_byte_within(self, seconds: float) -> None:
-        self._timer = asyncio.get_running_loop().call_later(
+        self._timer = self._board.loop.call_later(
             seconds, self.abandon, f"sent nothing within {seconds:.1f}s (first-byte deadline)"
         )
 
@@ -217,7 +220,7 @@ class Attempt:
         self.close()
 
 
-class Progress:
+class Progress(OnLoop):
     """Every replica's progress; `on_stall(url)` is told of a replica that stalled; `ready`
     says whether a replica is still ready in the route table."""
 
@@ -265,7 +268,7 @@ class Progress:
         """Check `state` for a stall when it would be one (one timer per replica)."""
         if state.timer is None:
             delay = max(0.0, state.last + self.stall_after - time.monotonic())
-            state.timer = asyncio.get_running_loop().call_later(delay, self._check, state)
+            state.timer = self.loop.call_later(delay, self._check, state)
 
     def _check(self, state: _Replica) -> None:
         state.timer = None

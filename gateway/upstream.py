@@ -32,6 +32,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from gateway.loop import OnLoop
+
 # Above this many bytes read ahead of the caller, stop reading from the engine until it catches up.
 _HIGH_WATER = 256 * 1024
 
@@ -183,8 +185,7 @@ class Exchange:
         self.received = False  # any byte of the answer came
 
     async def __aenter__(self) -> Exchange:
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._pool.timeout, self._time_out)
+        self._timer = self._pool.loop.call_later(self._pool.timeout, self._time_out)
         try:
             await self._start()
         except BaseException:
@@ -283,7 +284,7 @@ class Exchange:
     async def _wait(self) -> None:
         if self._error is not None:
             raise self._error
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self._pool.loop.create_future()
         try:
             await self._waiter
         finally:
@@ -367,7 +368,7 @@ class _Target:
         return head
 
 
-class UpstreamPool:
+class UpstreamPool(OnLoop):
     """Keep-alive connections per engine. `timeout` bounds a whole exchange (status and body)."""
 
     def __init__(
@@ -404,7 +405,7 @@ class UpstreamPool:
     async def connect(self, target: _Target) -> _Connection:
         if self._closed:
             raise EngineDisconnected("the upstream pool is closed (the gateway is stopping)")
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         try:
             async with asyncio.timeout(self.connect_timeout):
                 transport, conn = await loop.create_connection(

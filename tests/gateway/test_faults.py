@@ -218,12 +218,12 @@ def test_usage_is_asked_of_the_engine_and_stripped_byte_level_in_vllms_form():
 
 async def test_an_abandoned_attempt_is_a_timeout_and_a_client_that_left_stays_a_cancellation():
     async def work(guard: Guard, started: asyncio.Event) -> None:
-        async with guard:
+        with guard:
             started.set()
             await asyncio.sleep(10)
 
     async def run(also_cancel: bool) -> BaseException | None:
-        guard, started = Guard(), asyncio.Event()
+        guard, started = Guard(asyncio.get_running_loop()), asyncio.Event()
         task = asyncio.create_task(work(guard, started))
         await started.wait()
         guard.fire()  # what a stall or a first-byte deadline does, from a callback
@@ -235,7 +235,7 @@ async def test_an_abandoned_attempt_is_a_timeout_and_a_client_that_left_stays_a_
 
     assert isinstance(await run(also_cancel=False), TimeoutError)
     assert isinstance(await run(also_cancel=True), asyncio.CancelledError)
-    Guard().fire()  # never entered (or already left): nothing to cancel
+    Guard(asyncio.get_running_loop()).fire()  # never entered (or already left): nothing to cancel
 
 
 def big_engine(sent: list[int], forever: bool) -> web.Application:
