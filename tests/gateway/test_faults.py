@@ -11,10 +11,12 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from contract.routes import RouteTable
+from gateway.ending import ends_stream
 from gateway.progress import FirstByteClock, Guard
 from gateway.retry import RetryBudget
 from gateway.state import JOURNEYS, UPSTREAM
@@ -214,6 +216,34 @@ def test_usage_is_asked_of_the_engine_and_stripped_byte_level_in_vllms_form():
     assert with_final(counted + final) == chunk + final
     everything = {"stream_options": {"include_usage": True, "continuous_usage_stats": True}}
     assert UsageFilter(everything)(counted + final) == counted + final
+    assert UsageFilter({})(counted) == chunk  # the usual piece: one event, cut by hand
+    assert UsageFilter({})(final) == b""  # the usage-only event alone
+    assert UsageFilter({})(chunk + counted) == chunk + chunk  # an event without usage first
+    spaced = b'data: {"id": "c", "choices": [{"index": 0, "text": "x"}]}\n\n'
+    spaced_counted = spaced[:-3] + b', "usage": {"completion_tokens": 2}}\n\n'
+    spaced_final = b'data: {"id": "c", "choices": [], "usage": {"completion_tokens": 2}}\n\n'
+    assert UsageFilter({})(spaced_counted + spaced_final) == spaced  # other JSON: the regexes
+    assert with_final(spaced_counted + spaced_final) == spaced + spaced_final
+
+
+@pytest.mark.parametrize(
+    ("events", "ends"),
+    [
+        (b'data: {"choices":[{"index":0,"text":"x","finish_reason":null}]}\n\n', False),
+        (b'data: {"choices":[{"index":0,"text":"x","finish_reason":"stop"}]}\n\n', True),
+        (b'data: {"choices": [{"text": "x", "finish_reason": null}]}\n\n', False),
+        (b'data: {"choices": [{"text": "x", "finish_reason": "length"}]}\n\n', True),
+        (b'data: {"choices":[{"text":"finish_reason","finish_reason":null}]}\n\n', False),
+        (b'data: {"choices":[{"index":0,"finish_reason":null},'
+         b'{"index":1,"finish_reason":"stop"}]}\n\n', True),
+        (b"data: [DONE]\n\n", True),
+        (b'data: {"choices":[{"text":"x"}]}\n\n', False),
+    ],
+)  # fmt: skip
+def test_a_stream_end_is_told_by_a_finish_reason_or_done_in_any_spacing(
+    events: bytes, ends: bool
+) -> None:
+    assert ends_stream(events) is ends
 
 
 async def test_an_abandoned_attempt_is_a_timeout_and_a_client_that_left_stays_a_cancellation():
