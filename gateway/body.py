@@ -53,10 +53,15 @@ class BodyBudget:
         self.held -= size
         self._grant()
 
-    async def _take(self, size: int, timeout: float) -> None:
+    def _take_now(self, size: int) -> bool:
+        """Take `size` bytes if they are free and no one waits before: the usual case."""
         if not self._waiters and self.held + size <= self.capacity:
             self.held += size
-            return
+            return True
+        return False
+
+    async def _take(self, size: int, timeout: float) -> None:
+        """Wait up to `timeout` s for `size` bytes, in line (after `_take_now` failed)."""
         waiter = asyncio.get_running_loop().create_future()
         entry = (size, waiter)
         self._waiters.append(entry)
@@ -104,7 +109,8 @@ class _Held:
         self._budget, self._size, self._timeout = budget, size, timeout
 
     async def __aenter__(self) -> None:
-        await self._budget._take(self._size, self._timeout)
+        if not self._budget._take_now(self._size):  # no second coroutine in the usual case
+            await self._budget._take(self._size, self._timeout)
 
     async def __aexit__(self, *exc: object) -> None:
         self._budget._give_back(self._size)
@@ -179,12 +185,18 @@ def _finite(text: str) -> float:
 _DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
 
 
+def _encoding(raw: bytes) -> str:
+    """JSON's encoding (RFC 8259 allows UTF-16 and UTF-32 too): an object that opens with a
+    byte of its own is UTF-8 without a BOM, the usual case, told without json's detection."""
+    return "utf-8" if raw[:1] == b"{" and raw[1:2] != b"\x00" else json.detect_encoding(raw)
+
+
 def parse_object(raw: bytes, max_depth: int) -> dict[str, Any]:
     """`raw` as a JSON object; anything else is a 400 saying why."""
     if too_deep(raw, max_depth):
         raise BadRequest(f"body: JSON nested deeper than {max_depth} levels")
     try:
-        body = _DECODER.decode(raw.decode(json.detect_encoding(raw)))
+        body = _DECODER.decode(raw.decode(_encoding(raw)))
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError too
         raise BadRequest(f"body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):

@@ -16,8 +16,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from contract.routes import RouteTable
-from gateway.body import BodyBudget, too_deep
-from gateway.errors import Overloaded
+from gateway.body import BodyBudget, parse_object, too_deep
+from gateway.errors import BadRequest, Overloaded
 from gateway.limits import Limits, MiB
 from gateway.retry import RetryBudget
 from tests.fake_engine import FakeEngine
@@ -44,6 +44,16 @@ def test_depth_is_counted_on_arrays_and_objects_outside_strings() -> None:
     assert not too_deep(b'{"a": "[[[[[[[[[[\\"[[[[[["}', 2)  # brackets in strings do not count
     assert not too_deep(b"[[[[", 2)  # unbalanced: the parser refuses it
     assert too_deep(nested(65), 64) and not too_deep(nested(64), 64)
+
+
+@pytest.mark.parametrize(
+    "encoding", ["utf-8", "utf-8-sig", "utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"]
+)
+def test_a_body_is_read_in_any_encoding_json_allows(encoding: str) -> None:
+    text = '{"model": "m", "prompt": "caf\u00e9 \u2603"}'
+    assert parse_object(text.encode(encoding), 64) == {"model": "m", "prompt": "café ☃"}
+    with pytest.raises(BadRequest):
+        parse_object("[1]".encode(encoding), 64)
 
 
 @pytest.mark.parametrize("route", ROUTES)
