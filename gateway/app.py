@@ -35,7 +35,7 @@ from gateway.journey import Journeys
 from gateway.keys import KeyGate
 from gateway.limits import Limits
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
-from gateway.openai_requests import REQUESTS
+from gateway.openai_requests import validate
 from gateway.openapi import add_routes
 from gateway.proxy import Answer, AnswerOn, JsonRelay, Opener, Relay, StreamRelay, Whole
 from gateway.retry import RetryBudget
@@ -116,7 +116,7 @@ async def openai_answer(
     gateway.openai_requests), routed by `model`, the body passed through as it came."""
     body = await parse_body(raw, app[DOOR].limits)
     try:
-        REQUESTS[path].model_validate(body)
+        validate(path, body)
     except ValidationError as exc:
         raise validation_error(exc) from None
     pool = app[UPSTREAM]
