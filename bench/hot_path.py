@@ -1,0 +1,222 @@
+"""What does sem's own work cost per request and per stream? The gateway's hot path in one
+process, its sockets faked: steady to a few % where the loopback benchmarks swing by 10-20%.
+
+A client's request is fed to the front door's fast path (gateway.fastpath) as the bytes a
+client sends; the route's whole journey runs (parse, validation, keys, admission, progress,
+the relay, metrics) through sem's real engine client (gateway.upstream), whose engine answer is
+fed to it as the bytes a vLLM server sends (a stream: 64 reads, one per loop turn, with usage in
+every chunk, as sem asks). What is not measured: the kernel's socket calls and the event loop's
+polling, which any proxy pays (bench/gateway_overhead.py and ../shared/bench measure those
+too). Each figure is the best of several rounds of CPU time, the process pinned to one core.
+
+    .venv/bin/python bench/hot_path.py [--against OTHER_CHECKOUT] [--rounds 10]
+
+With `--against`, the same measure of another checkout of sem (an older commit) in turn, and the
+ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import inspect
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+CLIENT_HEAD = (
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: bench\r\n"
+    b"Accept: */*\r\nAccept-Encoding: gzip, deflate\r\nContent-Length: %d\r\n"
+    b"Content-Type: application/json\r\n\r\n"
+)
+
+
+def chunked(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def engine_reads(stream: bool) -> list[bytes]:
+    """What the engine's socket gives the gateway, read by read."""
+    from bench.fake_answers import CHUNKS, COMPLETION, DONE
+    from bench.gateway_overhead import CHUNK_WITH_USAGE, FINAL_USAGE
+
+    if not stream:
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+        return [head % len(COMPLETION) + COMPLETION]
+    reads = [b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+             b"Transfer-Encoding: chunked\r\n\r\n"]  # fmt: skip
+    reads += [chunked(CHUNK_WITH_USAGE % (n + 5, n)) for n in range(1, CHUNKS + 1)]
+    reads.append(chunked(FINAL_USAGE) + chunked(DONE) + b"0\r\n\r\n")
+    return reads
+
+
+class EngineSocket:
+    """The engine's side of an upstream connection: a request written to it is answered with
+    `reads`, one per loop turn."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, reads: list[bytes]) -> None:
+        self.loop, self.reads, self.conn = loop, reads, None  # conn: set once it exists
+
+    def write(self, data: bytes) -> None:
+        self.loop.call_soon(self._read, 0)
+
+    def _read(self, index: int) -> None:
+        self.conn.data_received(self.reads[index])  # type: ignore[attr-defined]
+        if index + 1 < len(self.reads):
+            self.loop.call_soon(self._read, index + 1)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+
+class ClientSocket:
+    """The client's side: collects the answer, and says when it is whole."""
+
+    def __init__(self, end: bytes) -> None:
+        self.end, self.done = end, None  # done: a future per request
+        self.last = b""
+
+    def write(self, data: bytes) -> None:
+        self.last = data
+        if self.done is not None and not self.done.done() and data.endswith(self.end):
+            self.done.set_result(None)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+
+class Door:
+    """The front door's connection, as the fast path sees it."""
+
+    def headers_complete(self) -> None: ...
+
+    def hand_over(self, data: bytes) -> None:
+        raise SystemExit("the request left the fast path: nothing to measure")
+
+
+async def measure(stream: bool, rounds: int) -> float:
+    """CPU microseconds per request (or stream), the best of `rounds`."""
+    from gateway.app import create_app
+    from gateway.daemon import static_routes
+    from gateway.fastpath import RawAnswer
+    from gateway.routes import RouteWatcher
+    from gateway.state import DOOR, UPSTREAM
+    from gateway.upstream import _Connection
+
+    loop = asyncio.get_running_loop()
+    watcher = RouteWatcher("http://127.0.0.1:1", None)  # type: ignore[arg-type]
+    watcher.update(static_routes(["fake=http://127.0.0.1:9"]))
+    app = create_app(watcher)
+    pool, reads = app[UPSTREAM], engine_reads(stream)
+    idle = pool.idle
+
+    def engine_connection(key: str) -> Any:
+        conn = idle(key)
+        if conn is None:
+            conn = _Connection(pool, key)
+            engine = EngineSocket(loop, reads)
+            engine.conn = conn
+            conn.connection_made(engine)  # type: ignore[arg-type]
+        return conn
+
+    pool.idle = engine_connection  # type: ignore[method-assign]
+    body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    raw = json.dumps(body).encode()
+    request = CLIENT_HEAD % len(raw) + raw
+    client = ClientSocket(b"0\r\n\r\n" if stream else b"}")
+    takes_loop = "loop" in inspect.signature(RawAnswer).parameters  # older checkouts: not
+    extra = (loop,) if takes_loop else ()
+    answer = RawAnswer(Door(), app[DOOR], client, *extra)  # type: ignore[arg-type]
+
+    async def one() -> None:
+        client.done = loop.create_future()
+        answer.feed(request)
+        await client.done
+        await asyncio.sleep(0)  # the request's task ends
+
+    for _ in range(200):  # warm: pools, caches, the first-byte clock
+        await one()
+    assert b"200 OK" in client.last or client.last.endswith(client.end), client.last[:200]
+    gc.freeze()
+    count, best = (300 if stream else 3000), float("inf")
+    for _ in range(rounds):
+        started = time.process_time()
+        for _ in range(count):
+            await one()
+        best = min(best, (time.process_time() - started) / count * 1e6)
+    return best
+
+
+def run_one(checkout: Path, rounds: int) -> dict[str, float]:
+    """This script's measure of `checkout`'s gateway, in a process of its own on one core."""
+    command = [sys.executable, __file__, "--child", str(checkout), "--rounds", str(rounds)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return dict(json.loads(out.splitlines()[-1]))
+
+
+def child(checkout: Path, rounds: int) -> None:
+    import uvloop
+
+    sys.path.insert(0, str(checkout))  # its gateway; the bench's helpers stay this checkout's
+    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+    figures = {
+        "request": uvloop.run(measure(False, rounds)),
+        "stream": uvloop.run(measure(True, rounds)),
+    }
+    print(json.dumps(figures))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--against", type=Path, metavar="CHECKOUT",
+                        help="another checkout of sem, measured in turn")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--turns", type=int, default=2, help="alternations with --against")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        child(args.child, args.rounds)
+        return
+    checkouts = [("this", REPO)] + ([("against", args.against)] if args.against else [])
+    results: dict[str, list[dict[str, float]]] = {name: [] for name, _ in checkouts}
+    for turn in range(args.turns if args.against else 1):
+        for name, path in checkouts:
+            figures = run_one(path.resolve(), args.rounds)
+            results[name].append(figures)
+            print(f"turn {turn + 1} {name:8s} {figures['request']:6.1f} us per request,"
+                  f" {figures['stream']:6.1f} us per stream", flush=True)  # fmt: skip
+    best = {name: {k: min(f[k] for f in runs) for k in ("request", "stream")}
+            for name, runs in results.items()}  # fmt: skip
+    print("\nbest of each (CPU time, sockets faked):")
+    for name, figures in best.items():
+        print(f"  {name:8s} {figures['request']:6.1f} us per request,"
+              f" {figures['stream']:6.1f} us per stream (64 chunks)")  # fmt: skip
+    if args.against:
+        this, other = best["this"], best["against"]
+        print(f"  ratio this/against: {this['request'] / other['request']:.2f} per request,"
+              f" {this['stream'] / other['stream']:.2f} per stream")  # fmt: skip
+
+
+if __name__ == "__main__":
+    if str(REPO) not in sys.path:  # run as a file: the bench's helpers from this checkout
+        sys.path.insert(0, str(REPO))
+    main()

@@ -1,0 +1,50 @@
+"""bench/hot_path.py measures what it says: the gateway's fast path answers its fed requests
+whole (a stream with all its chunks), and the script prints a figure for each."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import uvloop
+
+from bench import hot_path
+from bench.fake_answers import CHUNKS
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_streams_it_measures_arrive_whole() -> None:
+    answers: list[bytes] = []
+
+    async def measured() -> float:
+        write = hot_path.ClientSocket.write
+
+        def keep(self: hot_path.ClientSocket, data: bytes) -> None:
+            answers.append(data)
+            write(self, data)
+
+        hot_path.ClientSocket.write = keep  # type: ignore[method-assign]
+        try:
+            return await hot_path.measure(stream=True, rounds=1)
+        finally:
+            hot_path.ClientSocket.write = write  # type: ignore[method-assign]
+
+    assert uvloop.run(measured()) > 0
+    last = b"".join(answers).rsplit(b"HTTP/1.1 200 OK", 1)[1]  # the last stream
+    assert last.count(b'"content":"x"') == CHUNKS and last.endswith(
+        b"data: [DONE]\n\n\r\n0\r\n\r\n"
+    )
+    assert b'"usage"' not in last  # sem's own usage request, stripped
+
+
+def test_the_script_prints_a_figure_per_request_and_per_stream() -> None:
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "hot_path.py"), "--rounds", "1"],
+        check=True, capture_output=True, text=True, timeout=120,
+    ).stdout  # fmt: skip
+    figures = re.search(r"this +([\d.]+) us per request, +([\d.]+) us per stream", out)
+    assert figures is not None, out
+    assert 0 < float(figures[1]) < float(figures[2])
