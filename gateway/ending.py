@@ -58,7 +58,7 @@ def ends_stream(out: bytes) -> bool:
     """`out` (complete events) holds a finish or [DONE]: what is held back until the end. Two
     scans of the bytes whatever the JSON's spacing (a scan is most of the cost: this runs on
     every streamed piece)."""
-    if b"[DONE]" in out:
+    if out.find(b"[DONE]") >= 0:
         return True
     at = out.find(_FINISH_KEY)
     while at >= 0:

@@ -7,6 +7,11 @@ what the engine sent since the last read is written to the client at once, with 
 re-chunking and no parsing (events are counted, see gateway.usage), and a stream whose engine
 failed goes on from where it broke (see gateway.resume). Engines are called through
 gateway.upstream; their failures come out of here as the gateway's typed errors.
+
+Every streamed piece is searched a few times (an in-band error, the stream's end, usage to
+strip: gateway.ending, gateway.usage), so those searches are `piece.find(x) >= 0`, not
+`x in piece`: on bytes, `in` first tries `x` as an integer and makes and clears a TypeError,
+which cost as much as the search itself (~110 of ~260 ns on a 170-byte piece here).
 """
 
 from __future__ import annotations
@@ -222,7 +227,7 @@ def cut_answer(request: bytes, answer: bytes) -> str | None:
 def in_band_error(out: bytes) -> tuple[int, str] | None:
     """Where an error event starts in `out` (complete events) and its message: vLLM's way to
     fail a stream that already answered 200. Cheap when there is none: one substring search."""
-    if b'"error"' not in out:
+    if out.find(b'"error"') < 0:
         return None
     start = 0
     while start < len(out):
@@ -240,7 +245,7 @@ def in_band_error(out: bytes) -> tuple[int, str] | None:
 
 
 def _has_done(out: bytes) -> bool:
-    return b"[DONE]" in out
+    return out.find(b"[DONE]") >= 0
 
 
 class Opener(Protocol):
@@ -390,7 +395,7 @@ class StreamRelay:
                 if not out:
                     return b""
                 if (client is not None and not held and not upstream.pending and client.ready()
-                        and b'"error"' not in out and not ends(out)):  # fmt: skip
+                        and out.find(b'"error"') < 0 and not ends(out)):  # fmt: skip
                     client.write(strip(out))
                     obs.first_token()
                     return b""
@@ -400,7 +405,7 @@ class StreamRelay:
             upstream.pipe(take)
             try:
                 async for out in upstream:
-                    if b'"error"' in out and (error := in_band_error(out)) is not None:
+                    if (error := in_band_error(out)) is not None:
                         cut, message = error
                         log.unsend(len(out) - cut)  # `out`: the log's last bytes
                         await self._write(held + out[:cut], splice, obs)  # what came before

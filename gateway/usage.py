@@ -71,12 +71,12 @@ class UsageFilter:
             return out
         start = out.find(b',"usage":{')  # vLLM's compact form: cut by hand, no regex
         if start < 0:
-            return self._other(out) if b'"usage"' in out else out
+            return self._other(out) if out.find(b'"usage"') >= 0 else out
         end = out.find(b"}", start) + 1
-        if not end or b'"choices":[]' in out:
+        if not end or out.find(b'"choices":[]') >= 0:
             return self._other(out)
         rest = out[end:]
-        return out[:start] + (self(rest) if b'"usage"' in rest else rest)
+        return out[:start] + (self(rest) if rest.find(b'"usage"') >= 0 else rest)
 
     def _other(self, out: bytes) -> bytes:
         """Any form: the final usage-only event (`"choices":[]`) dropped or kept, per-chunk
