@@ -200,15 +200,18 @@ def create_app(
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     add_routes(app)
-    app.on_shutdown.append(drain_fast_path)
+    app.on_shutdown.append(stop_fast_path)
     app.on_cleanup.append(close_upstream)
     return app
 
 
-async def drain_fast_path(app: web.Application) -> None:
-    """Requests the front door serves itself finish before the engine connections close."""
-    await app[DOOR].drain(app[DOOR].shutdown_timeout)
+async def stop_fast_path(app: web.Application) -> None:
+    """Stopping: the requests the front door serves itself drain meanwhile aiohttp's own do
+    (one --shutdown-timeout for both)."""
+    app[DOOR].stop()
 
 
 async def close_upstream(app: web.Application) -> None:
+    """After every request has finished or been cancelled, the fast path's too."""
+    await app[DOOR].drained()
     await app[UPSTREAM].close()

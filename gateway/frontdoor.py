@@ -24,6 +24,7 @@ Request bodies (size, pace, memory) are gateway.body's; the middleware here appl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import socket
@@ -72,6 +73,8 @@ class FrontDoor:
         self.serving: set[asyncio.Task[None]] = set()  # fast-path requests in flight
         self.shutdown_timeout = 10.0  # s the fast path's requests get to finish when stopping
         self.stopping = False
+        self._draining: asyncio.Task[None] | None = None  # see `stop`
+        self._emptied: asyncio.Future[None] | None = None  # stopping: the last connection went
         self._refused_since_log = 0
         self._last_refusal_log = 0.0
 
@@ -93,10 +96,28 @@ class FrontDoor:
             self.protocols(runner.server), host, port, backlog=4096, reuse_address=True
         )
 
+    def stop(self) -> None:
+        """The gateway stops (aiohttp's on_shutdown): the fast path drains (`drain`, within
+        `shutdown_timeout`) while aiohttp's server drains its own requests within the same time,
+        not one after the other; `drained` waits for it (aiohttp's on_cleanup)."""
+        if self._draining is None:
+            self._draining = asyncio.get_running_loop().create_task(
+                self.drain(self.shutdown_timeout), name="fast-path-drain"
+            )
+
+    async def drained(self) -> None:
+        if self._draining is not None:
+            await self._draining
+
     async def drain(self, timeout: float) -> None:
-        """Stopping: close the fast path's idle connections, let its requests in flight finish
-        within `timeout` s, then cancel the rest (aiohttp's server does the same for its own)."""
+        """Stopping: close the fast path's idle connections and let its requests in flight
+        finish within `timeout` s, as aiohttp's server meanwhile does for its own; then cancel
+        what is left of both. (aiohttp's server alone, past `timeout`, cancels its requests and
+        waits `timeout` again for them to end, which a stream does only when its connection
+        closes: so the connections still open at the deadline are closed here.)"""
         self.stopping = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         for conn in list(self._connections.values()):
             if conn.fast is not None:
                 conn.fast.close_if_idle()
@@ -106,6 +127,12 @@ class FrontDoor:
                 task.cancel()
             if late:
                 await asyncio.wait(late)
+        if self._connections and (left := deadline - loop.time()) > 0:
+            self._emptied = loop.create_future()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._emptied, left)
+        for conn in list(self._connections.values()):
+            conn.abort()  # aiohttp's handler is cancelled with it (handler_cancellation)
 
     def admit(self, conn: Connection) -> bool:
         if self.open >= self.cap:
@@ -118,6 +145,8 @@ class FrontDoor:
     def gone(self, conn: Connection) -> None:
         self.open -= 1
         self._connections.pop(conn.handler, None)
+        if not self._connections and self._emptied is not None and not self._emptied.done():
+            self._emptied.set_result(None)
 
     def request_started(self, handler: RequestHandler) -> None:
         conn = self._connections.get(handler)
@@ -224,6 +253,10 @@ class Connection(asyncio.Protocol):
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
 
     def _cancel_timers(self) -> None:
         for timer in (self._header_timer, self._write_timer):

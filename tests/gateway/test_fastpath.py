@@ -170,6 +170,32 @@ async def test_a_stopping_gateway_lets_a_fast_path_stream_finish(rig: Rig) -> No
     writer.close()
 
 
+async def test_stopping_drains_both_servers_within_one_shutdown_timeout(rig: Rig) -> None:
+    engine = FakeEngine("m", token_delay=0.2)  # 100 tokens: 20 s, past the shutdown timeout
+    rig.watcher.update(RouteTable(1, {"m": ready_model("m", await rig.engine(engine))}))
+    app = create_app(rig.watcher, Admission(rig.watcher))
+    timeout = 1.5
+    app[DOOR].shutdown_timeout = timeout  # as the daemon sets both from --shutdown-timeout
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=timeout)
+    await runner.setup()
+    listener = await app[DOOR].listen(runner, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    fast, slow = await raw_connection(port), await raw_connection(port)
+    body = completion(100, stream=True)
+    fast[1].write(post_head("/v1/completions", body))
+    slow[1].write(post_head("/v1/completions", body, "Connection: close\r\n"))  # aiohttp's
+    await wait_for(lambda: engine.running == 2, 5)
+    listener.close()
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(runner.cleanup(), 3 * timeout)
+    took = asyncio.get_running_loop().time() - started
+    assert timeout <= took < 1.6 * timeout, took  # one timeout for both, not one after the other
+    await wait_for(lambda: engine.running == 0, 5)  # both streams cancelled: vLLM aborts them
+    for reader, writer in (fast, slow):
+        await closed_within(reader, 3)
+        writer.close()
+
+
 async def test_a_client_that_leaves_cancels_its_request_and_the_engine_aborts(rig: Rig) -> None:
     engine = FakeEngine("m", token_delay=0.05)
     url = await rig.engine(engine)
