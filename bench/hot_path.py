@@ -38,26 +38,23 @@ CLIENT_HEAD = (
 )
 
 
-def chunked(data: bytes) -> bytes:
-    return b"%x\r\n%b\r\n" % (len(data), data)
-
-
 def engine_reads(stream: bool) -> list[bytes]:
     """What the engine's socket gives the gateway, read by read."""
     from bench.fake_answers import CHUNKS, COMPLETION, DONE
     from bench.gateway_overhead import CHUNK_WITH_USAGE, FINAL_USAGE
+    from gateway.proxy import http_chunk
 
     if not stream:
         head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
         return [head % len(COMPLETION) + COMPLETION]
     reads = [b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
              b"Transfer-Encoding: chunked\r\n\r\n"]  # fmt: skip
-    reads += [chunked(CHUNK_WITH_USAGE % (n + 5, n)) for n in range(1, CHUNKS + 1)]
-    reads.append(chunked(FINAL_USAGE) + chunked(DONE) + b"0\r\n\r\n")
+    reads += [http_chunk(CHUNK_WITH_USAGE % (n + 5, n)) for n in range(1, CHUNKS + 1)]
+    reads.append(http_chunk(FINAL_USAGE) + http_chunk(DONE) + b"0\r\n\r\n")
     return reads
 
 
-class EngineSocket:
+class FakeEngine:
     """The engine's side of an upstream connection: a request written to it is answered with
     `reads`, one per loop turn."""
 
@@ -80,7 +77,7 @@ class EngineSocket:
     def resume_reading(self) -> None: ...
 
 
-class ClientSocket:
+class FakeClient:
     """The client's side: collects the answer, and says when it is whole."""
 
     def __init__(self, end: bytes) -> None:
@@ -133,7 +130,7 @@ async def measure(stream: bool, rounds: int) -> float:
         conn = idle(key)
         if conn is None:
             conn = _Connection(pool, key)
-            engine = EngineSocket(loop, reads)
+            engine = FakeEngine(loop, reads)
             engine.conn = conn
             conn.connection_made(engine)  # type: ignore[arg-type]
         return conn
@@ -142,7 +139,7 @@ async def measure(stream: bool, rounds: int) -> float:
     body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
     raw = json.dumps(body).encode()
     request = CLIENT_HEAD % len(raw) + raw
-    client = ClientSocket(b"0\r\n\r\n" if stream else b"}")
+    client = FakeClient(b"0\r\n\r\n" if stream else b"}")
     takes_loop = "loop" in inspect.signature(RawAnswer).parameters  # older checkouts: not
     extra = (loop,) if takes_loop else ()
     answer = RawAnswer(Door(), app[DOOR], client, *extra)  # type: ignore[arg-type]

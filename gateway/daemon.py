@@ -133,7 +133,8 @@ async def serve(args: argparse.Namespace) -> int:
         watcher, admission, upstream_timeout=args.upstream_timeout, retry=retry,
         limits=limits_of(args), require_keys=args.require_keys,
     )  # fmt: skip
-    app[DOOR].shutdown_timeout = args.shutdown_timeout
+    door = app[DOOR]
+    door.shutdown_timeout = args.shutdown_timeout  # for both servers: see FrontDoor.stop
     reporter = Reporter(args.supervisor, control, admission, args.admin_token,
                         args.report_interval, stalls=app[JOURNEYS].progress.stalls,
                         usage=app[KEYS].usage)  # fmt: skip
@@ -141,7 +142,7 @@ async def serve(args: argparse.Namespace) -> int:
     # handler_cancellation: a client that disconnects cancels its handler, which closes the
     # upstream request, and vLLM aborts the generation (freeing its slot).
     runner = web.AppRunner(
-        app, access_log=None, shutdown_timeout=args.shutdown_timeout, handler_cancellation=True,
+        app, access_log=None, shutdown_timeout=door.shutdown_timeout, handler_cancellation=True,
         keepalive_timeout=args.keepalive_timeout,
     )  # fmt: skip
     stopping = asyncio.Event()
@@ -153,7 +154,7 @@ async def serve(args: argparse.Namespace) -> int:
         await runner.setup()
         try:
             inherited = None if args.listen_fd is None else socket.socket(fileno=args.listen_fd)
-            listener = await app[DOOR].listen(runner, args.host, args.port, inherited)
+            listener = await door.listen(runner, args.host, args.port, inherited)
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", args.host, args.port, exc.strerror)
             return 2

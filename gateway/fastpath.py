@@ -31,7 +31,7 @@ import httptools
 from aiohttp import web
 
 from gateway.errors import GatewayError, error_response
-from gateway.proxy import Answer, ClientSocket, Opener, Whole
+from gateway.proxy import Answer, ClientSocket, Opener, Whole, http_chunk
 
 if TYPE_CHECKING:
     from gateway.frontdoor import Connection, FrontDoor
@@ -261,7 +261,7 @@ class RawAnswer:
         transport = self._transport
         if transport.is_closing():
             raise ConnectionResetError("Cannot write to closing transport")
-        out = b"%x\r\n%b\r\n" % (len(data), data) if data else b""
+        out = http_chunk(data) if data else b""
         if last:
             out += b"0\r\n\r\n"
         if out:

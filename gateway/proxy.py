@@ -271,6 +271,11 @@ class AnswerOn:
         return response, ClientSocket.of(self.request, response)
 
 
+def http_chunk(data: bytes) -> bytes:
+    """`data` as one chunk of an HTTP/1.1 chunked body."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
 class ClientSocket:
     """A prepared streaming answer's socket, written directly (HTTP/1.1 chunks framed here, as
     aiohttp's writer would): one `transport.write` per engine read, with no coroutine and no
@@ -298,7 +303,7 @@ class ClientSocket:
 
     def write(self, data: bytes) -> None:
         if data:
-            self._transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            self._transport.write(http_chunk(data))
 
 
 class StreamRelay:

@@ -20,17 +20,17 @@ def test_the_streams_it_measures_arrive_whole() -> None:
     answers: list[bytes] = []
 
     async def measured() -> float:
-        write = hot_path.ClientSocket.write
+        write = hot_path.FakeClient.write
 
-        def keep(self: hot_path.ClientSocket, data: bytes) -> None:
+        def keep(self: hot_path.FakeClient, data: bytes) -> None:
             answers.append(data)
             write(self, data)
 
-        hot_path.ClientSocket.write = keep  # type: ignore[method-assign]
+        hot_path.FakeClient.write = keep  # type: ignore[method-assign]
         try:
             return await hot_path.measure(stream=True, rounds=1)
         finally:
-            hot_path.ClientSocket.write = write  # type: ignore[method-assign]
+            hot_path.FakeClient.write = write  # type: ignore[method-assign]
 
     assert uvloop.run(measured()) > 0
     last = b"".join(answers).rsplit(b"HTTP/1.1 200 OK", 1)[1]  # the last stream
