@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from email.utils import formatdate
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import httptools
 from aiohttp import web
@@ -59,8 +59,8 @@ _SSE_HEAD = (
 class _Date:
     """The Date header, formatted once a second."""
 
-    second = -1
-    value = b""
+    second: ClassVar[int] = -1
+    value: ClassVar[bytes] = b""
 
     @classmethod
     def now(cls) -> bytes:

@@ -21,7 +21,7 @@ import json
 import logging
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from aiohttp import web
 
@@ -283,7 +283,8 @@ class ClientSocket:
     takes over."""
 
     __slots__ = ("_transport",)
-    HIGH_WATER = 64 * 1024  # bytes unsent to the client: past this, aiohttp's writer and its drain
+    # Bytes unsent to the client: past this, aiohttp's writer and its drain.
+    HIGH_WATER: ClassVar[int] = 64 * 1024
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport

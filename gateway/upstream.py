@@ -38,8 +38,9 @@ from gateway.loop import OnLoop
 _HIGH_WATER = 256 * 1024
 
 
-class EngineDisconnected(ConnectionError):
-    """The engine closed the connection (or it failed) before its answer was complete."""
+class EngineDisconnected(Exception):
+    """The engine closed the connection (or it failed) before its answer was complete. (Not an
+    OSError: mypyc compiles no subclass of those, and nothing here catches it as one.)"""
 
 
 class _Connection(asyncio.Protocol):
@@ -177,7 +178,7 @@ class Exchange:
         # it goes on: the engine's silence meanwhile is the gateway's doing (gateway.progress).
         self.on_hold: Callable[[bool], None] | None = None
         self._buffered = 0
-        self._high_water: float = _HIGH_WATER
+        self._high_water = float(_HIGH_WATER)
         self._done = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -282,13 +283,18 @@ class Exchange:
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _wait(self) -> None:
-        if self._error is not None:
-            raise self._error
+        self._raise_failure()
         self._waiter = self._pool.loop.create_future()
         try:
             await self._waiter
         finally:
             self._waiter = None
+        self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        """A method, not the same test inline before and after the wait: mypy would take
+        `_error` for None after the wait (it narrows attributes across an await), and code
+        compiled by mypyc trusts mypy's types."""
         if self._error is not None:
             raise self._error
 
