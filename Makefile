@@ -1,10 +1,12 @@
 # sem: two commands do everything on a fresh machine.
 #   make run    install what is missing, build the demo models, start supervisor and gateway
 #   make test   install what is missing, then lint, type-check and run the whole test suite
+#   (installing includes compiling the gateway's hot path: gateway/native.py)
 PYTHON ?= python3
 VENV := .venv
 ENGINE_VENV := .venv-engine
 DEMO_MODELS := tiny-llama-base tiny-llama-chat
+NATIVE := build/native/manifest.json
 PYTEST_ARGS ?=
 
 .PHONY: run test check pytest install models clean gpu-check
@@ -27,7 +29,12 @@ pytest: install models
 gpu-check: $(VENV)/.installed
 	PYTHONPATH=$(CURDIR) $(VENV)/bin/python scripts/gpu_check.py
 
-install: $(VENV)/.installed $(ENGINE_VENV)/.installed
+install: $(VENV)/.installed $(ENGINE_VENV)/.installed $(NATIVE)
+
+# The gateway's hot path compiled with mypyc (gateway/native.py): again whenever its sources
+# change; the gateway runs them only when built from exactly these sources.
+$(NATIVE): $(VENV)/.installed scripts/build_native.py $(wildcard gateway/*.py)
+	$(VENV)/bin/python scripts/build_native.py
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
@@ -49,4 +56,4 @@ models/%/config.json: scripts/build_demo_models.py | $(ENGINE_VENV)/.installed
 	$(ENGINE_VENV)/bin/python scripts/build_demo_models.py --out models --force $*
 
 clean:
-	rm -rf .sem .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .sem .pytest_cache .mypy_cache .ruff_cache build/native build/native-c

@@ -15,6 +15,7 @@ import socket
 import aiohttp
 from aiohttp import web
 
+import gateway
 from contract import defaults
 from contract.routes import ModelRoute, ReplicaRoute, RouteTable
 from gateway.admission import Admission
@@ -158,8 +159,8 @@ async def serve(args: argparse.Namespace) -> int:
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", args.host, args.port, exc.strerror)
             return 2
-        log.info("gateway listening on http://%s:%d (supervisor %s)",
-                 args.host, args.port, args.supervisor)  # fmt: skip
+        log.info("gateway listening on http://%s:%d (supervisor %s); hot path: %s",
+                 args.host, args.port, args.supervisor, gateway.RUNS)  # fmt: skip
         # What start-up made lives as long as the gateway: out of the collector's way, so its
         # full collections under load walk only what requests make. And a young generation of
         # 10,000 objects, not 700: requests free almost everything they make by reference
