@@ -9,10 +9,13 @@ every chunk, as sem asks). What is not measured: the kernel's socket calls and t
 polling, which any proxy pays (bench/gateway_overhead.py and ../shared/bench measure those
 too). Each figure is the best of several rounds of CPU time, the process pinned to one core.
 
-    .venv/bin/python bench/hot_path.py [--against OTHER_CHECKOUT] [--rounds 10]
+    .venv/bin/python bench/hot_path.py [--against OTHER_CHECKOUT | --pure] [--rounds 10]
 
 With `--against`, the same measure of another checkout of sem (an older commit) in turn, and the
-ratios.
+ratios; with `--pure`, of this checkout's pure Python against its compiled hot path (what runs
+is the gateway's: compiled when built from these sources, gateway.native). The engine connection
+is seeded into the pool and the client's is the front door's own: compiled classes cannot be
+patched.
 """
 
 from __future__ import annotations
@@ -20,14 +23,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import inspect
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -95,26 +96,21 @@ class FakeClient:
     def get_write_buffer_size(self) -> int:
         return 0
 
+    def get_extra_info(self, name: str) -> None:
+        return None
+
     def close(self) -> None: ...
     def abort(self) -> None: ...
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
 
 
-class Door:
-    """The front door's connection, as the fast path sees it."""
-
-    def headers_complete(self) -> None: ...
-
-    def hand_over(self, data: bytes) -> None:
-        raise SystemExit("the request left the fast path: nothing to measure")
-
-
 async def measure(stream: bool, rounds: int) -> float:
     """CPU microseconds per request (or stream), the best of `rounds`."""
+    from aiohttp import web
+
     from gateway.app import create_app
     from gateway.daemon import static_routes
-    from gateway.fastpath import RawAnswer
     from gateway.routes import RouteWatcher
     from gateway.state import DOOR, UPSTREAM
     from gateway.upstream import _Connection
@@ -124,34 +120,31 @@ async def measure(stream: bool, rounds: int) -> float:
     watcher.update(static_routes(["fake=http://127.0.0.1:9"]))
     app = create_app(watcher)
     pool, reads = app[UPSTREAM], engine_reads(stream)
-    idle = pool.idle
+    # One kept-alive engine connection, its socket the fake engine: every request reuses it
+    # (a compiled gateway's pool cannot be patched, so it is seeded).
+    conn = _Connection(pool, pool.target("http://127.0.0.1:9").key)
+    engine = FakeEngine(loop, reads)
+    engine.conn = conn
+    conn.connection_made(engine)  # type: ignore[arg-type]
+    pool.put_idle(conn)
 
-    def engine_connection(key: str) -> Any:
-        conn = idle(key)
-        if conn is None:
-            conn = _Connection(pool, key)
-            engine = FakeEngine(loop, reads)
-            engine.conn = conn
-            conn.connection_made(engine)  # type: ignore[arg-type]
-        return conn
-
-    pool.idle = engine_connection  # type: ignore[method-assign]
     body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
     raw = json.dumps(body).encode()
     request = CLIENT_HEAD % len(raw) + raw
     client = FakeClient(b"0\r\n\r\n" if stream else b"}")
-    takes_loop = "loop" in inspect.signature(RawAnswer).parameters  # older checkouts: not
-    extra = (loop,) if takes_loop else ()
-    answer = RawAnswer(Door(), app[DOOR], client, *extra)  # type: ignore[arg-type]
+    door = app[DOOR]
+    conn = door.protocols(web.Server(app._handle))()  # the front door's, aiohttp's behind it
+    conn.connection_made(client)  # type: ignore[arg-type]
 
     async def one() -> None:
         client.done = loop.create_future()
-        answer.feed(request)
+        conn.data_received(request)
         await client.done
         await asyncio.sleep(0)  # the request's task ends
 
     for _ in range(200):  # warm: pools, caches, the first-byte clock
         await one()
+    assert conn.fast is not None, "the request left the fast path: nothing to measure"
     assert b"200 OK" in client.last or client.last.endswith(client.end), client.last[:200]
     gc.freeze()
     count, best = (300 if stream else 3000), float("inf")
@@ -163,10 +156,12 @@ async def measure(stream: bool, rounds: int) -> float:
     return best
 
 
-def run_one(checkout: Path, rounds: int) -> dict[str, float]:
-    """This script's measure of `checkout`'s gateway, in a process of its own on one core."""
+def run_one(checkout: Path, rounds: int, pure: bool = False) -> dict[str, float]:
+    """This script's measure of `checkout`'s gateway, in a process of its own on one core
+    (`pure`: its pure Python, not its compiled modules; see gateway.native)."""
     command = [sys.executable, __file__, "--child", str(checkout), "--rounds", str(rounds)]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    env = {**os.environ, "SEM_GATEWAY_NATIVE": "0"} if pure else None
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     return dict(json.loads(out.splitlines()[-1]))
 
 
@@ -186,6 +181,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--against", type=Path, metavar="CHECKOUT",
                         help="another checkout of sem, measured in turn")  # fmt: skip
+    parser.add_argument("--pure", action="store_true",
+                        help="against this checkout's pure Python")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--turns", type=int, default=2, help="alternations with --against")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
@@ -193,11 +190,13 @@ def main() -> None:
     if args.child is not None:
         child(args.child, args.rounds)
         return
-    checkouts = [("this", REPO)] + ([("against", args.against)] if args.against else [])
-    results: dict[str, list[dict[str, float]]] = {name: [] for name, _ in checkouts}
-    for turn in range(args.turns if args.against else 1):
-        for name, path in checkouts:
-            figures = run_one(path.resolve(), args.rounds)
+    checkouts = [("this", REPO, False)]
+    if args.against or args.pure:
+        checkouts.append(("against", args.against or REPO, args.pure))
+    results: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in checkouts}
+    for turn in range(args.turns if len(checkouts) > 1 else 1):
+        for name, path, pure in checkouts:
+            figures = run_one(path.resolve(), args.rounds, pure)
             results[name].append(figures)
             print(f"turn {turn + 1} {name:8s} {figures['request']:6.1f} us per request,"
                   f" {figures['stream']:6.1f} us per stream", flush=True)  # fmt: skip
@@ -207,7 +206,7 @@ def main() -> None:
     for name, figures in best.items():
         print(f"  {name:8s} {figures['request']:6.1f} us per request,"
               f" {figures['stream']:6.1f} us per stream (64 chunks)")  # fmt: skip
-    if args.against:
+    if len(best) > 1:
         this, other = best["this"], best["against"]
         print(f"  ratio this/against: {this['request'] / other['request']:.2f} per request,"
               f" {this['stream'] / other['stream']:.2f} per stream")  # fmt: skip
