@@ -1,7 +1,8 @@
 """Compile the gateway's hot path with mypyc (gateway.native says which modules and why) into
 build/native/, with the manifest the gateway checks before it uses them. Run by `make install`.
 
-Without a C compiler it says so and stops (exit 0): the gateway then runs as pure Python.
+Without a C compiler or Python's headers it says so and stops (exit 0): the gateway then runs as
+pure Python. A failed compile with both is an error.
 
     .venv/bin/python scripts/build_native.py
 """
@@ -23,15 +24,19 @@ sys.path.insert(0, str(REPO))
 from gateway import native  # noqa: E402  (this checkout's, whatever is installed)
 
 
-def compiler() -> str | None:
-    """The C compiler setuptools will call, if there is one."""
+def missing() -> str | None:
+    """What compiling needs and this machine lacks: a C compiler, Python's headers."""
     cc = os.environ.get("CC") or str(sysconfig.get_config_var("CC") or "cc")
-    return shutil.which(cc.split()[0])
+    if shutil.which(cc.split()[0]) is None:
+        return f"no C compiler ({cc.split()[0]})"
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+        return "no Python headers (Debian: python3-dev)"
+    return None
 
 
 def main() -> int:
-    if compiler() is None:
-        print("==> no C compiler: the gateway runs as pure Python (slower; see gateway/native.py)")
+    if (lacking := missing()) is not None:
+        print(f"==> {lacking}: the gateway runs as pure Python (slower; see gateway/native.py)")
         return 0
     from mypyc.build import mypycify
     from setuptools import setup

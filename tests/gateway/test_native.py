@@ -98,3 +98,12 @@ def test_the_daemon_says_what_it_runs() -> None:
         finally:
             daemon.terminate()
             daemon.wait(timeout=30)
+
+
+def test_without_a_c_compiler_the_build_says_so_and_install_goes_on() -> None:
+    script = native.PACKAGE.parent / "scripts" / "build_native.py"
+    done = subprocess.run(
+        [sys.executable, str(script)], env={**os.environ, "CC": "no-such-cc"},
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert "no C compiler (no-such-cc): the gateway runs as pure Python" in done.stdout
