@@ -21,8 +21,7 @@ import asyncio
 import heapq
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from contract import defaults
@@ -86,15 +85,6 @@ class Admission:
         return sum(self.outstanding.get(r.id, 0) for r in replicas)
 
     # -- slots -------------------------------------------------------------------------------
-
-    @asynccontextmanager
-    async def slot(self, model: str, priority: int = 0) -> AsyncIterator[ReplicaRoute]:
-        """A replica of `model` with a free slot, held for the duration of the block."""
-        replica = await self.acquire(model, priority)
-        try:
-            yield replica
-        finally:
-            self.release(replica)
 
     async def acquire(self, model: str, priority: int = 0) -> ReplicaRoute:
         if self._watcher.table.version < 0:

@@ -21,12 +21,13 @@ PACKAGE = Path(__file__).resolve().parent
 BUILD = PACKAGE.parent / "build" / "native"
 MANIFEST = "manifest.json"
 
-# What runs per request or per streamed piece. Not compiled: admission (mypyc has no async
-# generators), errors and retry (their classes are read as plain Python's: class attributes,
-# vars()), the daemon, the request models (pydantic) and what runs once.
+# What runs per request or per streamed piece. Not compiled: errors and retry (their classes
+# are read as plain Python's: class attributes, vars()), pydantic's request models (mypyc
+# cannot compile a module that subclasses them), the daemon and what runs once.
 MODULES = (
-    "app", "body", "ending", "fastpath", "frontdoor", "journey", "keys", "limits", "loop",
-    "metrics", "progress", "proxy", "resume", "routes", "sse", "state", "upstream", "usage",
+    "admission", "app", "body", "ending", "fastpath", "frontdoor", "journey", "keys", "limits",
+    "loop", "metrics", "plain_requests", "progress", "proxy", "resume", "routes", "sse",
+    "state", "upstream", "usage",
 )  # fmt: skip
 
 

@@ -5,9 +5,9 @@
 
 `validate` checks a body against these models. Building pydantic's model of every request was
 ~6% of the gateway's CPU per request under load (py-spy), so a body whose fields have exactly
-the expected types is accepted by plain checks first (`plainly_valid`: it accepts nothing the
-models refuse, tests/gateway/test_openai_requests.py); any other body is the models' to judge and
-to word the error for.
+the expected types is accepted by plain checks first (gateway.plain_requests: they accept
+nothing the models refuse, tests/gateway/test_openai_requests.py); any other body is the models'
+to judge and to word the error for.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
+
+from gateway.plain_requests import plainly_valid
 
 
 class Message(BaseModel):
@@ -60,37 +62,3 @@ def validate(path: str, body: dict[str, Any]) -> None:
     """Raise pydantic's ValidationError if `body` is not a valid request for `path`."""
     if not plainly_valid(path, body):
         REQUESTS[path].model_validate(body)
-
-
-def plainly_valid(path: str, body: dict[str, Any]) -> bool:
-    """True when `body` is certainly valid for `path`, told by exact types (no coercion);
-    False says nothing: the models decide."""
-    model = body.get("model")
-    if type(model) is not str or not model:
-        return False
-    stream = body.get("stream")
-    if stream is not None and type(stream) is not bool:
-        return False
-    for name in ("max_tokens", "max_completion_tokens"):
-        limit = body.get(name)
-        if limit is not None and (type(limit) is not int or limit < 1):
-            return False
-    temperature = body.get("temperature")
-    if temperature is not None and (type(temperature) not in (int, float) or temperature < 0):
-        return False
-    if path == "/v1/chat/completions":
-        messages = body.get("messages")
-        return type(messages) is list and all(_plain_message(m) for m in messages)
-    prompt = body.get("prompt")
-    if type(prompt) is str:
-        return prompt != ""
-    return type(prompt) is list and prompt != [] and all(type(p) is str for p in prompt)
-
-
-def _plain_message(message: object) -> bool:
-    if type(message) is not dict or type(message.get("role")) is not str:
-        return False
-    content = message.get("content")
-    if content is None or type(content) is str:
-        return True
-    return type(content) is list and all(type(part) is dict for part in content)

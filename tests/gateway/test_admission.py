@@ -55,8 +55,9 @@ async def test_higher_priority_is_served_first_then_arrival_order(watcher):
     order: list[str] = []
 
     async def client(name: str, priority: int) -> None:
-        async with admission.slot("m", priority):
-            order.append(name)
+        replica = await admission.acquire("m", priority)
+        order.append(name)
+        admission.release(replica)
 
     tasks: list[asyncio.Future[None]] = []
     for name, priority in [("low-1", 0), ("low-2", 0), ("high", 5), ("mid", 1)]:

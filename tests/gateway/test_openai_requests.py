@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from gateway.openai_requests import REQUESTS, plainly_valid, validate
+from gateway.openai_requests import REQUESTS, validate
+from gateway.plain_requests import plainly_valid
 
 ROUTES = sorted(REQUESTS)
 # Bodies near valid ones: each field valid or at an edge the models care about (empty, zero,
