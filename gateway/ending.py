@@ -52,13 +52,21 @@ def finish_reasons(tail: bytes) -> list[str]:
 
 
 _FINISH_KEY = b'"finish_reason":'
+_DONE_EVENTS = (b"data: [DONE]\n\n", b"data:[DONE]\n\n")
+
+
+def ends_with_done(out: bytes) -> bool:
+    """`out` (complete events) ends with the [DONE] event: its last event, not "[DONE]" written
+    by the model (which a search of the bytes would take for the end, and hold the rest of the
+    stream back until the engine closed it). No scan of the bytes: their tail only."""
+    return out.endswith(_DONE_EVENTS)
 
 
 def ends_stream(out: bytes) -> bool:
-    """`out` (complete events) holds a finish or [DONE]: what is held back until the end. Two
-    scans of the bytes whatever the JSON's spacing (a scan is most of the cost: this runs on
+    """`out` (complete events) holds a finish or [DONE]: what is held back until the end. One
+    scan of the bytes whatever the JSON's spacing (a scan is most of the cost: this runs on
     every streamed piece)."""
-    if out.find(b"[DONE]") >= 0:
+    if ends_with_done(out):
         return True
     at = out.find(_FINISH_KEY)
     while at >= 0:

@@ -26,7 +26,14 @@ from typing import Any, ClassVar, Protocol
 from aiohttp import web
 
 from contract.routes import ReplicaRoute
-from gateway.ending import Ending, asked_limit, asked_tokens, ends_stream, finish_reasons
+from gateway.ending import (
+    Ending,
+    asked_limit,
+    asked_tokens,
+    ends_stream,
+    ends_with_done,
+    finish_reasons,
+)
 from gateway.errors import BadRequest, GatewayError, UpstreamError, UpstreamTimeout, error_body
 from gateway.metrics import Observation
 from gateway.progress import Attempt
@@ -244,10 +251,6 @@ def in_band_error(out: bytes) -> tuple[int, str] | None:
     return None
 
 
-def _has_done(out: bytes) -> bool:
-    return out.find(b"[DONE]") >= 0
-
-
 class Opener(Protocol):
     """Starts a stream's answer to its client: aiohttp's response (`AnswerOn`) or the front
     door's own (gateway.fastpath)."""
@@ -386,7 +389,7 @@ class StreamRelay:
                 self.response, self.socket = await self.opener.open()
             held = b""  # the stream's end, held back until the engine closes it
             hold_finish = self.choices == 1  # n > 1: choices finish one by one; hold [DONE] only
-            ends = ends_stream if hold_finish else _has_done
+            ends = ends_stream if hold_finish else ends_with_done
             log, strip = self.log, self.strip
             plain = splice is None and self.convert is None
             client = self.socket if plain else None

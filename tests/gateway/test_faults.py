@@ -237,10 +237,12 @@ def test_usage_is_asked_of_the_engine_and_stripped_byte_level_in_vllms_form():
         (b'data: {"choices":[{"index":0,"finish_reason":null},'
          b'{"index":1,"finish_reason":"stop"}]}\n\n', True),
         (b"data: [DONE]\n\n", True),
+        (b'data: {"choices":[{"text":"x"}]}\n\n' b"data:[DONE]\n\n", True),
         (b'data: {"choices":[{"text":"x"}]}\n\n', False),
+        (b'data: {"choices":[{"text":"[DONE]","finish_reason":null}]}\n\n', False),  # the model's
     ],
 )  # fmt: skip
-def test_a_stream_end_is_told_by_a_finish_reason_or_done_in_any_spacing(
+def test_a_stream_end_is_told_by_a_finish_reason_or_the_done_event_in_any_spacing(
     events: bytes, ends: bool
 ) -> None:
     assert ends_stream(events) is ends
