@@ -32,7 +32,7 @@ from gateway.limits import Limits
 THREAD_PARSE = 256 * 1024  # bytes above which a body is parsed off the event loop
 
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_NOT_BRACKET = bytes([b for b in range(256) if b not in b"[]{}"])
 _SQUARE = bytes.maketrans(b"{}", b"[]")
 
 

@@ -457,7 +457,7 @@ class StreamRelay:
         the stream (a continuation), converted (/generate)."""
         out = self.strip(out)
         if splice is not None and out:
-            out = b"".join(e for d in events(out) if (e := splice.event(d)))
+            out = b"".join([e for d in events(out) if (e := splice.event(d))])
         if self.convert is not None and out:
             out = self.convert(out)
         return out

@@ -431,7 +431,7 @@ class UpstreamPool(OnLoop):
             return
         idle = self._idle.setdefault(conn.key, deque())
         if len(idle) >= self.max_idle:  # drop the ones the engine closed meanwhile, if any
-            idle = self._idle[conn.key] = deque(c for c in idle if not c.closed)
+            idle = self._idle[conn.key] = deque([c for c in idle if not c.closed])
         if len(idle) >= self.max_idle:
             conn.close()
             return
