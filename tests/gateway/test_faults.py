@@ -333,3 +333,43 @@ async def held_back(sent: list[int]) -> None:
     while steady < 5:
         await asyncio.sleep(0.1)
         steady, last = (steady + 1, last) if sent[0] == last else (0, sent[0])
+
+
+async def test_a_model_writing_done_in_its_text_streams_on_without_being_held_back(rig):
+    """ "[DONE]" in the generated text is not the stream's end: what follows it reaches the
+    client while the engine is still generating (before, it was held back until the engine
+    closed the stream), and the whole answer arrives once."""
+    go_on = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for text in ("[DONE]", " and after"):
+            chunk = {"id": "d", "choices": [{"index": 0, "text": text, "finish_reason": None}]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await go_on.wait()  # the engine still generating
+        last = {"id": "d", "choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}
+        await response.write(f"data: {json.dumps(last)}\n\ndata: [DONE]\n\n".encode())
+        return response
+
+    engine = web.Application()
+    engine.router.add_post("/v1/completions", stream)
+    client = await over(rig, engine)
+    body = {"model": "m", "prompt": "say it", "max_tokens": 8, "stream": True}
+    response = await client.post("/v1/completions", json=body)
+    received = b""
+
+    async def until_after() -> None:
+        nonlocal received
+        while b" and after" not in received and (piece := await response.content.readany()):
+            received += piece
+
+    try:
+        await asyncio.wait_for(until_after(), 10)  # while the engine still generates
+    finally:
+        go_on.set()  # the engine ends its stream, whatever came
+    assert b" and after" in received, received  # it came before the engine's end
+    received += await response.content.read()
+    events = json_events(received)
+    assert "".join(e["choices"][0]["text"] for e in events) == "[DONE] and after"
+    assert received.endswith(b"data: [DONE]\n\n")
