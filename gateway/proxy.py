@@ -31,7 +31,6 @@ from gateway.ending import (
     asked_limit,
     asked_tokens,
     ends_stream,
-    ends_with_done,
     finish_reasons,
 )
 from gateway.errors import BadRequest, GatewayError, UpstreamError, UpstreamTimeout, error_body
@@ -231,10 +230,11 @@ def cut_answer(request: bytes, answer: bytes) -> str | None:
     return Ending(reasons, completion_tokens(answer), asked, len(reasons), True).cut()
 
 
-def in_band_error(out: bytes) -> tuple[int, str] | None:
-    """Where an error event starts in `out` (complete events) and its message: vLLM's way to
-    fail a stream that already answered 200. Cheap when there is none: one substring search."""
-    if out.find(b'"error"') < 0:
+def in_band_error(out: bytes, view: str) -> tuple[int, str] | None:
+    """Where an error event starts in `out` (complete events; `view`: as latin-1, see
+    gateway.ending.ends_stream) and its message: vLLM's way to fail a stream that already
+    answered 200. Cheap when there is none: one substring search."""
+    if view.find('"error"') < 0:
         return None
     start = 0
     while start < len(out):
@@ -346,7 +346,7 @@ class StreamRelay:
         self.response: web.StreamResponse | None = None  # prepared: bytes reached the client
         self.log = StreamLog()  # the current attempt's events, as the engine sent them
         self.before = Partial()  # what the attempts before it sent
-        self.strip = UsageFilter(body)
+        self.usage = UsageFilter(body)
         self.choices = int(body.get("n") or 1)
         self.asked = asked_tokens(path, body)
 
@@ -388,9 +388,8 @@ class StreamRelay:
             if self.response is None:
                 self.response, self.socket = await self.opener.open()
             held = b""  # the stream's end, held back until the engine closes it
-            hold_finish = self.choices == 1  # n > 1: choices finish one by one; hold [DONE] only
-            ends = ends_stream if hold_finish else ends_with_done
-            log, strip = self.log, self.strip
+            by_finish = self.choices == 1  # n > 1: choices finish one by one; hold [DONE] only
+            log, usage = self.log, self.usage
             plain = splice is None and self.convert is None
             client = self.socket if plain else None
 
@@ -403,9 +402,11 @@ class StreamRelay:
                 out = log.complete(chunk)
                 if not out:
                     return b""
+                view = out.decode("latin-1")  # what every check scans (gateway.ending)
                 if (client is not None and not held and not upstream.pending and client.ready()
-                        and out.find(b'"error"') < 0 and not ends(out)):  # fmt: skip
-                    client.write(strip(out))
+                        and view.find('"error"') < 0
+                        and not ends_stream(view, by_finish)):  # fmt: skip
+                    client.write(usage.strip(out, view))
                     obs.first_token()
                     return b""
                 return out
@@ -414,15 +415,16 @@ class StreamRelay:
             upstream.pipe(take)
             try:
                 async for out in upstream:
-                    if (error := in_band_error(out)) is not None:
+                    view = out.decode("latin-1")
+                    if (error := in_band_error(out, view)) is not None:
                         cut, message = error
                         log.unsend(len(out) - cut)  # `out`: the log's last bytes
                         await self._write(held + out[:cut], splice, obs)  # what came before
                         raise UpstreamError(f"engine {replica.id} failed mid-stream: {message}")
-                    if held or ends(out):
+                    if held or ends_stream(view, by_finish):
                         held += out
                     else:
-                        await self._write(out, splice, obs)
+                        await self._write(out, splice, obs, view)
                 if (cut_reason := self._judge(held, watch)) is not None:
                     self.log.drop_ending(held)  # the client never saw the fake end
                     await self._write(unfinished(held), splice, obs)
@@ -452,19 +454,21 @@ class StreamRelay:
         )  # fmt: skip
         return ending.cut()
 
-    def _outgoing(self, out: bytes, splice: Splice | None) -> bytes:
+    def _outgoing(self, out: bytes, splice: Splice | None, view: str | None = None) -> bytes:
         """Complete engine events as the client gets them: unasked usage stripped, spliced into
-        the stream (a continuation), converted (/generate)."""
-        out = self.strip(out)
+        the stream (a continuation), converted (/generate). `view`: `out` as latin-1."""
+        out = self.usage.strip(out, view)
         if splice is not None and out:
             out = b"".join([e for d in events(out) if (e := splice.event(d))])
         if self.convert is not None and out:
             out = self.convert(out)
         return out
 
-    async def _write(self, out: bytes, splice: Splice | None, obs: Observation) -> None:
+    async def _write(
+        self, out: bytes, splice: Splice | None, obs: Observation, view: str | None = None
+    ) -> None:
         """Complete engine events to the client (`_outgoing`), written."""
-        if out := self._outgoing(out, splice):
+        if out := self._outgoing(out, splice, view):
             assert self.response is not None
             await self.response.write(out)
             obs.first_token()

@@ -316,11 +316,13 @@ class Exchange:
 
     def flush(self) -> None:
         """The socket read is over: what it brought goes to the sink, as one piece."""
-        if not self._gathered or self._sink is None:
+        gathered = self._gathered
+        if not gathered or self._sink is None:
             return
-        gathered, self._gathered = self._gathered, []
+        piece = gathered[0] if len(gathered) == 1 else b"".join(gathered)
+        gathered.clear()  # the list is kept: one less object per read
         try:
-            left = self._sink(gathered[0] if len(gathered) == 1 else b"".join(gathered))
+            left = self._sink(piece)
         except Exception as exc:  # a sink's bug fails this exchange, not the connection's loop
             self.fail(exc)
             return

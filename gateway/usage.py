@@ -66,19 +66,24 @@ class UsageFilter:
         self.final = bool(options.get("include_usage"))
         self.continuous = self.final and bool(options.get("continuous_usage_stats"))
 
-    def __call__(self, out: bytes) -> bytes:
+    def strip(self, out: bytes, view: str | None = None) -> bytes:
+        """`out` (complete events) as the client gets them; `view`: `out` as latin-1, when the
+        caller has it (the scans run on it: see gateway.ending.ends_stream)."""
         if self.continuous:
             return out
-        at = out.find(b'"usage"')
+        if view is None:
+            view = out.decode("latin-1")
+        at = view.find('"usage"')
         if at < 0:
             return out
         # vLLM's compact chunk: its usage right after a non-empty choices list, cut by hand;
         # anything else (the usage-only event's `"choices":[]`, other JSON) to the regexes
-        end = out.find(b"}", at) + 1
-        if not end or out[at - 3 : at + 9] != b'}],"usage":{':
+        end = view.find("}", at) + 1
+        if not end or view[at - 3 : at + 9] != '}],"usage":{':
             return self._other(out)
-        rest = out[end:]
-        return out[: at - 1] + (self(rest) if rest.find(b'"usage"') >= 0 else rest)
+        if view.find('"usage"', end) < 0:  # the usual piece: one event
+            return out[: at - 1] + out[end:]
+        return out[: at - 1] + self.strip(out[end:])
 
     def _other(self, out: bytes) -> bytes:
         """Any form: the final usage-only event (`"choices":[]`) dropped or kept, per-chunk
@@ -86,5 +91,5 @@ class UsageFilter:
         final = _USAGE_ONLY.search(out)
         if final is not None:
             keep = out[final.start() : final.end()] if self.final else b""
-            return self(out[: final.start()]) + keep + self(out[final.end() :])
+            return self.strip(out[: final.start()]) + keep + self.strip(out[final.end() :])
         return _CHUNK_USAGE.sub(b"", out)

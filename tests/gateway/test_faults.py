@@ -211,19 +211,19 @@ def test_usage_is_asked_of_the_engine_and_stripped_byte_level_in_vllms_form():
         chunk[:-3] + b',"usage":{"prompt_tokens":5,"total_tokens":7,"completion_tokens":2}}\n\n'
     )
     final = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}\n\n'
-    assert UsageFilter({})(counted + counted + final) == chunk + chunk
+    assert UsageFilter({}).strip(counted + counted + final) == chunk + chunk
     with_final = UsageFilter({"stream_options": {"include_usage": True}})
-    assert with_final(counted + final) == chunk + final
+    assert with_final.strip(counted + final) == chunk + final
     everything = {"stream_options": {"include_usage": True, "continuous_usage_stats": True}}
-    assert UsageFilter(everything)(counted + final) == counted + final
-    assert UsageFilter({})(counted) == chunk  # the usual piece: one event, cut by hand
-    assert UsageFilter({})(final) == b""  # the usage-only event alone
-    assert UsageFilter({})(chunk + counted) == chunk + chunk  # an event without usage first
+    assert UsageFilter(everything).strip(counted + final) == counted + final
+    assert UsageFilter({}).strip(counted) == chunk  # the usual piece: one event, cut by hand
+    assert UsageFilter({}).strip(final) == b""  # the usage-only event alone
+    assert UsageFilter({}).strip(chunk + counted) == chunk + chunk  # an event without usage first
     spaced = b'data: {"id": "c", "choices": [{"index": 0, "text": "x"}]}\n\n'
     spaced_counted = spaced[:-3] + b', "usage": {"completion_tokens": 2}}\n\n'
     spaced_final = b'data: {"id": "c", "choices": [], "usage": {"completion_tokens": 2}}\n\n'
-    assert UsageFilter({})(spaced_counted + spaced_final) == spaced  # other JSON: the regexes
-    assert with_final(spaced_counted + spaced_final) == spaced + spaced_final
+    assert UsageFilter({}).strip(spaced_counted + spaced_final) == spaced  # other JSON: the regexes
+    assert with_final.strip(spaced_counted + spaced_final) == spaced + spaced_final
 
 
 @pytest.mark.parametrize(
@@ -245,7 +245,13 @@ def test_usage_is_asked_of_the_engine_and_stripped_byte_level_in_vllms_form():
 def test_a_stream_end_is_told_by_a_finish_reason_or_the_done_event_in_any_spacing(
     events: bytes, ends: bool
 ) -> None:
-    assert ends_stream(events) is ends
+    assert ends_stream(events.decode("latin-1")) is ends
+
+
+def test_with_several_choices_a_stream_ends_at_its_done_event_only() -> None:
+    finished = b'data: {"choices":[{"index":1,"text":"x","finish_reason":"stop"}]}\n\n'
+    assert not ends_stream(finished.decode("latin-1"), by_finish=False)  # choice 0 goes on
+    assert ends_stream((finished + b"data: [DONE]\n\n").decode("latin-1"), by_finish=False)
 
 
 async def test_an_abandoned_attempt_is_a_timeout_and_a_client_that_left_stays_a_cancellation():
