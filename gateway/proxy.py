@@ -274,9 +274,16 @@ class AnswerOn:
         return response, ClientSocket.of(self.request, response)
 
 
+# The head of a chunk of each size up to 4 KiB (a streamed piece is a few hundred bytes), made
+# once: concatenating costs a third of what formatting it does, on every piece.
+_CHUNK_HEADS = [b"%x\r\n" % size for size in range(4096)]
+
+
 def http_chunk(data: bytes) -> bytes:
     """`data` as one chunk of an HTTP/1.1 chunked body."""
-    return b"%x\r\n%b\r\n" % (len(data), data)
+    size = len(data)
+    head = _CHUNK_HEADS[size] if size < len(_CHUNK_HEADS) else b"%x\r\n" % size
+    return head + data + b"\r\n"
 
 
 class ClientSocket:

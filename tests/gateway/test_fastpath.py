@@ -11,12 +11,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import httptools
+import pytest
 from aiohttp import web
 
 from contract.routes import RouteTable
 from gateway.admission import Admission
 from gateway.app import create_app
 from gateway.limits import Limits
+from gateway.proxy import http_chunk
 from gateway.state import DOOR
 from tests.fake_engine import FakeEngine
 from tests.gateway.conftest import Rig, ready_model
@@ -213,3 +216,15 @@ async def test_a_client_that_leaves_cancels_its_request_and_the_engine_aborts(ri
         writer.write(post_head("/v1/completions", completion(2)))
         assert (await read_answer(reader)).text() == " two one"
         writer.close()
+
+
+@pytest.mark.parametrize("size", [1, 255, 4095, 4096, 70_000])
+def test_a_streamed_piece_is_framed_as_one_http_chunk_of_its_size(size: int) -> None:
+    """The heads are made once for sizes under 4 KiB and formatted past that: both must frame
+    the piece as an HTTP/1.1 parser reads it."""
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    got: list[bytes] = []
+    parser = httptools.HttpResponseParser(type("Sink", (), {"on_body": got.append})())
+    parser.feed_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    parser.feed_data(http_chunk(data) + b"0\r\n\r\n")
+    assert b"".join(got) == data
