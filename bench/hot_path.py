@@ -10,12 +10,20 @@ polling, which any proxy pays (bench/gateway_overhead.py and ../shared/bench mea
 too). Each figure is the best of several rounds of CPU time, the process pinned to one core.
 
     .venv/bin/python bench/hot_path.py [--against OTHER_CHECKOUT | --pure] [--rounds 10]
+    .venv/bin/python bench/hot_path.py --instructions [--against OTHER_CHECKOUT | --pure]
 
 With `--against`, the same measure of another checkout of sem (an older commit) in turn, and the
 ratios; with `--pure`, of this checkout's pure Python against its compiled hot path (what runs
 is the gateway's: compiled when built from these sources, gateway.native). The engine connection
 is seeded into the pool and the client's is the front door's own: compiled classes cannot be
 patched.
+
+With `--instructions`, the figure is the instructions executed per request and per stream,
+counted by valgrind (cachegrind, no cache simulation; ~1 min per checkout): the same on every
+run and whatever the machine's neighbours do, where CPU time on a shared 2-core machine swings
+by a third. It is the difference between a process that measures two rounds and one that
+measures one, so start-up and warm-up cancel out. Instructions are not time (a cache miss costs
+hundreds), but a change that removes work shows here first and exactly.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ import asyncio
 import gc
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -105,8 +115,12 @@ class FakeClient:
     def resume_reading(self) -> None: ...
 
 
-async def measure(stream: bool, rounds: int) -> float:
-    """CPU microseconds per request (or stream), the best of `rounds`."""
+# Requests (or streams) per measured round.
+COUNTS = {"request": 3000, "stream": 300}
+
+
+async def measure(stream: bool, rounds: int, count: int | None = None) -> float:
+    """CPU microseconds per request (or stream), the best of `rounds` of `count` each."""
     from aiohttp import web
 
     from gateway.app import create_app
@@ -147,7 +161,8 @@ async def measure(stream: bool, rounds: int) -> float:
     assert conn.fast is not None, "the request left the fast path: nothing to measure"
     assert b"200 OK" in client.last or client.last.endswith(client.end), client.last[:200]
     gc.freeze()
-    count, best = (300 if stream else 3000), float("inf")
+    count = count or COUNTS["stream" if stream else "request"]
+    best = float("inf")
     for _ in range(rounds):
         started = time.process_time()
         for _ in range(count):
@@ -165,16 +180,52 @@ def run_one(checkout: Path, rounds: int, pure: bool = False) -> dict[str, float]
     return dict(json.loads(out.splitlines()[-1]))
 
 
-def child(checkout: Path, rounds: int) -> None:
+def run_counted(checkout: Path, pure: bool, count: int | None) -> dict[str, float]:
+    """Instructions per request and per stream of `checkout`'s gateway (valgrind's count of a
+    child measuring two rounds, less one measuring one)."""
+    env = {**os.environ, "PYTHONHASHSEED": "0"}  # the same dicts in both processes
+    if pure:
+        env["SEM_GATEWAY_NATIVE"] = "0"
+    figures = {}
+    for kind in COUNTS:
+        total = []
+        for rounds in (1, 2):
+            command = ["valgrind", "--tool=cachegrind", "--cache-sim=no",
+                       "--cachegrind-out-file=/dev/null", sys.executable, __file__, "--child",
+                       str(checkout), "--rounds", str(rounds), "--kinds", kind]  # fmt: skip
+            if count:
+                command += ["--count", str(count)]
+            done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+            counted = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
+            assert counted is not None, done.stderr[-2000:]
+            total.append(int(counted[1].replace(",", "")))
+        figures[kind] = (total[1] - total[0]) / (count or COUNTS[kind])
+    return figures
+
+
+def child(checkout: Path, rounds: int, kinds: list[str], count: int | None) -> None:
     import uvloop
 
     sys.path.insert(0, str(checkout))  # its gateway; the bench's helpers stay this checkout's
     os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
-    figures = {
-        "request": uvloop.run(measure(False, rounds)),
-        "stream": uvloop.run(measure(True, rounds)),
-    }
+    figures = {kind: uvloop.run(measure(kind == "stream", rounds, count)) for kind in kinds}
     print(json.dumps(figures))
+
+
+def instructions(checkouts: list[tuple[str, Path, bool]], count: int | None) -> None:
+    """`--instructions`: each checkout's count, and the ratio."""
+    if shutil.which("valgrind") is None:
+        sys.exit("--instructions needs valgrind (apt install valgrind)")
+    counted = {}
+    for name, path, pure in checkouts:
+        print(f"counting {name} ({path}{', pure Python' if pure else ''})...", flush=True)
+        counted[name] = figures = run_counted(path.resolve(), pure, count)
+        print(f"  {name:8s} {figures['request']:10,.0f} instructions per request,"
+              f" {figures['stream']:12,.0f} per stream (64 chunks)", flush=True)  # fmt: skip
+    if len(counted) > 1:
+        this, other = counted["this"], counted["against"]
+        print(f"  ratio this/against: {this['request'] / other['request']:.3f} per request,"
+              f" {this['stream'] / other['stream']:.3f} per stream")  # fmt: skip
 
 
 def main() -> None:
@@ -185,14 +236,21 @@ def main() -> None:
                         help="against this checkout's pure Python")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--turns", type=int, default=2, help="alternations with --against")
+    parser.add_argument("--instructions", action="store_true",
+                        help="instructions executed, counted by valgrind")  # fmt: skip
+    parser.add_argument("--count", type=int, help=argparse.SUPPRESS)  # per round (tests)
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--kinds", default=",".join(COUNTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        child(args.child, args.rounds)
+        child(args.child, args.rounds, args.kinds.split(","), args.count)
         return
     checkouts = [("this", REPO, False)]
     if args.against or args.pure:
         checkouts.append(("against", args.against or REPO, args.pure))
+    if args.instructions:
+        instructions(checkouts, args.count)
+        return
     results: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in checkouts}
     for turn in range(args.turns if len(checkouts) > 1 else 1):
         for name, path, pure in checkouts:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from gateway.resume import VLLM_DEFAULT_MAX_TOKENS
 
@@ -51,14 +51,19 @@ def finish_reasons(tail: bytes) -> list[str]:
     return [m.decode() for m in _FINISH.findall(tail)]
 
 
-_FINISH_KEY = '"finish_reason":'
-_DONE_EVENT, _DONE_EVENT_UNSPACED = "data: [DONE]\n\n", "data:[DONE]\n\n"
+# Final: compiled code has them as constants, not looked up in the module on every piece.
+_FINISH_KEY: Final = '"finish_reason":'
+_DONE_TAIL: Final = "[DONE]\n\n"
+_DONE_EVENT: Final = "data: [DONE]\n\n"
+_DONE_EVENT_UNSPACED: Final = "data:[DONE]\n\n"
 
 
 def ends_with_done(view: str) -> bool:
     """Complete events (`view`: see `ends_stream`) end with the [DONE] event: their last event,
     not "[DONE]" written by the model (which a search of the bytes would take for the end, and
     hold the rest of the stream back until the engine closed it). No scan: the tail only."""
+    if not view.endswith(_DONE_TAIL):  # the usual piece: one comparison
+        return False
     return view.endswith(_DONE_EVENT) or view.endswith(_DONE_EVENT_UNSPACED)
 
 

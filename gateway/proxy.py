@@ -21,7 +21,7 @@ import json
 import logging
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, ClassVar, Protocol
+from typing import Any, Final, Protocol
 
 from aiohttp import web
 
@@ -276,7 +276,7 @@ class AnswerOn:
 
 # The head of a chunk of each size up to 4 KiB (a streamed piece is a few hundred bytes), made
 # once: concatenating costs a third of what formatting it does, on every piece.
-_CHUNK_HEADS = [b"%x\r\n" % size for size in range(4096)]
+_CHUNK_HEADS: Final = [b"%x\r\n" % size for size in range(4096)]
 
 
 def http_chunk(data: bytes) -> bytes:
@@ -286,6 +286,10 @@ def http_chunk(data: bytes) -> bytes:
     return head + data + b"\r\n"
 
 
+# Bytes unsent to a client past which its stream goes through aiohttp's writer and its drain.
+_CLIENT_HIGH_WATER: Final = 64 * 1024
+
+
 class ClientSocket:
     """A prepared streaming answer's socket, written directly (HTTP/1.1 chunks framed here, as
     aiohttp's writer would): one `transport.write` per engine read, with no coroutine and no
@@ -293,8 +297,6 @@ class ClientSocket:
     takes over."""
 
     __slots__ = ("_transport",)
-    # Bytes unsent to the client: past this, aiohttp's writer and its drain.
-    HIGH_WATER: ClassVar[int] = 64 * 1024
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
@@ -310,7 +312,7 @@ class ClientSocket:
 
     def ready(self) -> bool:
         transport = self._transport
-        return not transport.is_closing() and transport.get_write_buffer_size() < self.HIGH_WATER
+        return not transport.is_closing() and transport.get_write_buffer_size() < _CLIENT_HIGH_WATER
 
     def write(self, data: bytes) -> None:
         if data:

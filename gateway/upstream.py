@@ -27,7 +27,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 from types import TracebackType
-from typing import cast
+from typing import Final, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -35,7 +35,7 @@ import httptools
 from gateway.loop import OnLoop
 
 # Above this many bytes read ahead of the caller, stop reading from the engine until it catches up.
-_HIGH_WATER = 256 * 1024
+_HIGH_WATER: Final = 256 * 1024
 
 
 class EngineDisconnected(Exception):

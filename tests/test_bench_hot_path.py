@@ -5,10 +5,12 @@ pure Python."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import uvloop
 
 from bench import hot_path
@@ -51,3 +53,17 @@ def test_the_script_prints_a_figure_per_request_and_per_stream() -> None:
         figures = re.search(measured + r" +([\d.]+) us per request, +([\d.]+) us per stream", out)
         assert figures is not None, out
         assert 0 < float(figures[1]) < float(figures[2])
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
+def test_instructions_are_counted_per_request_and_per_stream() -> None:
+    """`--instructions`: valgrind's count of the same work (here 10 of each per round), the
+    same on every run: a stream of 64 pieces is many times a request's work."""
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "hot_path.py"), "--instructions", "--count", "10"],
+        check=True, capture_output=True, text=True, timeout=300,
+    ).stdout  # fmt: skip
+    figures = re.search(r"this +([\d,]+) instructions per request, +([\d,]+) per stream", out)
+    assert figures is not None, out
+    request, stream = (int(figures[n].replace(",", "")) for n in (1, 2))
+    assert 10_000 < request < stream / 3, out
