@@ -1,6 +1,6 @@
 """The gateway's hot path compiled to C by mypyc: the same modules, typed strictly for mypy,
-compiled as they are (about half of sem's own CPU per request, a third less per stream:
-bench/hot_path.py --pure, docs/benchmarks.md). `make install` builds them (scripts/build_native.py)
+compiled as they are (about half of sem's own work per request and per stream:
+bench/hot_path.py --pure and --instructions, docs/benchmarks.md). `make install` builds them (scripts/build_native.py)
 into build/native/.
 
 Used only when built from exactly the sources beside them (a SHA-256 of each, and the Python
