@@ -1,7 +1,7 @@
 """The gateway's hot path compiled to C by mypyc: the same modules, typed strictly for mypy,
 compiled as they are (about half of sem's own work per request and per stream:
-bench/hot_path.py --pure and --instructions, docs/benchmarks.md). `make install` builds them (scripts/build_native.py)
-into build/native/.
+bench/hot_path.py --pure and --instructions, docs/benchmarks.md). `make install` builds them
+(scripts/build_native.py) into build/native/.
 
 Used only when built from exactly the sources beside them (a SHA-256 of each, and the Python
 they were built for): otherwise the gateway runs as the pure Python it is, the same behaviour,
