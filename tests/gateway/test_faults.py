@@ -226,6 +226,19 @@ def test_usage_is_asked_of_the_engine_and_stripped_byte_level_in_vllms_form():
     assert with_final.strip(spaced_counted + spaced_final) == spaced + spaced_final
 
 
+def test_usage_is_cut_at_the_right_bytes_of_text_that_is_not_ascii() -> None:
+    """The scans run on a latin-1 view of the bytes, whose indexes are the bytes': generated
+    UTF-8 text (two, three and four bytes a character) before the usage must come out whole."""
+    text = "h\u00e9llo \u4e16\u754c \U0001f600"
+    event = {"id": "c", "choices": [{"index": 0, "text": text}]}
+    chunk = f"data: {json.dumps(event, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
+    counted = chunk[:-3] + b',"usage":{"prompt_tokens":5,"completion_tokens":2}}\n\n'
+    stripped = UsageFilter({}).strip(counted + counted)
+    assert stripped == chunk + chunk
+    assert json.loads(stripped.split(b"\n\n")[0][len(b"data: ") :])["choices"][0]["text"] == text
+    assert not ends_stream(counted.decode("latin-1"))
+
+
 @pytest.mark.parametrize(
     ("events", "ends"),
     [
