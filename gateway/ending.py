@@ -22,9 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final
 
+from gateway.jsonscan import string_at, value_at
 from gateway.resume import VLLM_DEFAULT_MAX_TOKENS
-
-_FINISH = re.compile(rb'"finish_reason":\s*"(\w+)"')
 
 
 def asked_tokens(path: str, body: dict[str, Any]) -> int | None:
@@ -45,17 +44,26 @@ def asked_limit(request: bytes) -> int | None:
     return min(int(n) for n in found) if found else None
 
 
-def finish_reasons(tail: bytes) -> list[str]:
-    """The finish reasons in `tail` (raw events; generated text cannot fake one: its quotes are
-    escaped)."""
-    return [m.decode() for m in _FINISH.findall(tail)]
-
-
 # Final: compiled code has them as constants, not looked up in the module on every piece.
 _FINISH_KEY: Final = '"finish_reason":'
 _DONE_TAIL: Final = "[DONE]\n\n"
 _DONE_EVENT: Final = "data: [DONE]\n\n"
 _DONE_EVENT_UNSPACED: Final = "data:[DONE]\n\n"
+
+
+def finish_reasons(tail: bytes) -> list[str]:
+    """The finish reasons in `tail` (raw events, or a whole answer), in order; a null one (a
+    choice not finished) is left out. Found by key (gateway.jsonscan)."""
+    view = tail.decode("latin-1")
+    reasons = []
+    at = view.find(_FINISH_KEY)
+    while at >= 0:
+        at += len(_FINISH_KEY)
+        reason = string_at(view, at)
+        if reason is not None:
+            reasons.append(reason)
+        at = view.find(_FINISH_KEY, at)
+    return reasons
 
 
 def ends_with_done(view: str) -> bool:
@@ -81,8 +89,8 @@ def ends_stream(view: str, by_finish: bool = True) -> bool:
         return False
     at = view.find(_FINISH_KEY)
     while at >= 0:
-        at += len(_FINISH_KEY)
-        if view[at : at + 8].lstrip()[:1] == '"':  # a reason, not null
+        at = value_at(view, at + len(_FINISH_KEY))
+        if view[at : at + 1] == '"':  # a reason, not null
             return True
         at = view.find(_FINISH_KEY, at)
     return False

@@ -25,9 +25,9 @@ MANIFEST = "manifest.json"
 # are read as plain Python's: class attributes, vars()), pydantic's request models (mypyc
 # cannot compile a module that subclasses them), the daemon and what runs once.
 MODULES = (
-    "admission", "app", "body", "ending", "fastpath", "frontdoor", "journey", "keys", "limits",
-    "loop", "metrics", "plain_requests", "progress", "proxy", "resume", "routes", "sse",
-    "state", "upstream", "usage",
+    "admission", "app", "body", "ending", "fastpath", "frontdoor", "journey", "jsonscan", "keys",
+    "limits", "loop", "metrics", "plain_requests", "progress", "proxy", "resume", "routes",
+    "sse", "state", "upstream", "usage",
 )  # fmt: skip
 
 

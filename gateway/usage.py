@@ -5,16 +5,28 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Final
 
-# The last usage object's completion_tokens. Inside JSON strings quotes are escaped, so generated
-# text cannot fake it.
-_COMPLETION_TOKENS = re.compile(rb'"usage":\s*\{[^}]*?"completion_tokens":\s*(\d+)')
+from gateway.jsonscan import int_at, value_at
+
+_USAGE_KEY: Final = '"usage":'
+_TOKENS_KEY: Final = '"completion_tokens":'
 
 
 def completion_tokens(body: bytes) -> int | None:
-    """`usage.completion_tokens` of an OpenAI answer (the last one, in a stream's tail)."""
-    found = _COMPLETION_TOKENS.findall(body)
-    return int(found[-1]) if found else None
+    """`usage.completion_tokens` of an OpenAI answer: its last usage object's (in a stream's
+    tail, the last chunk's), searched from the end, where usage is (gateway.jsonscan)."""
+    view = body.decode("latin-1")
+    at = view.rfind(_USAGE_KEY)
+    while at >= 0:
+        start = value_at(view, at + len(_USAGE_KEY))
+        if view[start : start + 1] == "{":  # not null; vLLM's usage nests no object before it
+            end = view.find("}", start)
+            key = view.find(_TOKENS_KEY, start, end if end >= 0 else len(view))
+            if key >= 0 and (count := int_at(view, key + len(_TOKENS_KEY))) is not None:
+                return count
+        at = view.rfind(_USAGE_KEY, 0, at)
+    return None
 
 
 def stream_tokens(events: list[bytes]) -> int:
