@@ -11,12 +11,17 @@ receives is a `beat` (a clock read and two stores: the hot path). Two rules foll
   healthy gap. A stalled replica is suspect (admission sends it nothing new), every attempt on it
   is abandoned (replayed or resumed elsewhere), and it is reported as stalled (`stalls`) so the
   supervisor can restart it, until a byte comes from it again or the route table replaces it.
-- **First byte**: a stream attempt that got no byte within its deadline is abandoned. The
-  deadline is learned per model (`FirstByteClock`): `factor` x the p99 of recent times to the
-  first byte, never under `floor` nor over `cap`; it doubles with each attempt of the same
-  request, so a genuinely long prefill gets its time on the next try instead of being given up.
-  Non-stream answers come whole at the end: they have no first-byte deadline (a stall still
-  abandons them).
+- **First byte**: a stream attempt that got no byte within its deadline is abandoned, unless
+  its replica is producing for other streams at that moment: then the engine is alive and this
+  request waits its turn (a full batch in vLLM's waiting queue, a burst of new connections not
+  accepted yet), and abandoning it would only send it to the back of the queue and make the
+  replica suspect (admission then sends the model nothing for `suspect_for` seconds when it has
+  one replica). It waits on, deadline after deadline, up to `cap` in all. The deadline is learned
+  per model (`FirstByteClock`): `factor` x the p99 of recent times to the first byte, never
+  under `floor` nor over `cap`; it doubles with each attempt of the same request, so a
+  genuinely long prefill gets its time on the next try instead of being given up. Non-stream
+  answers come whole at the end: they have no first-byte deadline (a stall still abandons
+  them).
 
 An abandoned attempt is cancelled through its `guard` (`Guard`, asyncio.timeout's contract): the
 engine connection is closed, which makes vLLM abort the generation.
@@ -136,8 +141,8 @@ class Attempt:
     (`with progress.watch(...) as attempt`), and `guard` (a `Guard`) around the work
     so that `abandon` can cancel it."""
 
-    __slots__ = ("_board", "_counted", "_first", "_guard", "_held", "_replica", "_route",
-                 "_timer", "model", "reason", "started", "stream")  # fmt: skip
+    __slots__ = ("_board", "_counted", "_deadline", "_first", "_guard", "_held", "_replica",
+                 "_route", "_timer", "model", "reason", "started", "stream")  # fmt: skip
 
     def __init__(
         self, board: Progress, route: ReplicaRoute, replica: _Replica, model: str, stream: bool
@@ -154,15 +159,28 @@ class Attempt:
         self.reason: str | None = None  # set when abandoned
         self._guard = Guard(board.loop)
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0  # s: the first-byte deadline, once set
 
     @property
     def guard(self) -> Guard:
         return self._guard
 
     def first_byte_within(self, seconds: float) -> None:
-        self._timer = self._board.loop.call_later(
-            seconds, self.abandon, f"sent nothing within {seconds:.1f}s (first-byte deadline)"
-        )
+        """Abandon this attempt if it gets no byte within `seconds` while its replica produces
+        for no other stream (see the module)."""
+        self._deadline = seconds
+        self._timer = self._board.loop.call_later(seconds, self._first_byte_due)
+
+    def _first_byte_due(self) -> None:
+        self._timer = None
+        waited = _clock() - self.started
+        limit = max(self._board.clock.cap, self._deadline)
+        replica = self._replica
+        if replica.producing and replica.stalled_since is None and waited < limit:
+            wait = min(self._deadline, limit - waited)  # busy: its turn comes
+            self._timer = self._board.loop.call_later(wait, self._first_byte_due)
+            return
+        self.abandon(f"sent nothing within {waited:.1f}s (first-byte deadline)")
 
     def beat(self) -> None:
         replica = self._replica

@@ -82,6 +82,33 @@ async def test_a_stream_that_gets_no_first_byte_is_replayed_on_another_replica(r
     assert len(frozen.requests) == 1 and len(healthy.requests) == 1
 
 
+class OneAtATime(FakeEngine):
+    """Streams one answer at a time, the others waiting for it: vLLM's waiting queue when its
+    batch (or its KV cache) is full."""
+
+    def __init__(self) -> None:
+        super().__init__("m", token_delay=0.03)
+        self._batch = asyncio.Lock()
+
+    async def _stream(self, request: web.Request, *args: Any) -> web.StreamResponse:
+        async with self._batch:
+            return await super()._stream(request, *args)
+
+
+async def test_a_stream_waiting_its_turn_on_a_busy_replica_is_not_abandoned(rig):
+    engine = OneAtATime()
+    client = await over(rig, engine)  # its only replica: abandoning would make it suspect
+    client.app[JOURNEYS].progress.clock.floor = 0.5
+    started = time.monotonic()
+    answers = await asyncio.gather(
+        *(client.post("/v1/completions", json=counting(30)) for _ in range(2))
+    )
+    assert [stream_text(await read_stream(a)) for a in answers] == [numbers(30)] * 2
+    assert len(engine.requests) == 2, "neither was abandoned and sent again"
+    # The second waited ~0.9 s for the first, past its 0.5 s deadline, then streamed its own.
+    assert time.monotonic() - started >= 1.6
+
+
 async def test_a_timeout_before_any_byte_is_replayed(rig):
     frozen, healthy = FakeEngine("m"), FakeEngine("m")
     frozen.wedge()
