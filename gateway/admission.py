@@ -6,7 +6,8 @@ by priority (higher first) then arrival. A request for a model that is known but
 (pending, starting, restarting), or not loaded at all (`unloaded`: the supervisor loads it on
 demand), waits in the same queue; one whose measured load time is longer than `queue_timeout`
 gets 503 at once, with that time as Retry-After. Among replicas with a free slot, the one
-with the fewest outstanding requests wins.
+with the fewest outstanding requests wins. A request whose engine failed it waits again in the
+same queue, ahead of every first try, for a replica that is not a suspect (`acquire_again`).
 
 Answers: unknown model, or one being removed (draining), 404; a model that failed (every
 replica gave up: crash loop) 503 at once, with the reason, instead of queueing for nothing; queue
@@ -105,12 +106,29 @@ class Admission:
                 " retry shortly",
                 retry_after=1,
             )
+        return await self._queue_for(model, -priority, self.queue_timeout)
+
+    async def acquire_again(self, model: str, timeout: float) -> ReplicaRoute:
+        """A slot for a request whose engine failed (its replica is now suspect), waiting up to
+        `timeout` s for a ready replica (an engine restart): ahead of every first try, since it
+        has waited once already. Queued, not polling: a restart may leave a thousand of them
+        waiting for a minute."""
+        if (gone := self._gone(model)) is not None:
+            raise gone
+        if (replica := self._free_replica(model)) is not None:
+            self._take(replica)
+            return replica
+        return await self._queue_for(model, _AGAIN, timeout)
+
+    async def _queue_for(self, model: str, rank: int, timeout: float) -> ReplicaRoute:
+        """Wait in `model`'s queue (lower `rank` first, then arrival) for a slot `dispatch` hands
+        over: when one is released, a suspect's time is up or the route table changes."""
         loop = asyncio.get_running_loop()
-        waiter = _Waiter((-priority, next(self._arrivals)), model, loop.create_future())
+        waiter = _Waiter((rank, next(self._arrivals)), model, loop.create_future())
         heapq.heappush(self._queues.setdefault(model, []), waiter)
         started = time.monotonic()
         try:
-            async with asyncio.timeout(self.queue_timeout):
+            async with asyncio.timeout(timeout):
                 return await waiter.future
         except TimeoutError:
             if _granted(waiter.future):  # the slot came as the clock ran out: take it
@@ -124,27 +142,12 @@ class Admission:
             if not waiter.future.done():
                 waiter.future.cancel()  # leave the queue
 
-    async def acquire_again(self, model: str, timeout: float) -> ReplicaRoute:
-        """A slot for a request whose engine failed (its replica is now suspect): waiting up to
-        `timeout` s for a ready replica (an engine restart). Ahead of the queue: the request has
-        waited once already. Rare, so it polls."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        while True:
-            if (gone := self._gone(model)) is not None:
-                raise gone
-            if (replica := self._free_replica(model)) is not None:
-                self._take(replica)
-                return replica
-            if loop.time() - started > timeout:
-                raise self._timeout_error(model, loop.time() - started)
-            await self._watcher.wait_change(0.1)
-
     def suspect(self, url: str, seconds: float) -> None:
         """An engine failed a request: send it nothing for `seconds`, or until the route table
         replaces it (the supervisor saw it die and restarts it on a new port)."""
         self._suspects[url] = time.monotonic() + seconds
-        asyncio.get_running_loop().call_later(seconds, self.dispatch)
+        # Its waiters are woken when its time is up (a timer may fire a hair early: a margin).
+        asyncio.get_running_loop().call_later(seconds + 0.005, self.dispatch)
 
     def release(self, replica: ReplicaRoute) -> None:
         self.outstanding[replica.id] = max(0, self.outstanding.get(replica.id, 0) - 1)
@@ -270,6 +273,9 @@ class Admission:
             retry_after=2,
         )
 
+
+# A replay's rank in its model's queue: ahead of every first try (whose rank is -priority).
+_AGAIN = -(2**62)
 
 # Route states of a model with no engine up or coming up soon: a request waits a whole load.
 _NOT_LOADED = frozenset({"unloaded", "pending"})
