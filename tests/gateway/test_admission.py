@@ -198,35 +198,38 @@ async def test_a_model_not_loaded_in_time_says_its_measured_load_time(watcher):
     assert err.value.retry_after == 0.5
 
 
-async def test_replays_wait_in_the_queue_ahead_of_first_tries_and_get_the_replica_back(watcher):
+async def test_replays_wait_in_the_queue_ahead_of_first_tries_for_the_restarted_engine(watcher):
     watcher.update(table(1, seqs=1000))
     admission = Admission(watcher)
-    admission.suspect("http://127.0.0.1:9000", 0.3)  # its engine just failed their requests
+    admission.suspect("http://127.0.0.1:9000", 30)  # its engine just failed their requests
     order: list[str] = []
 
     async def request(name: str, again: bool) -> None:
         replica = await (admission.acquire_again("m", 5) if again else admission.acquire("m"))
-        order.append(name)
+        order.append(f"{name} on {replica.url}")
         admission.release(replica)
 
     replays = [asyncio.ensure_future(request(f"replay {i}", True)) for i in range(200)]
-    await wait_until(lambda: admission.queued("m") == 200)  # waiting in sight, not polling
+    await asyncio.sleep(0)  # each has run to its wait
+    assert admission.queued("m") == 200  # waiting in sight, not polling
     first = asyncio.ensure_future(request("first try", False))
-    await wait_until(lambda: admission.queued("m") == 201)
+    await asyncio.sleep(0)
+    assert admission.queued("m") == 201
+    restarted = RouteTable(2, {"m": ModelRoute("m", "ready", "", (
+        ReplicaRoute("m-0", "ready", "http://127.0.0.1:9100", 1000),))})  # fmt: skip
+    watcher.update(restarted)  # the supervisor restarted it on a new port
     await asyncio.gather(*replays, first)
-    assert order == [f"replay {i}" for i in range(200)] + ["first try"]
+    new = "on http://127.0.0.1:9100"
+    assert order == [f"replay {i} {new}" for i in range(200)] + [f"first try {new}"]
 
 
-async def test_a_replay_waits_for_a_restarted_engine_and_times_out_without_one(watcher):
+async def test_a_replay_gets_its_replica_back_when_its_suspicion_ends_or_times_out(watcher):
     watcher.update(table(1))
     admission = Admission(watcher)
+    admission.suspect("http://127.0.0.1:9000", 0.2)
+    replica = await admission.acquire_again("m", 5)  # woken by the end of the suspicion
+    assert replica.id == "m-0"
+    admission.release(replica)
     admission.suspect("http://127.0.0.1:9000", 30)
-    waiting = asyncio.ensure_future(admission.acquire_again("m", 5))
-    await wait_until(lambda: admission.queued("m") == 1)
-    restarted = RouteTable(2, {"m": ModelRoute("m", "ready", "", (
-        ReplicaRoute("m-0", "ready", "http://127.0.0.1:9100", 1),))})  # fmt: skip
-    watcher.update(restarted)  # the supervisor restarted it on a new port
-    assert (await waiting).url == "http://127.0.0.1:9100"
-    admission.suspect("http://127.0.0.1:9100", 30)
     with pytest.raises(QueueTimeout):
         await admission.acquire_again("m", 0.2)
