@@ -98,14 +98,16 @@ class OneAtATime(FakeEngine):
 async def test_a_stream_waiting_its_turn_on_a_busy_replica_is_not_abandoned(rig):
     engine = OneAtATime()
     client = await over(rig, engine)  # its only replica: abandoning would make it suspect
-    client.app[JOURNEYS].progress.clock.floor = 0.5
+    # Deadlines at 0.6 and 1.2 s: the first stream produces at the first, the second has its
+    # first byte (at ~0.93 s) well before the second.
+    client.app[JOURNEYS].progress.clock.floor = 0.6
     started = time.monotonic()
     answers = await asyncio.gather(
         *(client.post("/v1/completions", json=counting(30)) for _ in range(2))
     )
     assert [stream_text(await read_stream(a)) for a in answers] == [numbers(30)] * 2
     assert len(engine.requests) == 2, "neither was abandoned and sent again"
-    # The second waited ~0.9 s for the first, past its 0.5 s deadline, then streamed its own.
+    # The second waited ~0.9 s for the first, past its 0.6 s deadline, then streamed its own.
     assert time.monotonic() - started >= 1.6
 
 
