@@ -5,6 +5,7 @@ show where the engines listen."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import sys
 import time
@@ -14,9 +15,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from contract.routes import RouteTable
-from gateway.body import BodyBudget, parse_object, too_deep
+from gateway.body import BodyBudget, parse_body, parse_object, too_deep
 from gateway.errors import BadRequest, Overloaded
 from gateway.limits import Limits, MiB
 from gateway.retry import RetryBudget
@@ -54,6 +57,62 @@ def test_a_body_is_read_in_any_encoding_json_allows(encoding: str) -> None:
     assert parse_object(text.encode(encoding), 64) == {"model": "m", "prompt": "café ☃"}
     with pytest.raises(BadRequest):
         parse_object("[1]".encode(encoding), 64)
+
+
+scalars = st.none() | st.booleans() | st.integers() | st.text(max_size=5)
+json_values = st.recursive(
+    scalars | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner),
+    max_leaves=8,
+)
+spaces = st.sampled_from(["", " ", "\n", "\t\r\n ", "x", " {}", "NaN", ", 1"])
+
+
+def refuse(constant: str) -> None:
+    raise ValueError(constant)
+
+
+def parsed(raw: bytes) -> object:
+    """What the route's `await parse_body(raw)` gives, driven by hand: a small body is parsed
+    without suspending, so the coroutine returns at its first step (and a StopIteration
+    escaping the parse would read as a return, not an error)."""
+    step = parse_body(raw, Limits())
+    try:
+        step.send(None)
+    except StopIteration as done:
+        return done.value
+    raise AssertionError("parse_body suspended on a small body")
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.dictionaries(st.text(max_size=3), json_values, max_size=4),
+    spaces,
+    spaces,
+    st.integers(0, 12),
+)
+@example({"a": 1}, "", "}", 0)
+@example({"model": "m", "prompt": 1}, "", "", 2)  # '{"model": "m", "prompt": '
+def test_a_body_parses_as_json_loads_reads_it(
+    value: dict[str, object], before: str, after: str, cut: int
+) -> None:
+    """The parse (the C scanner alone for the usual body) gives json.loads' value, or a 400
+    where json.loads refuses the text (or finds NaN in it): whatever comes before and after
+    the object, and cut short anywhere."""
+    whole = json.dumps(value)
+    text = before + whole[: len(whole) - cut] + after
+    try:
+        expected: object = json.loads(text, parse_constant=refuse)
+    except ValueError:
+        expected = BadRequest
+    if isinstance(expected, dict):
+        assert parse_object(text.encode(), 64) == expected
+        assert parsed(text.encode()) == expected
+    else:
+        with pytest.raises(BadRequest):
+            parse_object(text.encode(), 64)
+        with pytest.raises(BadRequest):
+            parsed(text.encode())
 
 
 @pytest.mark.parametrize("route", ROUTES)
