@@ -105,7 +105,7 @@ async def generate_answer(
             pool, opener, ENGINE_PATH, engine_body, payload, convert=generate_events
         )
     else:
-        relay = JsonRelay(pool, ENGINE_PATH, payload, reshape=GenerateAnswer(req.model))
+        relay = JsonRelay(pool, opener, ENGINE_PATH, payload, reshape=GenerateAnswer(req.model))
     return await hand_over(app, headers, "/generate", relay, req.model, payload)
 
 
@@ -124,7 +124,7 @@ async def openai_answer(
     if body.get("stream") is True:
         relay = StreamRelay(pool, opener, path, body, raw)
     else:
-        relay = JsonRelay(pool, path, raw)
+        relay = JsonRelay(pool, opener, path, raw)
     return await hand_over(app, headers, path, relay, body["model"], raw)
 
 

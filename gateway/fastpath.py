@@ -3,7 +3,8 @@ front of aiohttp's: what a request costs in aiohttp's server (its request and re
 routing, a task per request started a loop turn later) was as much as the whole Rust router's
 cost per request (docs/benchmarks.md). Here a request's head is parsed by httptools (llhttp, in
 C) into a dict, its body sliced from the bytes read, and its answer written to the socket in one
-call; the route's answer (gateway.app) is the same code aiohttp's handlers call.
+call the moment the relay has it (the request's bookkeeping comes after, off the client's
+wait); the route's answer (gateway.app) is the same code aiohttp's handlers call.
 
 Only the plain case takes this path: a `POST` to a hot route over HTTP/1.1, kept alive, with a
 `Content-Length` within `--max-body`, whose whole body came with its head, and no
@@ -145,8 +146,8 @@ class RawAnswer:
     they are plain (see the module) and hands the connection to aiohttp's server otherwise."""
 
     __slots__ = (
-        "_buffer", "_conn", "_door", "_drained", "_idle", "_loop", "_paused", "_reading_paused",
-        "_task", "_transport",
+        "_answered", "_buffer", "_conn", "_door", "_drained", "_idle", "_loop", "_paused",
+        "_reading_paused", "_task", "_transport",
     )  # fmt: skip
 
     def __init__(
@@ -166,6 +167,7 @@ class RawAnswer:
         self._paused = False  # the client's socket buffers are full
         self._reading_paused = False  # the client sent more than PIPELINED ahead
         self._drained: asyncio.Future[None] | None = None
+        self._answered = False  # the request being served has had its whole answer
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -219,10 +221,12 @@ class RawAnswer:
                 async with door.bodies.hold(len(body), door.limits.body_timeout):
                     response = await route(headers, body, self)
             except GatewayError as exc:
+                if self._answered:  # the answer went out: what failed after it is a bug
+                    raise
                 response = error_response(exc)
             if isinstance(response, Whole):
-                answer = response.body
-                transport.write(_JSON_HEAD % (len(answer), _Date.now()) + answer)
+                if not response.sent:
+                    self.whole(response.body)
             elif not isinstance(response, RawStream):
                 transport.write(whole_answer(response))
         except asyncio.CancelledError:
@@ -237,6 +241,7 @@ class RawAnswer:
             return
         finally:
             self._task = None
+            self._answered = False
         if transport.is_closing():
             return
         if door.stopping:  # no next request: as aiohttp's server does, close after the answer
@@ -252,6 +257,11 @@ class RawAnswer:
             self._idle = self._loop.call_later(timeout, transport.close)
 
     # -- writing a stream (RawStream, and gateway.proxy through the Opener protocol) -----------
+
+    def whole(self, body: bytes) -> Whole:
+        self._transport.write(_JSON_HEAD % (len(body), _Date.now()) + body)
+        self._answered = True
+        return Whole(body, sent=True)
 
     async def open(self) -> tuple[web.StreamResponse, ClientSocket | None]:
         self._transport.write(_SSE_HEAD % _Date.now())

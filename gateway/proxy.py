@@ -60,14 +60,16 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
 class Whole:
-    """A whole (non-stream) JSON answer, not yet a server's response: aiohttp's handler makes it
-    aiohttp's response (`as_response`), the front door's own server writes it out as it is
-    (building aiohttp's response object only to read it back was ~3% of a request's CPU)."""
+    """A whole (non-stream) JSON answer: aiohttp's handler makes it aiohttp's response
+    (`as_response`); the front door's own server has written it out as it is (`sent`) the
+    moment the relay had it (building aiohttp's response object only to read it back was ~3%
+    of a request's CPU, and the request's bookkeeping comes after the client has its answer)."""
 
-    __slots__ = ("body",)
+    __slots__ = ("body", "sent")
 
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, body: bytes, sent: bool = False) -> None:
         self.body = body
+        self.sent = sent
 
     def as_response(self) -> web.Response:
         return web.Response(body=self.body, content_type="application/json")
@@ -183,18 +185,20 @@ class JsonRelay:
     as it came, or parsed and reshaped by `reshape` (/generate's answer). Nothing reaches the
     client before the answer is whole, so a failed attempt is simply replayed."""
 
-    __slots__ = ("body", "path", "pool", "reshape")
+    __slots__ = ("body", "opener", "path", "pool", "reshape")
     started = False
     streams = False
 
     def __init__(
         self,
         pool: UpstreamPool,
+        opener: Opener,
         path: str,
         body: bytes,
         reshape: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
         self.pool = pool
+        self.opener = opener
         self.path = path
         self.body = body
         self.reshape = reshape
@@ -210,11 +214,11 @@ class JsonRelay:
         if self.reshape is None:
             check_answer(upstream.status, raw, replica)
             obs.tokens += completion_tokens(raw) or 0
-            return Whole(raw)
+            return self.opener.whole(raw)
         data = engine_json(upstream.status, raw, replica)
         usage = data.get("usage") or {}
         obs.tokens += int(usage.get("completion_tokens") or 0)
-        return Whole(json.dumps(self.reshape(data)).encode())
+        return self.opener.whole(json.dumps(self.reshape(data)).encode())
 
     async def give_up(self, error: GatewayError) -> Answer:
         raise error  # never started: the error is the answer
@@ -252,12 +256,16 @@ def in_band_error(out: bytes, view: str) -> tuple[int, str] | None:
 
 
 class Opener(Protocol):
-    """Starts a stream's answer to its client: aiohttp's response (`AnswerOn`) or the front
-    door's own (gateway.fastpath)."""
+    """Answers the client: through aiohttp's response (`AnswerOn`) or the front door's own
+    server (gateway.fastpath)."""
 
     async def open(self) -> tuple[web.StreamResponse, ClientSocket | None]:
-        """The answer, its status and headers sent; and its socket when the relay may write to
-        it directly (see ClientSocket)."""
+        """A stream's answer, its status and headers sent; and its socket when the relay may
+        write to it directly (see ClientSocket)."""
+
+    def whole(self, body: bytes) -> Whole:
+        """A whole answer: sent now where the server can (the front door's), else for the
+        handler to send."""
 
 
 class AnswerOn:
@@ -272,6 +280,9 @@ class AnswerOn:
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(self.request)
         return response, ClientSocket.of(self.request, response)
+
+    def whole(self, body: bytes) -> Whole:
+        return Whole(body)  # the handler returns it: aiohttp sends it after
 
 
 # The head of a chunk of each size up to 4 KiB (a streamed piece is a few hundred bytes), made
