@@ -213,8 +213,9 @@ class JsonRelay:
             raise UpstreamError(f"engine {replica.id} {cut}")
         if self.reshape is None:
             check_answer(upstream.status, raw, replica)
-            obs.tokens += completion_tokens(raw) or 0
-            return self.opener.whole(raw)
+            answer = self.opener.whole(raw)
+            obs.tokens += completion_tokens(raw) or 0  # counted once the client has it
+            return answer
         data = engine_json(upstream.status, raw, replica)
         usage = data.get("usage") or {}
         obs.tokens += int(usage.get("completion_tokens") or 0)
