@@ -225,7 +225,7 @@ class RawAnswer:
                     raise
                 response = error_response(exc)
             if isinstance(response, Whole):
-                if not response.sent:
+                if not self._answered:  # not written yet by the relay (`whole`)
                     self.whole(response.body)
             elif not isinstance(response, RawStream):
                 transport.write(whole_answer(response))
@@ -261,7 +261,7 @@ class RawAnswer:
     def whole(self, body: bytes) -> Whole:
         self._transport.write(_JSON_HEAD % (len(body), _Date.now()) + body)
         self._answered = True
-        return Whole(body, sent=True)
+        return Whole(body)
 
     async def open(self) -> tuple[web.StreamResponse, ClientSocket | None]:
         self._transport.write(_SSE_HEAD % _Date.now())

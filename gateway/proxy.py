@@ -61,15 +61,15 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 class Whole:
     """A whole (non-stream) JSON answer: aiohttp's handler makes it aiohttp's response
-    (`as_response`); the front door's own server has written it out as it is (`sent`) the
-    moment the relay had it (building aiohttp's response object only to read it back was ~3%
-    of a request's CPU, and the request's bookkeeping comes after the client has its answer)."""
+    (`as_response`); the front door's own server has written it out as it is the moment the
+    relay had it (`Opener.whole`: building aiohttp's response object only to read it back was
+    ~3% of a request's CPU, and the request's bookkeeping comes after the client has its
+    answer)."""
 
-    __slots__ = ("body", "sent")
+    __slots__ = ("body",)
 
-    def __init__(self, body: bytes, sent: bool = False) -> None:
+    def __init__(self, body: bytes) -> None:
         self.body = body
-        self.sent = sent
 
     def as_response(self) -> web.Response:
         return web.Response(body=self.body, content_type="application/json")
