@@ -9,6 +9,14 @@ gets 503 at once, with that time as Retry-After. Among replicas with a free slot
 with the fewest outstanding requests wins. A request whose engine failed it waits again in the
 same queue, ahead of every first try, for a replica that is not a suspect (`acquire_again`).
 
+A replica whose engine failed a request is suspect: it gets nothing for `suspect_for` seconds,
+then one request at a time (its trial) until it proves itself (`proven`: a stream's first byte,
+or an answer) or the route table replaces it (the supervisor restarted it). Without trials every
+request waiting for a wedged model's only replica would go back to it at once when the time is
+up, each spending one of its attempts there before the supervisor restarts the engine. A trial
+holds its replica for `suspect_for` seconds at most: a non-stream answer proves nothing until it
+is whole, and a long one must not keep a model's only replica from everyone meanwhile.
+
 Answers: unknown model, or one being removed (draining), 404; a model that failed (every
 replica gave up: crash loop) 503 at once, with the reason, instead of queueing for nothing; queue
 full 429 with Retry-After; no slot within `queue_timeout` 503 with Retry-After. A waiter whose
@@ -52,6 +60,9 @@ class Admission:
         self.outstanding: dict[str, int] = {}  # replica id -> requests in flight
         self._queues: dict[str, list[_Waiter]] = {}
         self._suspects: dict[str, float] = {}  # engine url -> until (time.monotonic)
+        # Engine url on trial -> until when its trial request holds it (0: none is out).
+        self._trials: dict[str, float] = {}
+        self._trial_hold = 0.0  # s: a trial holds its replica as long as a suspicion lasts
         self._arrivals = itertools.count()
         self.last_request: dict[str, float] = {}  # model -> unix time a request last arrived
         # Called with a model's name when a request for it finds no ready replica (reporter).
@@ -143,19 +154,30 @@ class Admission:
                 waiter.future.cancel()  # leave the queue
 
     def suspect(self, url: str, seconds: float) -> None:
-        """An engine failed a request: send it nothing for `seconds`, or until the route table
-        replaces it (the supervisor saw it die and restarts it on a new port)."""
+        """An engine failed a request: send it nothing for `seconds`, then one trial request
+        at a time until it is `proven`, or until the route table replaces it (the supervisor saw
+        it die and restarts it on a new port)."""
+        self._trials.pop(url, None)
         self._suspects[url] = time.monotonic() + seconds
+        self._trial_hold = seconds
         # Its waiters are woken when its time is up (a timer may fire a hair early: a margin).
         asyncio.get_running_loop().call_later(seconds + 0.005, self.dispatch)
 
+    def proven(self, url: str) -> None:
+        """The engine at `url` sent a stream's first byte or an answer: if it was on trial,
+        it gets every request again."""
+        if self._trials and self._trials.pop(url, None) is not None:
+            self.dispatch()
+
     def release(self, replica: ReplicaRoute) -> None:
         self.outstanding[replica.id] = max(0, self.outstanding.get(replica.id, 0) - 1)
+        if self._trials and self._trials.get(replica.url or ""):
+            self._trials[replica.url or ""] = 0.0  # the trial ended unproven: another may go
         if self._queues:  # a request may be waiting for this slot
             self.dispatch()
 
     def _table_changed(self) -> None:
-        if self._suspects:
+        if self._suspects or self._trials:
             self._forget_replaced()
         self.dispatch()
 
@@ -234,20 +256,24 @@ class Admission:
         if route is None:
             return None
         best, least = None, 0  # the least loaded, the first of equals: one pass, no lists
-        outstanding, suspects = self.outstanding, self._suspects
+        outstanding, suspects, trials = self.outstanding, self._suspects, self._trials
         for replica in route.ready_replicas:
             load = outstanding.get(replica.id, 0)
             if load >= replica.max_num_seqs or (best is not None and load >= least):
                 continue
             if suspects and self._is_suspect(replica.url):
                 continue
+            if trials and trials.get(replica.url or "", 0.0) > time.monotonic():
+                continue  # on trial, and its trial request is out
             best, least = replica, load
         return best
 
     def _is_suspect(self, url: str | None) -> bool:
+        """Is the engine at `url` suspect? Once its time is up it is on trial."""
         until = self._suspects.get(url or "")
         if until is not None and until <= time.monotonic():
             del self._suspects[url or ""]
+            self._trials[url or ""] = 0.0
             return False
         return until is not None
 
@@ -255,9 +281,13 @@ class Admission:
         """Suspects the route table no longer lists as ready were replaced: forget them."""
         ready = {r.url for m in self._watcher.table.models.values() for r in m.ready_replicas}
         self._suspects = {u: t for u, t in self._suspects.items() if u in ready}
+        self._trials = {u: t for u, t in self._trials.items() if u in ready}
 
     def _take(self, replica: ReplicaRoute) -> None:
         self.outstanding[replica.id] = self.outstanding.get(replica.id, 0) + 1
+        if self._trials and (replica.url or "") in self._trials:  # its trial request
+            self._trials[replica.url or ""] = time.monotonic() + self._trial_hold
+            asyncio.get_running_loop().call_later(self._trial_hold + 0.005, self.dispatch)
 
     def _timeout_error(self, model: str, waited: float) -> ModelNotReady | QueueTimeout:
         route = self._watcher.table.models.get(model)

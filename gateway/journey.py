@@ -6,7 +6,9 @@ the relay (gateway.proxy) makes an attempt on that replica. An engine that fails
 (dies, answers 5xx, breaks a stream) costs the client nothing: the replica is suspected, and the
 request is sent again on another ready replica or on the restarted one, from the start while
 nothing has reached the client (`replay`) or from where its stream broke (`resume`). After
-`max_attempts` failures it is given up and quarantined (gateway.retry).
+`max_attempts` failures it is given up and quarantined (gateway.retry). A suspect replica gets
+one request at a time once its suspicion is up, until one succeeds (gateway.admission), so that
+the requests of a model whose only engine wedged do not all spend an attempt on it again.
 
 Each attempt is watched for progress (gateway.progress): an attempt on a replica that stalled,
 or a stream that got no first byte within its deadline, is abandoned and retried like any
@@ -62,6 +64,7 @@ class Journeys:
         self._metrics = metrics
         self.progress = Progress(self._ready, budget.stall_after)
         self.progress.on_stall = self._stalled
+        self.progress.on_produce = admission.proven  # a replica on trial passes it
         watcher.subscribe(self._table_changed)
 
     async def run(
@@ -94,7 +97,9 @@ class Journeys:
                         if relay.streams:
                             clock = self.progress.clock
                             watch.first_byte_within(clock.deadline(model, failures + 1))
-                        return await relay.attempt(replica, obs, watch)
+                        answer = await relay.attempt(replica, obs, watch)
+                    admission.proven(replica.url or "")
+                    return answer
                 except (UpstreamError, UpstreamTimeout) as exc:
                     if isinstance(exc, UpstreamTimeout) and relay.started:
                         raise  # the client has part of the answer: a timeout ends it

@@ -8,9 +8,10 @@ receives is a `beat` (a clock read and two stores: the hot path). Two rules foll
   its decode loop) and no byte for any of them for `stall_after` seconds is stalled. A decode
   step takes tens of milliseconds, and vLLM V1 chunks long prefills into steps that decode runs
   between, so a long prompt arriving does not pause the others' streams: 3 s is well over any
-  healthy gap. A stalled replica is suspect (admission sends it nothing new), every attempt on it
-  is abandoned (replayed or resumed elsewhere), and it is reported as stalled (`stalls`) so the
-  supervisor can restart it, until a byte comes from it again or the route table replaces it.
+  healthy gap. A stalled replica is suspect (admission sends it nothing new, then one trial
+  request at a time), every attempt on it is abandoned (replayed or resumed elsewhere), and it
+  is reported as stalled (`stalls`) so the supervisor can restart it, until a byte comes from it
+  again or the route table replaces it.
 - **First byte**: a stream attempt that got no byte within its deadline is abandoned, unless
   its replica is producing for other streams at that moment: then the engine is alive and this
   request waits its turn (a full batch in vLLM's waiting queue, a burst of new connections not
@@ -21,7 +22,15 @@ receives is a `beat` (a clock read and two stores: the hot path). Two rules foll
   under `floor` nor over `cap`; it doubles with each attempt of the same request, so a
   genuinely long prefill gets its time on the next try instead of being given up. Non-stream
   answers come whole at the end: they have no first-byte deadline (a stall still abandons
-  them).
+  them). A replica that sent no byte to anyone since the attempt went to it is stalled, as
+  above: an engine wedged between two batches has no stream producing, and vLLM's own
+  counters stay frozen where the last batch left them (no request running), so without the
+  gateway's report the supervisor would never restart it.
+
+The silence reported to the supervisor is silence while the replica had work: the time it
+spent with no attempt on it (suspect, or idle) does not count, so an engine is judged by how
+long requests waited on it, and one that produces for its trial request is never restarted for
+the seconds the gateway sent it nothing.
 
 An abandoned attempt is cancelled through its `guard` (`Guard`, asyncio.timeout's contract): the
 engine connection is closed, which makes vLLM abort the generation.
@@ -125,15 +134,33 @@ class Guard:
 class _Replica:
     """One replica's progress: its live attempts and when a byte last came."""
 
-    __slots__ = ("attempts", "last", "producing", "stalled_since", "timer", "url")
+    __slots__ = ("attempts", "idle_since", "last", "producing", "stalled_since", "timer", "url")
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.attempts: set[Attempt] = set()
         self.producing = 0  # stream attempts that got their first byte and did not end
+        # When a byte last came, moved on by the time it then had no attempt on it: `now -
+        # last` is its silence while it had work.
         self.last = _clock()
+        self.idle_since: float | None = None  # when its last attempt ended (None: it has some)
         self.stalled_since: float | None = None
         self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, attempt: Attempt) -> None:
+        if self.idle_since is not None:
+            self.last += attempt.started - self.idle_since  # its idle time is no silence
+            self.idle_since = None
+        self.attempts.add(attempt)
+
+    def discard(self, attempt: Attempt) -> None:
+        self.attempts.discard(attempt)
+        if not self.attempts:
+            self.idle_since = _clock()
+
+    def silence(self, now: float) -> float:
+        """Seconds without a byte while it had work (its idle time left out)."""
+        return (now if self.idle_since is None else self.idle_since) - self.last
 
 
 class Attempt:
@@ -181,6 +208,8 @@ class Attempt:
             self._timer = self._board.loop.call_later(wait, self._first_byte_due)
             return
         self.abandon(f"sent nothing within {waited:.1f}s (first-byte deadline)")
+        if replica.last <= self.started and replica.stalled_since is None:
+            self._board.stall(replica, f"sent no byte to anyone for {waited:.1f}s")
 
     def beat(self) -> None:
         replica = self._replica
@@ -197,9 +226,12 @@ class Attempt:
             log.info("engine at %s produces again", replica.url)
             replica.stalled_since = None
         if self.stream:
-            self._board.clock.seen(self.model, replica.last - self.started)
+            board = self._board
+            board.clock.seen(self.model, replica.last - self.started)
             self._count(not self._held)
-            self._board.arm(replica)
+            board.arm(replica)
+            if board.on_produce is not None:
+                board.on_produce(replica.url)
 
     def held_back(self, held: bool) -> None:
         """The gateway stopped (True) or went on (False) reading this attempt's answer because
@@ -233,7 +265,7 @@ class Attempt:
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._replica.attempts.discard(self)
+        self._replica.discard(self)
         self._count(False)
 
     def __enter__(self) -> Attempt:
@@ -244,8 +276,9 @@ class Attempt:
 
 
 class Progress(OnLoop):
-    """Every replica's progress; `on_stall(url)` is told of a replica that stalled; `ready`
-    says whether a replica is still ready in the route table."""
+    """Every replica's progress; `on_stall(url)` is told of a replica that stalled, and
+    `on_produce(url)` of each stream's first byte; `ready` says whether a replica is still ready
+    in the route table."""
 
     def __init__(
         self,
@@ -257,6 +290,7 @@ class Progress(OnLoop):
         self.stall_after = stall_after
         self.clock = clock or FirstByteClock()
         self.on_stall: Callable[[str], None] | None = None
+        self.on_produce: Callable[[str], None] | None = None
         self._replicas: dict[str, _Replica] = {}
 
     def watch(self, replica: ReplicaRoute, model: str, stream: bool) -> Attempt:
@@ -264,7 +298,7 @@ class Progress(OnLoop):
         if state is None or state.url != replica.url:  # new, or restarted on another port
             state = self._replicas[replica.id] = _Replica(replica.url or "")
         attempt = Attempt(self, replica, state, model, stream)
-        state.attempts.add(attempt)
+        state.add(attempt)
         return attempt
 
     def stalled(self, replica_id: str) -> bool:
@@ -272,10 +306,11 @@ class Progress(OnLoop):
         return state is not None and state.stalled_since is not None
 
     def stalls(self) -> dict[str, float]:
-        """Replica id -> seconds without a byte, for replicas that are producing (or stalled)."""
+        """Replica id -> seconds without a byte while it had work, for replicas that are
+        producing (or stalled)."""
         now = _clock()
         return {
-            rid: now - state.last
+            rid: state.silence(now)
             for rid, state in self._replicas.items()
             if state.producing or state.stalled_since is not None
         }
@@ -301,11 +336,16 @@ class Progress(OnLoop):
         if silent < self.stall_after:
             self.arm(state)
             return
+        self.stall(state, f"sent nothing for {silent:.1f}s with {state.producing} streams"
+                          " producing")  # fmt: skip
+
+    def stall(self, state: _Replica, why: str) -> None:
+        """`state`'s engine stalled (`why`): it is suspect, reported, and every attempt on it
+        is abandoned."""
         state.stalled_since = _clock()
-        log.warning("engine at %s sent nothing for %.1fs with %d streams producing: stalled;"
-                    " abandoning its %d requests", state.url, silent, state.producing,
+        log.warning("engine at %s %s: stalled; abandoning its %d requests", state.url, why,
                     len(state.attempts))  # fmt: skip
         if self.on_stall is not None:
             self.on_stall(state.url)
         for attempt in list(state.attempts):
-            attempt.abandon(f"stalled (no byte for {silent:.1f}s while streams were producing)")
+            attempt.abandon(f"stalled ({why})")

@@ -20,7 +20,9 @@ Fault knobs, from the environment:
 
 Fault signals (what `sem chaos` sends the stand-in):
   SIGUSR1                 wedge: /health stays 200, but no request makes progress any more
-                          (like a deadlocked EngineCore behind a live API process)
+                          (like a deadlocked EngineCore behind a live API process), and
+                          /metrics stays as it was (vLLM's API process serves the figures its
+                          EngineCore last sent)
   SIGUSR2                 unwedge: requests go on where they stood
 
 Like vLLM, `--api-key KEY` (or VLLM_API_KEY) makes every /v1 route demand `Authorization: Bearer
@@ -99,6 +101,7 @@ class FakeEngine:
         self.log_requests = os.environ.get("FAKE_LOG_REQUESTS") == "1"
         self._flowing = asyncio.Event()  # cleared while wedged: tokens wait for it
         self._flowing.set()
+        self._frozen: str | None = None  # /metrics as it was when wedged
         self.aborting = False
 
     def abort(self) -> None:
@@ -107,11 +110,13 @@ class FakeEngine:
         self._flowing.set()
 
     def wedge(self) -> None:
-        """Alive and healthy, but no token comes out until `unwedge`."""
+        """Alive and healthy, but no token comes out until `unwedge`; its figures freeze."""
         self._flowing.clear()
+        self._frozen = self._frozen or self._exposition()
 
     def unwedge(self) -> None:
         self._flowing.set()
+        self._frozen = None
 
     async def _next_token(self) -> None:
         await asyncio.sleep(self.token_delay)
@@ -138,6 +143,9 @@ class FakeEngine:
         return web.json_response({"object": "list", "data": [{"id": self.served_name}]})
 
     async def metrics(self, _: web.Request) -> web.Response:
+        return web.Response(text=self._frozen or self._exposition())
+
+    def _exposition(self) -> str:
         """A few of vLLM's own metrics, under vLLM's names, types and labels."""
         labels = f'engine="0",model_name="{self.served_name}"'
         kv_use = min(1.0, self.running / 8)
@@ -161,7 +169,7 @@ class FakeEngine:
             "# TYPE vllm:generation_tokens_total counter",
             f"vllm:generation_tokens_total{{{labels}}} {self.tokens_sent}.0",
         ]
-        return web.Response(text="\n".join(lines) + "\n")
+        return "\n".join(lines) + "\n"
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=False)

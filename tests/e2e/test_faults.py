@@ -4,11 +4,13 @@ gateway killed under load is replaced with its socket kept open, so no client is
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -61,6 +63,40 @@ def test_a_wedged_engine_is_restarted_by_its_counters_and_signalled_once_unroute
         assert requests_after_sigterm(log, pid) == 0, "a request reached it after SIGTERM"
     finally:
         load.stop()
+
+
+def streamed_text(gateway: str, body: dict[str, object]) -> str:
+    """The text of one streamed completion, as a client reads it (an error event fails)."""
+    text = ""
+    with httpx.stream("POST", f"{gateway}/v1/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                assert "error" not in event, event
+                text += "".join(c.get("text") or "" for c in event["choices"])
+    return text
+
+
+def test_an_engine_wedged_while_idle_is_restarted_on_the_gateways_report_and_nothing_is_lost(
+    start_sem: StartSem, model_dir: Path
+):
+    """Wedged between two batches, an engine's counters freeze at no request running (vLLM's
+    API process serves what its stopped EngineCore last sent): only the gateway, whose requests
+    get no byte from it, can tell the supervisor (the chaos run's lost request, 2026-12-07)."""
+    env = '{FAKE_TOKEN_DELAY: "0.01"}'
+    run = start_sem(
+        f"models:\n  - name: a\n    source: path:{model_dir}\n    env: {env}\n", ready=["a"]
+    )
+    pid = run.engine_pids()["a-0"]
+    os.kill(pid, signal.SIGUSR1)  # idle: no stream producing, nothing running in its figures
+    body = {"model": "a", "prompt": "count 0", "max_tokens": 8, "stream": True}
+    with ThreadPoolExecutor(4) as pool:
+        texts = list(pool.map(lambda _: streamed_text(run.gateway, body), range(4)))
+    assert texts == ["".join(f" {i}" for i in range(1, 9))] * 4, "every answer whole"
+    (reason,) = restart_reasons(run.supervisor, "a-0")
+    assert "(gateway report)" in reason, reason
+    assert run.engine_pids()["a-0"] != pid
 
 
 def gateway_pid(run: SemRun) -> int | None:

@@ -233,3 +233,46 @@ async def test_a_replay_gets_its_replica_back_when_its_suspicion_ends_or_times_o
     admission.suspect("http://127.0.0.1:9000", 30)
     with pytest.raises(QueueTimeout):
         await admission.acquire_again("m", 0.2)
+
+
+async def test_once_its_suspicion_ends_a_replica_gets_one_trial_at_a_time_until_proven(watcher):
+    watcher.update(table(1, seqs=1000))
+    admission = Admission(watcher)
+    url = "http://127.0.0.1:9000"
+    admission.suspect(url, 0.5)  # its engine failed a request; five more wait for it
+    waiting = [asyncio.ensure_future(admission.acquire_again("m", 5)) for _ in range(5)]
+    await wait_until(lambda: any(w.done() for w in waiting), 5, "the end of the suspicion")
+    granted = lambda: [w for w in waiting if w.done()]  # noqa: E731
+    assert len(granted()) == 1, "one trial, the others wait"
+    admission.release(granted()[0].result())  # the trial ended unproven (its client left)
+    await asyncio.sleep(0)
+    assert len(granted()) == 2, "another trial may go"
+    admission.proven(url)  # the engine sent the second trial its first byte
+    await asyncio.sleep(0)
+    assert len(granted()) == 5, "proven: everyone goes"
+    assert admission.outstanding["m-0"] == 4
+
+
+async def test_a_trial_that_fails_makes_its_replica_suspect_again(watcher):
+    watcher.update(table(1, seqs=1000))
+    admission = Admission(watcher)
+    url = "http://127.0.0.1:9000"
+    admission.suspect(url, 0.05)
+    trial = await admission.acquire_again("m", 5)
+    admission.suspect(url, 30)  # the trial failed too
+    admission.release(trial)
+    with pytest.raises(QueueTimeout):
+        await admission.acquire_again("m", 0.2)
+
+
+async def test_a_trial_holds_its_replica_no_longer_than_a_suspicion_lasts(watcher):
+    watcher.update(table(1, seqs=1000))
+    admission = Admission(watcher)
+    admission.suspect("http://127.0.0.1:9000", 0.2)
+    trial = await admission.acquire_again("m", 5)  # a long non-stream answer: no proof for now
+    started = asyncio.get_running_loop().time()
+    second = await admission.acquire_again("m", 5)
+    held = asyncio.get_running_loop().time() - started
+    assert 0.15 < held < 1.0, "the next trial goes once the first has held it 0.2 s"
+    admission.release(trial)
+    admission.release(second)

@@ -205,6 +205,59 @@ async def test_a_stream_ended_by_a_replica_being_stopped_is_resumed_on_another(r
     assert stream_text(events).startswith(numbers(5))
 
 
+async def wedged_alone(rig: Rig, engine: FakeEngine, streams: int) -> tuple[TestClient, list[Any]]:
+    """A gateway over `engine`, the model's only replica, wedged between two batches (no stream
+    producing), and `streams` streams sent to it; once it is reported stalled."""
+    engine.wedge()
+    budget = RetryBudget(**vars(FAST) | {"stall_after": STALL_AFTER, "suspect_for": 0.8})
+    client = await rig.gateway(table(1, [await rig.engine(engine)]), retry=budget)
+    progress = client.app[JOURNEYS].progress
+    progress.clock.floor = 0.3  # first-byte deadlines 0.3, 0.6, 1.2 s
+    sent = [asyncio.create_task(client.post("/v1/completions", json=counting(20)))
+            for _ in range(streams)]  # fmt: skip
+    await until(lambda: progress.stalled("m-0"))
+    return client, sent
+
+
+async def test_an_only_replica_that_sends_no_byte_to_anyone_is_reported_and_its_requests_wait(
+    rig,
+):
+    """The chaos run's lost request (2026-12-07): vLLM's EngineCore stopped between batches, its
+    counters frozen at no request running, so only the gateway can tell the supervisor."""
+    wedged = FakeEngine("m", token_delay=0.01)
+    client, sent = await wedged_alone(rig, wedged, streams=4)
+    progress = client.app[JOURNEYS].progress
+    silent = progress.stalls()["m-0"]
+    assert 0.3 <= silent < 0.6, "reported, with the time its requests waited for nothing"
+    await asyncio.sleep(0.5)  # suspect: nothing is sent to it, and that time is no silence
+    assert progress.stalls()["m-0"] == silent
+    peak = 0
+
+    def three_trials() -> bool:
+        nonlocal peak
+        if len(wedged.requests) > 4:
+            peak = max(peak, wedged.running)
+        return len(wedged.requests) >= 7
+
+    await until(three_trials)  # without trials, all four went back and gave up by now
+    assert peak == 1, "one trial at a time"
+    restarted = FakeEngine("m", token_delay=0.01)
+    rig.watcher.update(table(2, [await rig.engine(restarted)]))  # the supervisor restarted it
+    texts = [stream_text(await read_stream(await s)) for s in sent]
+    assert texts == [numbers(20)] * 4, "every client got its whole answer"
+    assert len(restarted.requests) == 4
+
+
+async def test_a_wedged_replica_that_comes_back_by_itself_passes_its_trial_and_gets_all(rig):
+    wedged = FakeEngine("m", token_delay=0.01)
+    client, sent = await wedged_alone(rig, wedged, streams=3)
+    wedged.unwedge()  # a hiccup, not a deadlock: no restart comes
+    texts = [stream_text(await read_stream(await s)) for s in sent]
+    assert texts == [numbers(20)] * 3
+    assert not client.app[JOURNEYS].progress.stalled("m-0")
+    assert len(wedged.requests) == 3 + 3, "each sent again once: a trial, then the others"
+
+
 def test_the_first_byte_deadline_is_learned_floored_capped_and_doubles_per_attempt():
     clock = FirstByteClock(floor=5.0, cap=60.0, factor=3.0)
     assert clock.deadline("m") == 5.0, "nothing seen yet: the floor"
