@@ -115,7 +115,7 @@ models:
     source: path:{model}
     env: {{FAKE_TOKEN_DELAY: "0.01"}}
 """
-SCENARIOS = ("kill-engine", "stop-engine", "kill-supervisor")
+SCENARIOS = ("kill-engine", "stop-engine", "wedge-idle-engine", "kill-supervisor")
 MAX_TOKENS = 16
 
 
@@ -184,6 +184,12 @@ def test_sigstop_of_an_engine_costs_no_request(chaos):
     _, report, _ = chaos
     stop = scenario(report, "stop-engine")
     assert stop["load"]["failed"] == 0, stop["load"]["failures"]
+
+
+def test_an_engine_wedged_between_batches_costs_no_request(chaos):
+    _, report, _ = chaos
+    wedged = scenario(report, "wedge-idle-engine")
+    assert wedged["load"]["failed"] == 0, wedged["load"]["failures"]
 
 
 def test_ctrl_c_continues_the_engine_it_stopped(chaos):

@@ -12,6 +12,8 @@ Scenarios (default: all; those that cannot apply say "n/a"):
   stop-engine      SIGSTOP of the engine's process group, never continued by the tool
   wedge-engine     alive, /health 200, no progress (vLLM: SIGSTOP of EngineCore only;
                    the stand-in engine: SIGUSR1)
+  wedge-idle-engine  the same wedge between two batches: the fault first, then the load
+                   (no stream producing, the engine's own figures frozen at nothing running)
   slow-engine      SIGSTOP of the engine for --slow-seconds, then SIGCONT
   kill-supervisor  kill -9 of the process listening on the admin port (`sem run` restarts it)
   kill-gateway     kill -9 of the process listening on the gateway port

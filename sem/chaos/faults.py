@@ -27,9 +27,15 @@ class Scenario(Enum):
     KILL_ENGINE = "kill-engine"
     STOP_ENGINE = "stop-engine"
     WEDGE_ENGINE = "wedge-engine"
+    WEDGE_IDLE_ENGINE = "wedge-idle-engine"
     SLOW_ENGINE = "slow-engine"
     KILL_SUPERVISOR = "kill-supervisor"
     KILL_GATEWAY = "kill-gateway"
+
+
+# Scenarios whose fault comes before the load: the engine wedged between two batches, with no
+# stream producing and its figures frozen at no request running (only the gateway can tell).
+BEFORE_LOAD = frozenset({Scenario.WEDGE_IDLE_ENGINE})
 
 
 class Recovery(Enum):
@@ -189,7 +195,7 @@ def inject(scenario: Scenario, victim: Victim, ledger: Ledger, slow_seconds: flo
             return kill_engine(victim, ledger)
         case Scenario.STOP_ENGINE:
             return stop_engine(victim, ledger)
-        case Scenario.WEDGE_ENGINE:
+        case Scenario.WEDGE_ENGINE | Scenario.WEDGE_IDLE_ENGINE:
             return wedge_engine(victim, ledger)
         case Scenario.SLOW_ENGINE:
             return slow_engine(victim, ledger, slow_seconds)

@@ -1,7 +1,8 @@
 """One `sem chaos` run: a no-fault baseline, then each scenario under load, measured.
 
 A scenario: wait until every model is ready; start the load; after `warmup` (requests in flight,
-streams half-way) inject the fault; poll until it is recovered (the condition its `Recovery` names
+streams half-way) inject the fault (a scenario in `BEFORE_LOAD`: the fault, then the load at
+once); poll until it is recovered (the condition its `Recovery` names
 holds, then a probe request through the gateway succeeds) or `recover_timeout` passes; let the
 load run `settle` more seconds on the recovered sem; undo whatever sem left stopped or wedged
 (reported); stop the load, letting requests in flight finish; look for orphans.
@@ -22,6 +23,7 @@ import psutil
 from sem.chaos import procs
 from sem.chaos.check import KINDS, Route
 from sem.chaos.faults import (
+    BEFORE_LOAD,
     Injection,
     Ledger,
     NotApplicable,
@@ -201,9 +203,8 @@ class ScenarioRun:
         load = Load(
             self.sem.gateway, self.models, self.opts.clients, self.opts.max_tokens, self.sem.no_chat
         )
-        load.start()
         try:
-            injection = await self.fault(victim, report)
+            injection = await self.fault(victim, report, load)
         except BaseException:
             self.ledger.release_all()
             await load.abort()
@@ -217,9 +218,13 @@ class ScenarioRun:
         report.orphans = await self.orphans(injection)
         return report
 
-    async def fault(self, victim: Victim, report: ScenarioReport) -> Injection | None:
-        """Inject, wait for recovery, settle, undo what is left; None if not applicable."""
-        await asyncio.sleep(self.opts.warmup)
+    async def fault(self, victim: Victim, report: ScenarioReport, load: Load) -> Injection | None:
+        """Start `load` and inject (in the scenario's order), wait for recovery, settle, undo
+        what is left; None if not applicable."""
+        before = self.scenario in BEFORE_LOAD
+        if not before:
+            load.start()
+            await asyncio.sleep(self.opts.warmup)
         try:
             injection = await asyncio.to_thread(
                 inject, self.scenario, victim, self.ledger, self.opts.slow_seconds
@@ -227,6 +232,8 @@ class ScenarioRun:
         except NotApplicable as exc:
             report.applicable, report.what = False, str(exc)
             return None
+        if before:
+            load.start()
         started = time.monotonic()
         report.what = injection.what
         release = asyncio.create_task(self.release_after(injection.release_after))

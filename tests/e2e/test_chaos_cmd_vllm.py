@@ -14,7 +14,7 @@ from tests.conftest import REPO
 from tests.e2e.conftest import StartSem
 from tests.e2e.helpers import SLOW_RESTARTS, demo_pair_yaml
 
-SCENARIOS = ("wedge-engine", "stop-engine", "kill-supervisor")
+SCENARIOS = ("wedge-engine", "wedge-idle-engine", "stop-engine", "kill-supervisor")
 
 
 @pytest.mark.vllm
