@@ -12,12 +12,15 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
 
+from tests.e2e.answers import answer_problem
 from tests.e2e.conftest import StartSem
 from tests.e2e.helpers import Load, SemRun, poll, posting
+from tests.gateway.test_failover import stream_text
 
 BODY = {"model": "a", "prompt": "one two three", "max_tokens": 8}
 
@@ -65,17 +68,12 @@ def test_a_wedged_engine_is_restarted_by_its_counters_and_signalled_once_unroute
         load.stop()
 
 
-def streamed_text(gateway: str, body: dict[str, object]) -> str:
-    """The text of one streamed completion, as a client reads it (an error event fails)."""
-    text = ""
-    with httpx.stream("POST", f"{gateway}/v1/completions", json=body, timeout=120) as response:
-        assert response.status_code == 200, response.read()
-        for line in response.iter_lines():
-            if line.startswith("data: {"):
-                event = json.loads(line[6:])
-                assert "error" not in event, event
-                text += "".join(c.get("text") or "" for c in event["choices"])
-    return text
+def streamed_text(gateway: str, body: dict[str, Any]) -> str:
+    """The text of one streamed completion, which must be whole (`answer_problem`)."""
+    response = httpx.post(f"{gateway}/v1/completions", json=body, timeout=120)
+    assert (problem := answer_problem("/v1/completions", body, response)) is None, problem
+    events = response.text.split("\n\n")
+    return stream_text([json.loads(e[6:]) for e in events if e.startswith("data: {")])
 
 
 def test_an_engine_wedged_while_idle_is_restarted_on_the_gateways_report_and_nothing_is_lost(
