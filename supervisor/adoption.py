@@ -1,7 +1,7 @@
 """After a supervisor restart: is the engine an earlier run recorded still ours to take over?
 
-An engine is re-adopted only when it is the very process recorded (pid and start time: a reused
-pid has another start time), it carries the replica's marker in its environment, it was started
+An engine is re-adopted only when it is the very process recorded (pid and start: a reused
+pid has another start), it carries the replica's marker in its environment, it was started
 from the spec now desired, and, if its HTTP server answers, it serves the model's name.
 """
 
@@ -10,17 +10,15 @@ from __future__ import annotations
 import asyncio
 
 from supervisor.config import ModelSpec
-from supervisor.engine import AdoptedEngine, replica_marker, same_process
+from supervisor.engine import AdoptedEngine, replica_marker
 from supervisor.probe import EngineProbe
+from supervisor.process_start import same_process
 from supervisor.store import EngineRecord, spec_digest
 
 
 def is_our_engine(record: EngineRecord) -> bool:
     """The recorded process is alive and is the replica's engine (not a reused pid)."""
-    return (
-        same_process(record.pid, record.create_time)
-        and replica_marker(record.pid) == record.replica
-    )
+    return same_process(record.pid, record.started) and replica_marker(record.pid) == record.replica
 
 
 async def why_not_adoptable(
@@ -39,5 +37,5 @@ async def why_not_adoptable(
 
 def adopted_engine(record: EngineRecord) -> AdoptedEngine:
     return AdoptedEngine(
-        port=record.port, log_path=record.log_path, pid=record.pid, create_time=record.create_time
+        port=record.port, log_path=record.log_path, pid=record.pid, start=record.started
     )

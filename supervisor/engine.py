@@ -17,6 +17,7 @@ from typing import Protocol
 import psutil
 
 from supervisor.config import EngineArg
+from supervisor.process_start import ProcessStart, same_process
 from supervisor.procgroup import INSTANCE_ENV, stop_group, tethered
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
@@ -193,26 +194,6 @@ class EngineProcess:
         return killed
 
 
-def start_time(pid: int) -> float | None:
-    """The process's start time (psutil's create_time), None if it is gone or a zombie.
-
-    With the pid it identifies a process for good: a reused pid has another start time.
-    """
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return float(proc.create_time())
-    except psutil.Error:
-        return None
-
-
-def same_process(pid: int, create_time: float) -> bool:
-    """Is `pid` still the process that started at `create_time` (and not a zombie)?"""
-    now = start_time(pid)
-    return now is not None and abs(now - create_time) < 0.05
-
-
 @dataclass
 class AdoptedEngine:
     """An engine started by an earlier run of the supervisor, taken over after a restart.
@@ -223,7 +204,7 @@ class AdoptedEngine:
     port: int
     log_path: Path
     pid: int
-    create_time: float
+    start: ProcessStart
     poll_interval: float = 0.5
     _returncode: int | None = None
 
@@ -237,7 +218,7 @@ class AdoptedEngine:
 
     async def wait(self) -> int:
         while self._returncode is None:
-            if not await asyncio.to_thread(same_process, self.pid, self.create_time):
+            if not await asyncio.to_thread(same_process, self.pid, self.start):
                 self._returncode = -1  # not our child: its exit status is not ours to read
                 break
             await asyncio.sleep(self.poll_interval)

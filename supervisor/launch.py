@@ -25,7 +25,6 @@ from supervisor.engine import (
     Spawn,
     free_port,
     spawn_engine,
-    start_time,
 )
 from supervisor.estimate import MemoryEstimate, cpu_kv_cache_gib
 from supervisor.events import EventLog
@@ -33,6 +32,7 @@ from supervisor.gateway_view import GatewayView
 from supervisor.gpu_budget import tp_utilization
 from supervisor.placement import Placement
 from supervisor.probe import EngineProbe
+from supervisor.process_start import NOT_RUNNING, start_of
 from supervisor.replica import Replica, ReplicaTiming, StartTurn
 from supervisor.resources import Device
 from supervisor.restart import RestartPolicy
@@ -207,7 +207,7 @@ def engine_record(replica: Replica, plan: LaunchPlan, pid: int) -> EngineRecord:
     placement = replica.placement
     return EngineRecord(
         replica=replica.id, model=replica.model, pid=pid,
-        create_time=start_time(pid) or 0.0, port=plan.port, spec_digest=replica.digest,
+        started=start_of(pid) or NOT_RUNNING, port=plan.port, spec_digest=replica.digest,
         devices=placement.device_ids if placement else (),
         reserved=placement.per_device if placement else 0, log_path=plan.log_path,
         reservations=tuple(placement.reserved().values()) if placement else (),

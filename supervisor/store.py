@@ -42,10 +42,12 @@ from pathlib import Path
 from typing import Literal
 
 from supervisor.config import ModelSpec
+from supervisor.process_start import ProcessStart, from_wall_clock
 
 Origin = Literal["config", "api"]
-SCHEMA_VERSION = 3
-KNOWN_VERSIONS = (0, 1, 2, 3)  # 0: a new file; 1: before `measured`; 2: before `api_keys`
+SCHEMA_VERSION = 4
+# 0: a new file; 1: before `measured`; 2: before `api_keys`; 3: engines' start as wall-clock time
+KNOWN_VERSIONS = (0, 1, 2, 3, 4)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -55,9 +57,9 @@ CREATE TABLE IF NOT EXISTS desired (
 CREATE TABLE IF NOT EXISTS applied_config (name TEXT PRIMARY KEY, spec TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS engines (
     replica TEXT PRIMARY KEY, model TEXT NOT NULL, pid INTEGER NOT NULL,
-    create_time REAL NOT NULL, port INTEGER NOT NULL, spec_digest TEXT NOT NULL,
+    started REAL NOT NULL, port INTEGER NOT NULL, spec_digest TEXT NOT NULL,
     devices TEXT NOT NULL, reserved INTEGER NOT NULL, log_path TEXT NOT NULL,
-    updated REAL NOT NULL, api_key TEXT
+    updated REAL NOT NULL, api_key TEXT, boot_id TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS measured (
     model TEXT NOT NULL, spec_digest TEXT NOT NULL, device_kind TEXT NOT NULL,
@@ -97,7 +99,7 @@ class EngineRecord:
     replica: str
     model: str
     pid: int
-    create_time: float  # psutil's process start time: a reused pid has another one
+    started: ProcessStart  # a reused pid has another start
     port: int
     spec_digest: str
     devices: tuple[str, ...]
@@ -188,8 +190,9 @@ class Store:
                 raise StoreError(
                     f"{path}: schema version {version}, this sem knows {SCHEMA_VERSION}"
                 )
-            self._upgrade_engines()
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            with self._transaction():
+                self._upgrade_engines()
+                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             for suffix in ("-wal", "-shm"):  # made by an older sem, perhaps world-readable
                 if path is not None and (side := Path(f"{path}{suffix}")).exists():
                     side.chmod(0o600)
@@ -202,10 +205,22 @@ class Store:
         self._db.close()
 
     def _upgrade_engines(self) -> None:
-        """Schema 3: `engines` of an older file gains its `api_key` column."""
+        """`engines` of an older file: schema 3 gains the `api_key` column; schema 4 keeps an
+        engine's start as its boot and the seconds after it (`process_start.py` says why), where
+        an older sem kept wall-clock time in `create_time`."""
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(engines)")}
         if "api_key" not in columns:
             self._db.execute("ALTER TABLE engines ADD COLUMN api_key TEXT")
+        if "create_time" in columns:
+            self._db.execute("ALTER TABLE engines RENAME COLUMN create_time TO started")
+            self._db.execute("ALTER TABLE engines ADD COLUMN boot_id TEXT NOT NULL DEFAULT ''")
+            rows = self._db.execute("SELECT replica, started FROM engines").fetchall()
+            for replica, create_time in rows:
+                start = from_wall_clock(create_time)
+                self._db.execute(
+                    "UPDATE engines SET started = ?, boot_id = ? WHERE replica = ?",
+                    (start.seconds, start.boot, replica),
+                )
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -257,26 +272,27 @@ class Store:
 
     def engines(self) -> list[EngineRecord]:
         rows = self._db.execute(
-            "SELECT replica, model, pid, create_time, port, spec_digest, devices, reserved,"
+            "SELECT replica, model, pid, boot_id, started, port, spec_digest, devices, reserved,"
             " log_path, api_key FROM engines"
         )
         records = []
-        for r, m, pid, ct, port, d, dev, res, log, key in rows:
+        for r, m, pid, boot, started, port, d, dev, res, log, key in rows:
             ids, amounts = _devices(dev)
+            start = ProcessStart(boot, started)
             records.append(
-                EngineRecord(r, m, pid, ct, port, d, ids, res, Path(log), amounts, api_key=key)
+                EngineRecord(r, m, pid, start, port, d, ids, res, Path(log), amounts, api_key=key)
             )
         return records
 
     def put_engine(self, record: EngineRecord) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO engines (replica, model, pid, create_time, port, spec_digest,"
-            " devices, reserved, log_path, updated, api_key)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO engines (replica, model, pid, boot_id, started, port,"
+            " spec_digest, devices, reserved, log_path, updated, api_key)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                record.replica, record.model, record.pid, record.create_time, record.port,
-                record.spec_digest, _devices_column(record), record.reserved,
-                str(record.log_path), time.time(), record.api_key,
+                record.replica, record.model, record.pid, record.started.boot,
+                record.started.seconds, record.port, record.spec_digest, _devices_column(record),
+                record.reserved, str(record.log_path), time.time(), record.api_key,
             ),
         )  # fmt: skip
 

@@ -31,7 +31,6 @@ from supervisor.engine import (
     LaunchPlan,
     free_port,
     spawn_engine,
-    start_time,
 )
 from supervisor.resources import Device, detect
 from supervisor.source import Source
@@ -113,8 +112,7 @@ class NodeAgent:
         return {
             replica_id: {
                 "pid": engine.pid, "port": engine.port, "log_path": str(engine.log_path),
-                "returncode": engine.returncode, "create_time": start_time(engine.pid),
-                "api_key": self._keys.get(replica_id),
+                "returncode": engine.returncode, "api_key": self._keys.get(replica_id),
             }
             for replica_id, engine in self._engines.items()
         }  # fmt: skip

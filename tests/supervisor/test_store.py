@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.config import ModelSpec
+from supervisor.process_start import ProcessStart
 from supervisor.reconcile import diff_config
 from supervisor.store import (
     SCHEMA_VERSION,
@@ -31,7 +32,7 @@ def test_desired_state_and_engine_records_survive_reopening(tmp_path: Path):
     store.set_applied_config([spec("a")])
     store.set_meta("instance", "abc")
     record = EngineRecord(
-        "a-0", "a", 1234, 1700000000.25, 41000, spec_digest(spec("a")), ("0", "1"),
+        "a-0", "a", 1234, ProcessStart("boot", 3600.25), 41000, spec_digest(spec("a")), ("0", "1"),
         2**30, tmp_path / "a-0.log", api_key="engine-secret",
     )  # fmt: skip
     store.put_engine(record)
@@ -108,16 +109,20 @@ def test_a_schema_2_database_gains_engine_keys_and_api_keys(tmp_path: Path):
     with sqlite3.connect(path) as db:
         db.executescript(SCHEMA_2_ENGINES)
     store = Store(path)
-    old = EngineRecord("a-0", "a", 12, 1.5, 41000, "d", ("0",), 1024, Path("/l"))
-    assert store.engines() == [old] and old.api_key is None
-    keyed = EngineRecord("a-1", "a", 13, 2.5, 41001, "d", ("0",), 1024, Path("/l"), (), "s3cret")
+    (old,) = store.engines()
+    assert old == EngineRecord("a-0", "a", 12, old.started, 41000, "d", ("0",), 1024, Path("/l"))
+    assert old.api_key is None
+    started = ProcessStart("boot", 2.5)
+    keyed = EngineRecord(
+        "a-1", "a", 13, started, 41001, "d", ("0",), 1024, Path("/l"), (), "s3cret"
+    )
     store.put_engine(keyed)
     store.put_api_key(KeyRecord("k1", "ci", "ab" * 32, None, None, None, 1.0))
     store.close()
     again = Store(path)
     assert again.engines() == [old, keyed]
     assert [k.id for k in again.api_keys()] == ["k1"]
-    assert again._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert again._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
 
 
 def test_policy_fields_leave_the_engine_digest_as_it_was():

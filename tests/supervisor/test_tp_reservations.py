@@ -13,11 +13,13 @@ import pytest
 from supervisor.gpu_budget import tp_reservations
 from supervisor.launch import gpu_memory_utilization
 from supervisor.placement import DeviceView, Placement, Request, plan
+from supervisor.process_start import ProcessStart
 from supervisor.resources import Device
 from supervisor.store import EngineRecord, Store
 from supervisor.units import GiB
 
 RANK = int(9.78 * GiB)
+STARTED = ProcessStart("boot", 1.5)
 SMALL_LARGE = [
     DeviceView("0", "GPU0", 24 * GiB, 24 * GiB, 0),
     DeviceView("1", "GPU1", 48 * GiB, 48 * GiB, 0),
@@ -51,7 +53,7 @@ def test_the_launch_flag_is_the_smallest_gpus_share_rounded_up():
 
 
 def record(tmp_path: Path, reservations: tuple[int, ...]) -> EngineRecord:
-    return EngineRecord("tp-0", "tp", 1234, 1.5, 41000, "digest", ("0", "1"), RANK,
+    return EngineRecord("tp-0", "tp", 1234, STARTED, 41000, "digest", ("0", "1"), RANK,
                         tmp_path / "tp-0.log", reservations)  # fmt: skip
 
 
@@ -71,10 +73,10 @@ def test_an_engine_record_of_an_older_sem_still_loads(tmp_path: Path):
     Store(path).close()
     with sqlite3.connect(path) as db:
         db.execute(
-            "INSERT INTO engines (replica, model, pid, create_time, port, spec_digest, devices,"
-            " reserved, log_path, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            ("tp-0", "tp", 1234, 1.5, 41000, "digest", json.dumps(["0", "1"]), RANK,
-             str(tmp_path / "tp-0.log"), 2.0),
+            "INSERT INTO engines (replica, model, pid, boot_id, started, port, spec_digest,"
+            " devices, reserved, log_path, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            ("tp-0", "tp", 1234, STARTED.boot, STARTED.seconds, 41000, "digest",
+             json.dumps(["0", "1"]), RANK, str(tmp_path / "tp-0.log"), 2.0),
         )  # fmt: skip
     (old,) = Store(path).engines()
     assert old == record(tmp_path, ())
