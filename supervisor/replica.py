@@ -397,7 +397,11 @@ class Replica:
                 if (await asyncio.wait({checks}, timeout=1.0))[0]:
                     break
         finally:
-            checks.cancel()
+            if not checks.done():  # the gateway's report came first: its probes are dropped
+                checks.cancel()
+                await asyncio.wait({checks})
+                if not checks.cancelled():
+                    checks.exception()  # read: left unread, asyncio logs it as an error
         healthy, counters = checks.result()
         return healthy, progress.observe(counters, time.monotonic())
 

@@ -6,6 +6,8 @@ route table played by the test."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -161,7 +163,9 @@ async def test_a_busy_engine_whose_counters_move_stays_ready(gateway_rig):
     assert rig.replica.state is S.READY
 
 
-async def test_a_frozen_engine_the_gateway_reports_stalled_is_restarted_at_once(gateway_rig):
+async def test_a_frozen_engine_the_gateway_reports_stalled_is_restarted_at_once(
+    gateway_rig, caplog: pytest.LogCaptureFixture
+):
     rig, gateway = gateway_rig()
     engine = await ready(rig)
     since = time.time()
@@ -171,6 +175,11 @@ async def test_a_frozen_engine_the_gateway_reports_stalled_is_restarted_at_once(
     event = rig.assert_edge(S.READY, S.RESTARTING, "4 request(s) in flight (gateway report)", since)
     assert event.time - since < 1.5, "within a second of the report, not after /health timeouts"
     assert engine.returncode == -15
+    rig.probe.hangs = False  # the engine started in its place answers
+    await asyncio.sleep(0.1)  # a few loop turns: the dropped probes end, cancelled
+    gc.collect()  # a probe round left unreaped is logged when collected
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], "the abandoned probes are reaped, not logged as never retrieved"
 
 
 async def test_an_unhealthy_engine_is_signalled_only_once_the_gateway_holds_a_table_without_it(
