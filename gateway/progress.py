@@ -12,18 +12,19 @@ receives is a `beat` (a clock read and two stores: the hot path). Two rules foll
   request at a time), every attempt on it is abandoned (replayed or resumed elsewhere), and it
   is reported as stalled (`stalls`) so the supervisor can restart it, until a byte comes from it
   again or the route table replaces it.
-- **First byte**: a stream attempt that got no byte within its deadline is abandoned, unless
-  its replica is producing for other streams at that moment: then the engine is alive and this
-  request waits its turn (a full batch in vLLM's waiting queue, a burst of new connections not
-  accepted yet), and abandoning it would only send it to the back of the queue and make the
-  replica suspect (admission then sends the model nothing for `suspect_for` seconds when it has
-  one replica). It waits on, deadline after deadline, up to `cap` in all. The deadline is learned
-  per model (`FirstByteClock`): `factor` x the p99 of recent times to the first byte, never
-  under `floor` nor over `cap`; it doubles with each attempt of the same request, so a
-  genuinely long prefill gets its time on the next try instead of being given up. Non-stream
-  answers come whole at the end: they have no first-byte deadline (a stall still abandons
-  them). A replica that sent no byte to anyone since the attempt went to it is stalled, as
-  above: an engine wedged between two batches has no stream producing, and vLLM's own
+- **First byte**: a stream attempt that got no byte within its deadline is abandoned, unless its
+  replica is producing for other streams at that moment: then the engine is alive and this request
+  waits its turn (a full batch in vLLM's waiting queue, a burst of new connections not accepted
+  yet), and abandoning it would only send it to the back of the queue and make the replica suspect
+  (admission then sends the model nothing for `suspect_for` seconds when it has one replica). It
+  waits on, deadline after deadline, up to `cap` in all. The deadline is learned per model
+  (`FirstByteClock`): `factor` x the p99 of recent times to the first byte (those of attempts that
+  waited out a stall left out: one outage would otherwise slow the detection of the next for as
+  long as it stays in the window), never under `floor` nor over `cap`; it doubles with each attempt
+  of the same request, so a genuinely long prefill gets its time on the next try instead of being
+  given up. Non-stream answers come whole at the end: they have no first-byte deadline (a stall
+  still abandons them). A replica that sent no byte to anyone since the attempt went to it is
+  stalled, as above: an engine wedged between two batches has no stream producing, and vLLM's own
   counters stay frozen where the last batch left them (no request running), so without the
   gateway's report the supervisor would never restart it.
 
@@ -134,7 +135,8 @@ class Guard:
 class _Replica:
     """One replica's progress: its live attempts and when a byte last came."""
 
-    __slots__ = ("attempts", "idle_since", "last", "producing", "stalled_since", "timer", "url")
+    __slots__ = ("attempts", "idle_since", "last", "producing", "stall_ended", "stalled_since",
+                 "timer", "url")  # fmt: skip
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -145,6 +147,9 @@ class _Replica:
         self.last = _clock()
         self.idle_since: float | None = None  # when its last attempt ended (None: it has some)
         self.stalled_since: float | None = None
+        # When it last produced again after a stall: an attempt started before waited out the
+        # stall, and its time to first byte says nothing of the model's.
+        self.stall_ended = 0.0
         self.timer: asyncio.TimerHandle | None = None
 
     def add(self, attempt: Attempt) -> None:
@@ -225,9 +230,11 @@ class Attempt:
         if replica.stalled_since is not None:
             log.info("engine at %s produces again", replica.url)
             replica.stalled_since = None
+            replica.stall_ended = replica.last
         if self.stream:
             board = self._board
-            board.clock.seen(self.model, replica.last - self.started)
+            if self.started > replica.stall_ended:  # else an outage would lengthen deadlines
+                board.clock.seen(self.model, replica.last - self.started)
             self._count(not self._held)
             board.arm(replica)
             if board.on_produce is not None:

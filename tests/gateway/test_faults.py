@@ -251,11 +251,15 @@ async def test_an_only_replica_that_sends_no_byte_to_anyone_is_reported_and_its_
 async def test_a_wedged_replica_that_comes_back_by_itself_passes_its_trial_and_gets_all(rig):
     wedged = FakeEngine("m", token_delay=0.01)
     client, sent = await wedged_alone(rig, wedged, streams=3)
+    await until(lambda: len(wedged.requests) == 3 + 1)  # its trial request is on it
+    await asyncio.sleep(0.2)  # the wedge lasts 0.2 s into the trial (whose deadline is 0.6 s)
     wedged.unwedge()  # a hiccup, not a deadlock: no restart comes
     texts = [stream_text(await read_stream(await s)) for s in sent]
     assert texts == [numbers(20)] * 3
-    assert not client.app[JOURNEYS].progress.stalled("m-0")
+    progress = client.app[JOURNEYS].progress
+    assert not progress.stalled("m-0")
     assert len(wedged.requests) == 3 + 3, "each sent again once: a trial, then the others"
+    assert progress.clock.deadline("m") == 0.3, "the wait for the wedge is no time to first byte"
 
 
 def test_the_first_byte_deadline_is_learned_floored_capped_and_doubles_per_attempt():
