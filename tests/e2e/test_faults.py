@@ -4,7 +4,6 @@ gateway killed under load is replaced with its socket kept open, so no client is
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -21,6 +20,7 @@ from tests.e2e.answers import answer_problem
 from tests.e2e.conftest import StartSem
 from tests.e2e.helpers import Load, SemRun, poll, posting
 from tests.gateway.test_failover import stream_text
+from tests.gateway.test_faults import json_events
 
 BODY = {"model": "a", "prompt": "one two three", "max_tokens": 8}
 
@@ -72,8 +72,7 @@ def streamed_text(gateway: str, body: dict[str, Any]) -> str:
     """The text of one streamed completion, which must be whole (`answer_problem`)."""
     response = httpx.post(f"{gateway}/v1/completions", json=body, timeout=120)
     assert (problem := answer_problem("/v1/completions", body, response)) is None, problem
-    events = response.text.split("\n\n")
-    return stream_text([json.loads(e[6:]) for e in events if e.startswith("data: {")])
+    return stream_text(json_events(response.content))
 
 
 def test_an_engine_wedged_while_idle_is_restarted_on_the_gateways_report_and_nothing_is_lost(

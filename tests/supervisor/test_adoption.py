@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from sem.chaos import procs
 from supervisor import process_start
 from supervisor.adoption import is_our_engine
 from supervisor.config import ModelSpec
@@ -50,20 +51,8 @@ async def test_a_restarted_supervisor_re_adopts_its_engine_after_the_clock_was_s
     assert replica.process is not None and replica.process.pid == pid, "re-adopted, not restarted"
     (record,) = Store(path).engines()
     assert record.pid == pid and same_process(pid, record.started), "and watched as alive"
-    assert _engine_groups("m-0") == {pid}, "and no second engine started"
-
-
-def _engine_groups(replica: str) -> set[int]:
-    """The process groups of the processes marked as `replica`'s engine (its API process leads
-    one; its children are in it)."""
-    groups = set()
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get(REPLICA_ENV) == replica:
-                groups.add(os.getpgid(proc.pid))
-        except (psutil.Error, ProcessLookupError):
-            continue
-    return groups
+    engines = procs.marked_engines(procs.instance_of([pid]) or "")
+    assert {e.pgid for e in engines if e.replica == "m-0"} == {pid}, "no second engine started"
 
 
 @pytest.fixture
